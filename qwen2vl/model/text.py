@@ -1,0 +1,202 @@
+"""Qwen2 decoder with M-RoPE: `Qwen2VLTextModel`.
+
+Shapes: inputs (B,S) ids or (B,S,H) embeds; `position_ids (3,B,S)` (t,h,w rows; a (B,S) tensor means text-only);
+`attention_mask (B,P+S)` 1 = real token; `past_key_values` a `KVCache` whose rows may hold different lengths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import text_attention
+from .cache import KVCache
+from .outputs import ModelOutput
+from .rope_index import text_positions_from_cache
+from .vision import rotate_half
+
+
+class Qwen2VLRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        # The reference casts back before the weight multiply; keep that order for bit-level parity.
+        return self.weight * x32.to(dtype)
+
+
+def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section: list[int],
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids (3,B,S) → cos/sin (B,S,head_dim) in `dtype`.
+
+    The head_dim/2 frequencies are split by `mrope_section` over the (t,h,w) axes; the second half of the head
+    repeats the first (frequency j' = j mod head_dim/2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float,
+                                             device=position_ids.device) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq               # (3,B,S,D/2)
+    axis = torch.cat([torch.full((n,), i % 3, dtype=torch.long, device=position_ids.device)
+                      for i, n in enumerate(mrope_section)])
+    idx = axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])
+    f = freqs.gather(0, idx)[0]                                       # (B,S,D/2)
+    f = torch.cat([f, f], dim=-1)
+    return f.cos().to(dtype), f.sin().to(dtype)
+
+
+class Qwen2VLAttention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scale = self.head_dim ** -0.5
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.attn_implementation = getattr(config, "attn_implementation", None) or "sdpa"
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, key_valid=None, query_valid=None):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * c + rotate_half(q) * sn
+        k = k * c + rotate_half(k) * sn
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        o = text_attention(self.attn_implementation, q, k, v, mask, self.scale, key_valid, query_valid)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+        if config.hidden_act != "silu":
+            raise ValueError(f"Qwen2-VL text MLP uses silu, got hidden_act={config.hidden_act!r}")
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2VLDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Qwen2VLAttention(config, layer_idx)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = Qwen2VLRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2VLRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, key_valid=None, query_valid=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, key_valid, query_valid)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class BaseModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, past: list[int], s: int, device,
+                         ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Boolean mask (B,1,S,K) True = attend (or None for plain causal), plus key_valid (B,K) and
+    query_valid (B,S). Query i of row b sits at slot past[b]+i; it sees valid keys at slots <= its own."""
+    b = len(past)
+    kv_len = max(past) + s
+    if attention_mask is not None and attention_mask.shape[-1] != kv_len:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the cache holds "
+                         f"{max(past)} past + {s} new tokens = {kv_len}.")
+    slots = torch.arange(kv_len, device=device)
+    past_t = torch.tensor(past, device=device)[:, None]
+    key_valid = slots[None, :] < past_t + s
+    if attention_mask is not None:
+        key_valid = key_valid & attention_mask.bool()
+    query_valid = torch.ones(b, s, dtype=torch.bool, device=device) if attention_mask is None \
+        else attention_mask[:, -s:].bool()
+    uniform = len(set(past)) <= 1
+    if uniform and bool(key_valid.all()):
+        return None, key_valid, query_valid
+    q_slot = past_t + torch.arange(s, device=device)[None, :]          # (B,S)
+    mask = slots[None, None, :] <= q_slot[..., None]                    # causal (B,S,K)
+    mask = mask & key_valid[:, None, :]
+    # Pad queries would see no key at all (NaN rows); let every query see its own slot.
+    mask = mask | (slots[None, None, :] == q_slot[..., None])
+    return mask[:, None], key_valid, query_valid
+
+
+class Qwen2VLTextModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(Qwen2VLDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen2VLRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_attn_implementation(self, impl: str) -> None:
+        for layer in self.layers:
+            layer.self_attn.attn_implementation = impl
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, s, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = past_key_values
+        if cache is None and use_cache and not self.training:
+            cache = KVCache.from_config(self.config, b, max(s, 1) * 2, inputs_embeds.dtype, device, growable=True)
+        if cache is not None and cache.batch_size != b:
+            raise ValueError(f"past_key_values holds {cache.batch_size} rows but the input has batch size {b}")
+        past = list(cache.lengths) if cache is not None else [0] * b
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be 2-D (batch, past+seq), got {tuple(attention_mask.shape)}")
+
+        new_mask = attention_mask[:, -s:] if attention_mask is not None else None
+        if position_ids is None:
+            real = cache.real_lengths if cache is not None else [0] * b
+            deltas = cache.rope_deltas if cache is not None else None
+            position_ids, _ = text_positions_from_cache(real, deltas, s, new_mask, device)
+        elif position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        elif position_ids.shape[0] == 4:  # transformers 5.x layout [text; t; h; w]
+            position_ids = position_ids[1:]
+        if position_ids.shape != (3, b, s):
+            raise ValueError(f"position_ids must be (3, {b}, {s}), got {tuple(position_ids.shape)}")
+
+        mask, key_valid, query_valid = build_attention_mask(attention_mask, past, s, device)
+        cos, sin = mrope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
+                                 self.config.mrope_section, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, key_valid, query_valid,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, key_valid, query_valid)
+        x = self.norm(x)
+        if cache is not None:
+            added = [s] * b if new_mask is None else new_mask.sum(-1).tolist()
+            cache.advance(s, added)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None)

@@ -1,0 +1,158 @@
+"""Qwen2-VL vision tower (naive dynamic resolution ViT).
+
+Input: `pixel_values (N, C*T*p*p)` rows of all images (or videos) concatenated in processor order, and
+`grid_thw (num_items, 3)` in patch units. Output: merged features `(N / m², hidden_size)`, the LLM's width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import vision_attention
+from .rope_index import vision_cu_seqlens, vision_position_ids
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+_ACT = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu,
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class PatchEmbed(nn.Module):
+    """The checkpoint's Conv3d (E, C, T, p, p) with stride = kernel is exactly a bias-free Linear over the
+    flattened patch; we keep it as a Linear (E, C*T*p*p) and reshape 5-D checkpoint weights on load."""
+
+    def __init__(self, in_features: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_features, embed_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.to(self.proj.weight.dtype))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def vision_rotary(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (N,2) (h,w) → float32 cos/sin (N, head_dim): angle for dim j is (h if j%(D/2) < D/4 else w)·inv_freq."""
+    spatial = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float, device=pos.device) / spatial))
+    freqs = pos[..., None].float() * inv_freq                  # (N, 2, D/4)
+    f = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)          # (N, D/2)
+    f = torch.cat([f, f], dim=-1)                              # (N, D)
+    return f.cos(), f.sin()
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+        self.attn_implementation = attn_implementation
+
+    def forward(self, x, cu_seqlens, cos, sin):
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        # Rotary in float32 (as the reference), cast back to the activation dtype.
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        qf, kf = q.float(), k.float()
+        q = (qf * c + rotate_half(qf) * s).to(x.dtype)
+        k = (kf * c + rotate_half(kf) * s).to(x.dtype)
+        o = vision_attention(self.attn_implementation, q, k, v, cu_seqlens, self.scale)
+        return self.proj(o.reshape(n, -1))
+
+
+class VisionMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = _ACT[act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Qwen2VLVisionBlock(nn.Module):
+    def __init__(self, config, attn_implementation: str = "sdpa"):
+        super().__init__()
+        e = config.embed_dim
+        self.norm1 = nn.LayerNorm(e, eps=1e-6)
+        self.norm2 = nn.LayerNorm(e, eps=1e-6)
+        self.attn = VisionAttention(e, config.num_heads, attn_implementation)
+        self.mlp = VisionMlp(e, int(e * config.mlp_ratio), config.hidden_act)
+
+    def forward(self, x, cu_seqlens, cos, sin):
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """LayerNorm, concatenate each m x m block (consecutive rows), 2-layer MLP with exact GELU."""
+
+    def __init__(self, dim: int, context_dim: int, merge_size: int):
+        super().__init__()
+        self.hidden = context_dim * merge_size ** 2
+        self.ln_q = nn.LayerNorm(context_dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, dim))
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x).view(-1, self.hidden))
+
+
+class Qwen2VisionTransformerPretrainedModel(nn.Module):
+    def __init__(self, config, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.spatial_merge_size = config.spatial_merge_size
+        in_features = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
+        self.patch_embed = PatchEmbed(in_features, config.embed_dim)
+        self.blocks = nn.ModuleList(Qwen2VLVisionBlock(config, attn_implementation) for _ in range(config.depth))
+        self.merger = PatchMerger(config.hidden_size, config.embed_dim, config.spatial_merge_size)
+        self.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embed.proj.weight.dtype
+
+    def set_attn_implementation(self, impl: str) -> None:
+        for blk in self.blocks:
+            blk.attn.attn_implementation = impl
+
+    def validate(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
+        if grid_thw is None:
+            raise ValueError("pixel values were given without their grid_thw (image_grid_thw / video_grid_thw).")
+        if grid_thw.dim() != 2 or grid_thw.shape[-1] != 3:
+            raise ValueError(f"grid_thw must be (num_items, 3), got shape {tuple(grid_thw.shape)}")
+        m = self.spatial_merge_size
+        if bool(((grid_thw[:, 1] % m) != 0).any() or ((grid_thw[:, 2] % m) != 0).any()):
+            raise ValueError(f"grid_thw h and w must be multiples of spatial_merge_size={m}, got {grid_thw.tolist()}")
+        in_features = self.patch_embed.proj.in_features
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != in_features:
+            raise ValueError(f"pixel values must be (num_patches, {in_features}), got {tuple(pixel_values.shape)}")
+        expected = int(grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != expected:
+            raise ValueError(f"pixel values have {pixel_values.shape[0]} patches but grid_thw describes {expected}")
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values (N, C*T*p*p), grid_thw (n, 3) → merged features (N/m², hidden_size)."""
+        self.validate(pixel_values, grid_thw)
+        grid_cpu = grid_thw.cpu()
+        x = self.patch_embed(pixel_values)
+        pos = vision_position_ids(grid_cpu, self.spatial_merge_size).to(x.device)
+        cos, sin = vision_rotary(pos, self.config.embed_dim // self.config.num_heads)
+        cu_seqlens = vision_cu_seqlens(grid_cpu)
+        for blk in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, cu_seqlens, cos, sin, use_reentrant=False)
+            else:
+                x = blk(x, cu_seqlens, cos, sin)
+        return self.merger(x)
