@@ -1,0 +1,114 @@
+"""`from_pretrained` / `save_pretrained` for the model classes: argument handling (dtype, device_map,
+attention backend, quantization, tensor parallel) around the checkpoint reader/writer in `checkpoint.py`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .model.attention import check_backend
+
+DEMO_MODEL_NAME = "qwen2vl-demo"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def demo_model_path() -> Path:
+    return Path(__file__).parent / "demo" / "model"
+
+
+def resolve_name(name_or_path: str | os.PathLike) -> str | os.PathLike:
+    """Map the bundled demo model's name to its folder; everything else is returned unchanged."""
+    if str(name_or_path) == DEMO_MODEL_NAME:
+        path = demo_model_path()
+        if not (path / "config.json").exists():
+            raise ValueError(f"The bundled demo model is missing from {path}; reinstall qwen2vl.")
+        return path
+    return name_or_path
+
+
+def resolve_dtype(dtype, config) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        name = getattr(config, "dtype", None) if dtype == "auto" or dtype is None else None
+        return _DTYPES.get(str(name), torch.float32) if name else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"Unsupported dtype {dtype!r}; use 'auto', 'float32', 'bfloat16', 'float16' or a torch.dtype")
+
+
+def resolve_device(device_map) -> torch.device:
+    if device_map is None or device_map == "cpu":
+        return torch.device("cpu")
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError("device_map with several devices is not supported; use tensor parallelism (tp_plan).")
+        device_map = devices.pop()
+    if device_map == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device_map, int):
+        device_map = f"cuda:{device_map}"
+    device = torch.device(device_map)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device_map={device_map!r} asks for CUDA but no CUDA device is available.")
+    return device
+
+
+def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=None, torch_dtype=None,
+                    device_map=None, attn_implementation=None, revision=None, quantization=None, tp_plan=None,
+                    tp_size=None, progress=True, **kwargs):
+    from .checkpoint import load_checkpoint_into, resolve_model_dir
+    from .configuration import Qwen2VLConfig
+
+    unknown = set(kwargs) - {"trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "cache_dir",
+                             "local_files_only", "token"}
+    if unknown:
+        raise TypeError(f"from_pretrained got unexpected arguments: {sorted(unknown)}")
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError("Pass either dtype or torch_dtype, not both.")
+    dtype = dtype if dtype is not None else (torch_dtype if torch_dtype is not None else "auto")
+    model_dir = resolve_model_dir(resolve_name(pretrained_model_name_or_path), revision=revision)
+    if config is None:
+        config = Qwen2VLConfig.from_pretrained(model_dir)
+    if attn_implementation is not None:
+        config.attn_implementation = attn_implementation
+    torch_dt = resolve_dtype(dtype, config)
+    device = resolve_device(device_map)
+    check_backend(config.attn_implementation or "sdpa", device if config.attn_implementation ==
+                  "flash_attention_2" else None, torch_dt if config.attn_implementation == "flash_attention_2"
+                  else None)
+
+    if tp_plan is not None or tp_size is not None:
+        from .parallel.tp import load_tensor_parallel
+
+        return load_tensor_parallel(cls, config, model_dir, torch_dt, tp_plan=tp_plan, tp_size=tp_size,
+                                    progress=progress)
+
+    with torch.device("meta"):
+        model = cls(config)
+    load_checkpoint_into(model, model_dir, dtype=torch_dt, device=device, progress=progress)
+    model.eval()
+    if quantization is not None:
+        from .quantization import quantize_model
+
+        quantize_model(model, quantization)
+    model.name_or_path = str(pretrained_model_name_or_path)
+    return model
+
+
+def save_pretrained(model, save_directory, max_shard_size="5GB", **kwargs) -> None:
+    from .checkpoint import save_checkpoint
+
+    unknown = set(kwargs) - {"safe_serialization"}
+    if unknown:
+        raise TypeError(f"save_pretrained got unexpected arguments: {sorted(unknown)}")
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    model.config.dtype = str(model.dtype).replace("torch.", "")
+    model.config.save_pretrained(save_directory)
+    save_checkpoint(model, save_directory, max_shard_size=max_shard_size)
