@@ -1,0 +1,152 @@
+"""Parity of the core model with the transformers oracle (same weights, fp32).
+
+Tolerance: max |logits diff| <= 1e-4 over every non-pad position; losses equal within 1e-5.
+Video cases keep t <= max(h, w)/merge, where our position rule equals transformers 5.x (see test_rope_index).
+"""
+import pytest
+import torch
+
+from tiny import IMG, VID, left_pad, mm_token_type_ids, oracle_from, pixels, sample, tiny_model
+
+ATOL = 1e-4
+
+CASES = {
+    "text": [],
+    "one_image": [("image", [1, 4, 6])],
+    "images_of_two_sizes": [("image", [1, 4, 4]), ("image", [1, 2, 6])],
+    "video": [("video", [2, 4, 4])],
+    "image_and_video": [("image", [1, 2, 4]), ("video", [2, 4, 2])],
+}
+
+
+def _grids(items, merge):
+    img = [g for k, g in items if k == "image"]
+    vid = [g for k, g in items if k == "video"]
+    return (torch.tensor(img) if img else None), (torch.tensor(vid) if vid else None)
+
+
+def _inputs(items, merge, seed=0):
+    ids = torch.tensor([sample(4, items, 5, merge, seed=seed)])
+    ig, vg = _grids(items, merge)
+    kw = {}
+    if ig is not None:
+        kw.update(pixel_values=pixels(ig.tolist(), seed=seed), image_grid_thw=ig)
+    if vg is not None:
+        kw.update(pixel_values_videos=pixels(vg.tolist(), seed=seed + 1), video_grid_thw=vg)
+    return ids, kw
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["merge1_tester", "merge2"])
+def pair(request):
+    merge = request.param
+    mrope = (2, 1, 1) if merge == 1 else (4, 2, 2)
+    model = tiny_model(merge_size=merge, mrope_section=mrope, tie=(merge == 1))
+    return merge, model, oracle_from(model, attn="eager")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_loss_match_oracle(pair, case):
+    merge, model, hf = pair
+    ids, kw = _inputs(CASES[case], merge)
+    labels = ids.clone()
+    labels[(ids == IMG) | (ids == VID)] = -100
+    with torch.no_grad():
+        ours = model(input_ids=ids, labels=labels, use_cache=False, **kw)
+        ref = hf(input_ids=ids, labels=labels, mm_token_type_ids=mm_token_type_ids(ids), **kw)
+    assert (ours.logits - ref.logits).abs().max().item() <= ATOL
+    assert abs(ours.loss.item() - ref.loss.item()) <= 1e-5
+
+
+def test_left_padded_mixed_batch_matches_oracle(pair):
+    merge, model, hf = pair
+    s_img = sample(2, [("image", [1, 4, 4])], 3, merge, seed=1)
+    s_txt = sample(6, [], 2, merge, seed=2)
+    s_two = sample(1, [("image", [1, 2, 2]), ("image", [1, 2, 4])], 1, merge, seed=3)
+    ids, mask = left_pad([s_img, s_txt, s_two])
+    grid = torch.tensor([[1, 4, 4], [1, 2, 2], [1, 2, 4]])
+    pv = pixels(grid.tolist(), seed=4)
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid, use_cache=False)
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
+                 mm_token_type_ids=mm_token_type_ids(ids))
+    real = mask.bool()
+    assert (ours.logits[real] - ref.logits[real]).abs().max().item() <= ATOL
+    # Each sample alone gives the same logits as inside the padded batch.
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([s_txt]), use_cache=False).logits[0]
+    assert (ours.logits[1][real[1]] - alone).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_backends_agree(impl):
+    model = tiny_model(merge_size=2, mrope_section=(4, 2, 2))
+    ids, kw = _inputs(CASES["images_of_two_sizes"], 2)
+    with torch.no_grad():
+        base = model(input_ids=ids, use_cache=False, **kw).logits
+        model.set_attn_implementation(impl)
+        other = model(input_ids=ids, use_cache=False, **kw).logits
+        model.set_attn_implementation("sdpa")
+    assert (base - other).abs().max().item() <= 1e-5
+
+
+def test_incremental_decode_equals_full_forward_and_oracle():
+    """Prefill + one-token steps with the KV cache and per-sequence deltas reproduce the full forward."""
+    model = tiny_model(merge_size=2, mrope_section=(4, 2, 2))
+    hf = oracle_from(model, attn="eager")
+    s0 = sample(2, [("image", [1, 4, 4])], 2, 2, seed=5)
+    s1 = sample(5, [], 1, 2, seed=6)
+    ids, mask = left_pad([s0, s1])
+    grid = torch.tensor([[1, 4, 4]])
+    pv = pixels(grid.tolist(), seed=7)
+    extra = torch.tensor([[11, 12, 13], [21, 22, 23]])
+    full_ids = torch.cat([ids, extra], 1)
+    full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
+    with torch.no_grad():
+        full = model(input_ids=full_ids, attention_mask=full_mask, pixel_values=pv, image_grid_thw=grid,
+                     use_cache=False).logits
+        ref = hf(input_ids=full_ids, attention_mask=full_mask, pixel_values=pv, image_grid_thw=grid,
+                 mm_token_type_ids=mm_token_type_ids(full_ids)).logits
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid)
+        steps = [out.logits[:, -1]]
+        cache = out.past_key_values
+        for k in range(extra.shape[1]):
+            m = full_mask[:, : ids.shape[1] + k + 1]
+            o = model(input_ids=extra[:, k:k + 1], attention_mask=m, past_key_values=cache)
+            steps.append(o.logits[:, -1])
+    n = ids.shape[1]
+    for k, logit in enumerate(steps):
+        assert (logit - full[:, n - 1 + k]).abs().max().item() <= ATOL
+        assert (logit - ref[:, n - 1 + k]).abs().max().item() <= ATOL
+
+
+def test_mismatched_image_tokens_raise_reference_message():
+    model = tiny_model(merge_size=2, mrope_section=(4, 2, 2))
+    ids, kw = _inputs(CASES["images_of_two_sizes"], 2)
+    kw["pixel_values"] = kw["pixel_values"][:16]
+    kw["image_grid_thw"] = kw["image_grid_thw"][:1]
+    with pytest.raises(ValueError, match="Image features and image tokens do not match, tokens: 7, features: 4"):
+        model(input_ids=ids, use_cache=False, **kw)
+    vids, vkw = _inputs(CASES["video"], 2)
+    with pytest.raises(ValueError, match="Video features and video tokens do not match"):
+        model(input_ids=vids, use_cache=False)
+
+
+def test_pixels_without_grid_raise():
+    model = tiny_model(merge_size=2, mrope_section=(4, 2, 2))
+    ids, kw = _inputs(CASES["one_image"], 2)
+    with pytest.raises(ValueError, match="without image_grid_thw"):
+        model(input_ids=ids, pixel_values=kw["pixel_values"])
+
+
+def test_get_image_features_per_item():
+    model = tiny_model(merge_size=2, mrope_section=(4, 2, 2))
+    hf = oracle_from(model)
+    grid = torch.tensor([[1, 4, 4], [1, 2, 6]])
+    pv = pixels(grid.tolist())
+    with torch.no_grad():
+        feats = model.model.get_image_features(pv, grid)
+        ref = hf.model.get_image_features(pv, grid).pooler_output
+    assert [f.shape[0] for f in feats] == [4, 3]
+    for a, b in zip(feats, ref):
+        assert (a - b).abs().max().item() <= 1e-5
+    assert feats.pooler_output is feats
