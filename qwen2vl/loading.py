@@ -107,6 +107,9 @@ def save_pretrained(model, save_directory, max_shard_size="5GB", **kwargs) -> No
     unknown = set(kwargs) - {"safe_serialization"}
     if unknown:
         raise TypeError(f"save_pretrained got unexpected arguments: {sorted(unknown)}")
+    if getattr(model, "quantization", None):
+        raise ValueError("Saving a quantized model is not supported; save the full-precision model and pass "
+                         "quantization='int8' to from_pretrained instead.")
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     model.config.dtype = str(model.dtype).replace("torch.", "")
