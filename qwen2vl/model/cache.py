@@ -40,8 +40,9 @@ class KVCache:
     @classmethod
     def from_config(cls, text_config, batch_size: int, max_length: int, dtype=torch.float32, device="cpu",
                     growable: bool = False, num_kv_heads: int | None = None) -> "KVCache":
-        return cls(text_config.num_hidden_layers, batch_size,
-                   num_kv_heads or text_config.num_key_value_heads, text_config.head_dim,
+        # Under tensor parallelism (qwen2vl.parallel.tp) each rank caches only its share of the kv heads.
+        local_kv = text_config.num_key_value_heads // getattr(text_config, "tp_world_size", 1)
+        return cls(text_config.num_hidden_layers, batch_size, num_kv_heads or local_kv, text_config.head_dim,
                    max_length, dtype, device, growable)
 
     # ----------------------------------------------------------------------------------------------- queries
