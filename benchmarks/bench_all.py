@@ -1,0 +1,251 @@
+"""One table of the performance targets (issue #7): qwen2vl vs transformers in the same run, same random weights.
+
+    python benchmarks/bench_all.py                      # real Qwen2-VL-2B shape, bf16, 2 threads
+    python benchmarks/bench_all.py --config small       # a quick smoke run on a small shape
+
+Each figure is the median of --repeats runs. Ratios > 1 mean qwen2vl is faster (or, for memory, smaller).
+Not a test: timings depend on the machine; the printed table states the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CONFIG_2B = Path(os.environ.get("QWEN2VL_SHARED", ROOT.parent / "shared")) / "qwen2-vl/Qwen2-VL-2B-Instruct/config.json"
+
+from qwen2vl.configuration import Qwen2VLConfig  # noqa: E402
+from qwen2vl.model import Qwen2VLForConditionalGeneration  # noqa: E402
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def small_config() -> Qwen2VLConfig:
+    return Qwen2VLConfig(
+        text_config=dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                         rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision_config=dict(depth=6, embed_dim=384, hidden_size=512, num_heads=6, mlp_ratio=4,
+                           spatial_merge_size=2, temporal_patch_size=2, patch_size=14),
+        tie_word_embeddings=True, dtype="bfloat16", vision_start_token_id=30001, vision_end_token_id=30002,
+        image_token_id=30003, video_token_id=30004)
+
+
+# ------------------------------------------------------------------------------------------ machine figures
+def matmul_tflops(dtype) -> float:
+    a = torch.randn(4096, 1280, dtype=dtype)
+    b = torch.randn(1280, 5120, dtype=dtype)
+    t = median_time(lambda: a @ b, 5)
+    return 2 * 4096 * 1280 * 5120 / t / 1e12
+
+
+def read_bandwidth_gbs() -> float:
+    x = torch.ones(256 * 1024 * 1024, dtype=torch.float32)  # 1 GiB, touched so pages are real
+    t = median_time(lambda: x.sum(), 5)
+    return x.numel() * 4 / t / 1e9
+
+
+def vision_flops(vc, n_patches: int) -> float:
+    e, m = vc.embed_dim, int(vc.embed_dim * vc.mlp_ratio)
+    per_layer = 2 * n_patches * (4 * e * e + 2 * e * m) + 4 * n_patches * n_patches * e
+    merged = n_patches // vc.spatial_merge_size ** 2
+    h = e * vc.spatial_merge_size ** 2
+    return vc.depth * per_layer + 2 * merged * (h * h + h * vc.hidden_size) + 2 * n_patches * 1176 * e
+
+
+def decode_bytes_per_token(model) -> int:
+    text = model.model.language_model
+    total = sum(p.numel() * p.element_size() for n, p in text.named_parameters() if "embed_tokens" not in n)
+    total += sum(b.numel() * b.element_size() for b in text.buffers())
+    head = model.lm_head
+    total += sum(t.numel() * t.element_size() for t in list(head.parameters()) + list(head.buffers()))
+    return total
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def image_inputs(config, height: int, width: int, text_len: int = 16, seed: int = 0):
+    from qwen2vl.processing.image_processing import smart_resize
+
+    h, w = smart_resize(height, width, min_pixels=3136, max_pixels=12845056)
+    grid = torch.tensor([[1, h // 14, w // 14]])
+    n_tok = int(grid.prod()) // config.vision_config.spatial_merge_size ** 2
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(100, 1000, (text_len,), generator=g).tolist()
+    ids = [config.vision_start_token_id] + [config.image_token_id] * n_tok + [config.vision_end_token_id] + text
+    input_ids = torch.tensor([ids])
+    pv = torch.randn(int(grid.prod()), 1176, generator=g)
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pv,
+                image_grid_thw=grid)
+
+
+def text_inputs(batch: int, length: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, 1000, (batch, length), generator=g)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def hf_kwargs(inputs, config):
+    out = dict(inputs)
+    ids = inputs["input_ids"]
+    out["mm_token_type_ids"] = (ids == config.image_token_id).long() + 2 * (ids == config.video_token_id).long()
+    return out
+
+
+def gen(model, inputs, new_tokens: int, hf: bool):
+    with torch.inference_mode():
+        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              **({"pad_token_id": 0} if hf else {}))
+
+
+def decode_tps(model, inputs, new_tokens, repeats, hf):
+    t1 = median_time(lambda: gen(model, inputs, 1, hf), repeats)
+    tn = median_time(lambda: gen(model, inputs, new_tokens + 1, hf), repeats)
+    return inputs["input_ids"].shape[0] * new_tokens / max(tn - t1, 1e-9)
+
+
+def peak_rss_load(model_dir: Path) -> tuple[float, float]:
+    code = ("import resource,sys,torch; sys.path.insert(0, %r); torch.set_num_threads(2);"
+            "from qwen2vl import Qwen2VLForConditionalGeneration as M;"
+            "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            "m=M.from_pretrained(%r, dtype='bfloat16', progress=False);"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)") % (str(ROOT), str(model_dir))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak = int(out.stdout.strip().splitlines()[-1]) * 1024
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    return peak, size
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(CONFIG_2B), help="config.json path, or 'small'")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--image", default="1024x768", help="WxH of the TTFT image")
+    ap.add_argument("--skip", default="", help="comma list of targets to skip: ttft,decode,int8,batch8,rss,preproc")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    import transformers
+
+    config = small_config() if args.config == "small" else Qwen2VLConfig.from_pretrained(args.config)
+    config.dtype = "bfloat16"
+    rows = []
+
+    def row(name, ours, theirs, unit, ratio, goal, extra=""):
+        rows.append((name, ours, theirs, unit, ratio, goal, extra))
+        print(f"  {name}: ours {ours:.3f} {unit}, transformers {theirs:.3f} {unit}, ratio {ratio:.2f}x "
+              f"(goal {goal}) {extra}", flush=True)
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}, threads {args.threads}", flush=True)
+    mm = matmul_tflops(torch.bfloat16)
+    bw = read_bandwidth_gbs()
+    print(f"  bf16 matmul {mm:.3f} TFLOP/s, memory read {bw:.1f} GB/s", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        print("building random-weight model ...", flush=True)
+        model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+        model.save_pretrained(tmp)
+        del model
+        ours = Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype="bfloat16", progress=False)
+        theirs = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.bfloat16)
+        theirs.config._attn_implementation = "sdpa"
+
+        if "ttft" not in skip:
+            w, h = map(int, args.image.split("x"))
+            inp = image_inputs(config, h, w)
+            t_ours = median_time(lambda: gen(ours, inp, 1, False), args.repeats)
+            t_hf = median_time(lambda: gen(theirs, hf_kwargs(inp, config), 1, True), args.repeats)
+            row(f"TTFT {args.image} image", t_ours, t_hf, "s", t_hf / t_ours, ">= 2.0x")
+            pv, grid = inp["pixel_values"].to(torch.bfloat16), inp["image_grid_thw"]
+            with torch.inference_mode():
+                tv = median_time(lambda: ours.model.visual(pv, grid), args.repeats)
+                tvh = median_time(lambda: theirs.model.visual(pv, grid_thw=grid), args.repeats)
+            tfl = vision_flops(config.vision_config, int(grid.prod())) / tv / 1e12
+            row("vision tower", tv, tvh, "s", tvh / tv, "info",
+                f"[{tfl:.3f} TFLOP/s = {100 * tfl / mm:.0f}% of matmul, goal >= 50%]")
+
+        if "decode" not in skip or "int8" not in skip:
+            inp = text_inputs(1)
+            hf_b1 = decode_tps(theirs, hf_kwargs(inp, config), args.new_tokens, args.repeats, True)
+        if "decode" not in skip:
+            ours_b1 = decode_tps(ours, inp, args.new_tokens, args.repeats, False)
+            roof = bw * 1e9 / decode_bytes_per_token(ours)
+            row("decode b1 bf16", ours_b1, hf_b1, "tok/s", ours_b1 / hf_b1, ">= 1.1x",
+                f"[roofline {roof:.2f} tok/s; ours = {100 * ours_b1 / roof:.0f}%, goal >= 90%]")
+        if "batch8" not in skip:
+            inp8 = text_inputs(8)
+            o8 = decode_tps(ours, inp8, args.new_tokens, args.repeats, False)
+            h8 = decode_tps(theirs, hf_kwargs(inp8, config), args.new_tokens, args.repeats, True)
+            row("decode batch 8", o8, h8, "tok/s", o8 / h8, ">= 1.5x")
+        del theirs
+        if "int8" not in skip:
+            q = Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype="bfloat16", quantization="int8",
+                                                                progress=False)
+            q_b1 = decode_tps(q, inp, args.new_tokens, args.repeats, False)
+            row("decode b1 int8 vs hf bf16", q_b1, hf_b1, "tok/s", q_b1 / hf_b1, ">= 1.7x")
+            del q
+        if "rss" not in skip:
+            peak, size = peak_rss_load(tmp)
+            row("peak RSS loading / checkpoint", peak / size, 1.15, "x", 1.15 / (peak / size), "ratio <= 1.15",
+                f"[{peak / 2**30:.2f} GiB for {size / 2**30:.2f} GiB]")
+    if "preproc" not in skip:
+        import numpy as np
+        from PIL import Image
+
+        from qwen2vl.processing.image_processing import Qwen2VLImageProcessor
+
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1080, 1920, 3), dtype=np.uint8))
+        mine = Qwen2VLImageProcessor(max_pixels=12845056)
+        t_mine = median_time(lambda: mine(img, return_tensors="pt"), args.repeats)
+        import importlib.util
+
+        if importlib.util.find_spec("torchvision") is not None:
+            oracle = transformers.Qwen2VLImageProcessor(max_pixels=12845056)
+            label = "torch"
+        else:  # the oracle's torch processor needs torchvision, which cannot sit beside this torch
+            oracle = transformers.Qwen2VLImageProcessorPil(max_pixels=12845056)
+            label = "PIL; torchvision unavailable"
+        t_or = median_time(lambda: oracle(img, return_tensors="pt"), args.repeats)
+        row(f"preprocess 1920x1080 (oracle {label})", t_mine, t_or, "s", t_or / t_mine, ">= 1.0x")
+
+    print("\n| target | qwen2vl | transformers | unit | ratio | goal | pass | notes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, a, b, unit, ratio, goal, extra in rows:
+        ok = ""
+        if goal.startswith(">="):
+            ok = "PASS" if ratio >= float(goal.split()[1].rstrip("x")) else "FAIL"
+        elif goal.startswith("ratio <="):
+            ok = "PASS" if a <= 1.15 else "FAIL"
+        print(f"| {name} | {a:.3f} | {b:.3f} | {unit} | {ratio:.2f}x | {goal} | {ok} | {extra} |")
+    print(json.dumps({"rss_maxrss_kb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+if __name__ == "__main__":
+    main()
