@@ -235,6 +235,18 @@ def test_chat_template_video_file_fps_and_limits(ours, tmp_path):
     out = ours.apply_chat_template(per_item, tokenize=True, return_dict=True, return_tensors="pt")
     # qwen-vl-utils bounds the requested size by its MIN_PIXELS=4*28*28: 28x56 → 56x84
     assert out["video_grid_thw"].tolist() == [[1, 4, 6]]
+    data_uri = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    frames = [Image.fromarray(f) for f in _video(4, 56, 56)]
+    for name, frame in enumerate(frames):
+        frame.save(tmp_path / f"f{name}.png")
+    mixed = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": data_uri}}, {"type": "video", "video": frames},
+        {"type": "video", "video": [str(tmp_path / f"f{i}.png") for i in range(4)]}, {"type": "text", "text": "?"}]}]
+    out = ours.apply_chat_template(mixed, tokenize=True, return_dict=True, num_frames=4, return_tensors="pt",
+                                   max_pixels=56 * 56)
+    assert out["video_grid_thw"].tolist() == [[2, 4, 4]] * 3
+    n = 2 * 4 * 4
+    assert torch.equal(out["pixel_values_videos"][n:2 * n], out["pixel_values_videos"][2 * n:])  # PIL == paths
     with pytest.raises(ValueError):
         ours.apply_chat_template(conv, tokenize=True, media_limits=MediaLimits(allow_local_files=False))
     with pytest.raises(ValueError):
