@@ -63,15 +63,16 @@ def greedy(model, steps: int = STEPS):
 
 
 @torch.no_grad()
-def gen(model):
-    """model.generate greedy and seeded sampling (when qwen2vl.generation has landed)."""
+def gen(model, sample: bool = False):
+    """model.generate: greedy, and (sample=True) sampling from the global RNG without re-seeding: under TP the
+    ranks agree only because loading copied rank 0's RNG state everywhere."""
     if not HAS_GENERATE:
         return None
     inp = _inputs()
-    g = model.generate(**inp, max_new_tokens=STEPS, do_sample=False)
-    torch.manual_seed(123)
-    s = model.generate(**inp, max_new_tokens=STEPS, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
-    return [g, s]
+    out = [model.generate(**inp, max_new_tokens=STEPS, do_sample=False)]
+    if sample:
+        out.append(model.generate(**inp, max_new_tokens=STEPS, do_sample=True, temperature=1.0))
+    return out
 
 
 def _env():
@@ -97,33 +98,35 @@ def saved(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_torchrun_two_ranks_match_single_process(saved, tmp_path, tie):
+def test_torchrun_two_ranks_match_single_process(saved, tmp_path):
+    """Tied (2B-like) and untied (7B-like) lm_head, in one torchrun run of 2 ranks."""
     torch.set_num_threads(1)
-    model_dir, ref = saved[tie]
-    want_tokens, want_logits, full_kv = greedy(ref)
-    want_gen = gen(ref)
     _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), __file__, "torchrun", str(model_dir),
-          str(tmp_path / "out")])
-    res = [torch.load(tmp_path / f"out.rank{r}.pt") for r in range(2)]
-    full_text = text_parameter_count(ref)
-    full_vision = sum(p.numel() for p in ref.model.visual.parameters())
-    for r, got in enumerate(res):
-        for key in ("loaded", "parallelized"):
-            tokens, logits, kv_heads = got[key]
-            assert torch.equal(tokens, want_tokens), (r, key, tokens, want_tokens)
-            torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
-            assert kv_heads == full_kv // 2
-        # vision replicated, text split: sharded weights halve, only norms (and vocab padding) are repeated
-        assert got["vision_params"] == full_vision
-        assert 0.45 * full_text < got["text_params"] < 0.55 * full_text, (got["text_params"], full_text)
-        assert got["heads"] == (2, 1)
-        if want_gen is not None:
-            torch.testing.assert_close(got["generate"][0], want_gen[0], rtol=0, atol=0)
-            torch.testing.assert_close(got["generate"][1], res[0]["generate"][1], rtol=0, atol=0)
-    # every rank holds the full, identical logits
-    assert torch.equal(res[0]["loaded"][1], res[1]["loaded"][1])
+          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), __file__, "torchrun",
+          f"{saved[True][0]},{saved[False][0]}", str(tmp_path / "out")])
+    for i, tie in enumerate((True, False)):
+        ref = saved[tie][1]
+        want_tokens, want_logits, full_kv = greedy(ref)
+        want_gen = gen(ref)
+        res = [torch.load(tmp_path / f"out{i}.rank{r}.pt") for r in range(2)]
+        full_text = text_parameter_count(ref)
+        full_vision = sum(p.numel() for p in ref.model.visual.parameters())
+        for r, got in enumerate(res):
+            for key in ("loaded", "parallelized"):
+                tokens, logits, kv_heads = got[key]
+                assert torch.equal(tokens, want_tokens), (tie, r, key, tokens, want_tokens)
+                torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+                assert kv_heads == full_kv // 2
+            # vision replicated, text split: sharded weights halve, only norms (and vocab padding) repeat
+            assert got["vision_params"] == full_vision
+            assert 0.45 * full_text < got["text_params"] < 0.55 * full_text, (got["text_params"], full_text)
+            assert got["heads"] == (2, 1)
+            assert got["tied"] == tie
+            if want_gen is not None:
+                assert torch.equal(got["generate"][0], want_gen[0])
+                assert torch.equal(got["generate"][1], res[0]["generate"][1])   # sampling agrees on ranks
+        # every rank holds the full, identical logits
+        assert torch.equal(res[0]["loaded"][1], res[1]["loaded"][1])
 
 
 def test_serve_tensor_parallel_runner(saved, tmp_path):
@@ -156,21 +159,44 @@ def test_from_pretrained_rejects_bad_tp_size_before_spawning(saved, tmp_path):
         Qwen2VLForConditionalGeneration.from_pretrained(model_dir, tp_plan="auto", tp_size=2)
 
 
+def test_tp_size_one_in_process(saved):
+    """tp_size=1 without torchrun: a private 1-rank group; same results as the plain model."""
+    import torch.distributed as dist
+
+    model_dir, ref = saved[True]
+    env_before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    try:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, tp_plan="auto", tp_size=1)
+        assert model.tp_world_size == 1
+        got, want = greedy(model), greedy(ref)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert env_before == {k: os.environ.get(k) for k in env_before}
+
+
 # ----------------------------------------------------------------------------------------------- rank programs
-def _torchrun_main(model_dir: str, out: str) -> None:
+def _torchrun_main(model_dirs: str, out: str) -> None:
     from qwen2vl.parallel import parallelize
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, tp_plan="auto", tp_size=2,
-                                                            dtype=torch.float32)
-    attn = model.language_model.layers[0].self_attn
-    res = {"loaded": greedy(model), "generate": gen(model), "text_params": text_parameter_count(model),
-           "vision_params": sum(p.numel() for p in model.model.visual.parameters()),
-           "heads": (attn.num_heads, attn.num_kv_heads)}
-    tie = model.config.tie_word_embeddings
-    res["parallelized"] = greedy(parallelize(_model(tie), tp_size=2))
-    torch.save(res, f"{out}.rank{rank}.pt")
+    torch.manual_seed(1000 + rank)     # different RNG streams on purpose (see gen)
+    for i, model_dir in enumerate(model_dirs.split(",")):
+        model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, tp_plan="auto", tp_size=2,
+                                                                dtype=torch.float32)
+        attn = model.language_model.layers[0].self_attn
+        tie = model.config.tie_word_embeddings
+        res = {"loaded": greedy(model), "generate": gen(model, sample=True),
+               "text_params": text_parameter_count(model),
+               "vision_params": sum(p.numel() for p in model.model.visual.parameters()),
+               "heads": (attn.num_heads, attn.num_kv_heads), "tied": model.lm_head.weight is
+               model.get_input_embeddings().weight}
+        assert tie == res["tied"]
+        res["parallelized"] = greedy(parallelize(_model(tie), tp_size=2))
+        torch.save(res, f"{out}{i}.rank{rank}.pt")
 
 
 def _launch_probe():
@@ -191,6 +217,11 @@ def _serve_main(model_dir: str, out: str) -> None:
 
     def serve(runner):
         runner.seed(0)
+        try:
+            runner.run(_runner_greedy, _Unloadable())
+            raise AssertionError("a command the worker cannot decode must raise on rank 0")
+        except RuntimeError as e:
+            assert "could not decode" in str(e)
         tokens, logits, _ = runner.run(_runner_greedy)
         forward = runner(**_inputs(), use_cache=False).logits     # tensors travel to the worker
         return {"tokens": tokens, "logits": logits, "forward": forward}
@@ -200,8 +231,19 @@ def _serve_main(model_dir: str, out: str) -> None:
     torch.save(res, out)
 
 
-def _runner_greedy(model):
+def _runner_greedy(model, *_):
     return greedy(model)
+
+
+def _fail_on_load():
+    raise RuntimeError("cannot be unpickled here")
+
+
+class _Unloadable:
+    """Pickles on rank 0, fails to unpickle on the worker (the runner must stay in lockstep)."""
+
+    def __reduce__(self):
+        return _fail_on_load, ()
 
 
 if __name__ == "__main__":

@@ -163,6 +163,12 @@ def _execute(objects: dict, model, cmd):
     raise ValueError(f"unknown tensor-parallel command {op!r}")
 
 
+def _all_ok(ctx, ok: bool) -> bool:
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=ctx.control_group)
+    return bool(flag.item())
+
+
 class TPRunner:
     """Rank-0 handle on a tensor-parallel model: every call is mirrored on all ranks (thread-safe, serialized)."""
 
@@ -182,6 +188,9 @@ class TPRunner:
             if self.ctx.world_size > 1:
                 packed = cmd[:-2] + (_pack(cmd[-2]), _pack(cmd[-1]))
                 dist.broadcast_object_list([packed], src=0, group=self.ctx.control_group)
+                if not _all_ok(self.ctx, True):
+                    raise RuntimeError(f"a tensor-parallel worker could not decode the {cmd[0]!r} command (functions "
+                                       "and factories must be importable module-level objects); see its stderr")
             if rank0_kwargs:
                 cmd = cmd[:-1] + ({**cmd[-1], **rank0_kwargs},)
             with torch.no_grad():
@@ -219,12 +228,20 @@ def worker_loop(model) -> None:
     objects = {"model": model}
     while True:
         box = [None]
-        dist.broadcast_object_list(box, src=0, group=ctx.control_group)
-        cmd = box[0]
-        if cmd[0] == "stop":
-            return
         try:
+            dist.broadcast_object_list(box, src=0, group=ctx.control_group)
+            cmd = box[0]
+            if cmd[0] == "stop":
+                return
             cmd = cmd[:-2] + (_unpack(cmd[-2], ctx.device), _unpack(cmd[-1], ctx.device))
+            ok = True
+        except Exception:
+            print(f"[qwen2vl tp rank {ctx.rank}] could not decode a command:\n{traceback.format_exc()}",
+                  file=sys.stderr, flush=True)
+            ok = False
+        if not _all_ok(ctx, ok):      # every rank runs the command, or none does
+            continue
+        try:
             with torch.no_grad():
                 _execute(objects, model, cmd)
         except Exception:

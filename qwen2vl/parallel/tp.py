@@ -60,7 +60,8 @@ def free_port() -> int:
 
 def init_distributed(tp_size: int | None = None, backend: str | None = None) -> TPContext:
     """Join (or create) the default process group from torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT). Backend: the existing group's, else `backend`, else NCCL when CUDA is available
+    MASTER_ADDR, MASTER_PORT). Backend: the existing group's, else `backend`, else $QWEN2VL_TP_BACKEND, else
+    NCCL when CUDA is available
     (device cuda:LOCAL_RANK) and gloo otherwise (CPU). `tp_size=1` without any env runs a 1-rank group."""
     global _CTX
     if _CTX is not None and dist.is_initialized():
@@ -68,21 +69,23 @@ def init_distributed(tp_size: int | None = None, backend: str | None = None) -> 
             raise ValueError(f"tp_size={tp_size} but the process group has world size {_CTX.world_size}")
         return _CTX
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-            if tp_size not in (None, 1):
-                raise ValueError(
-                    f"tp_size={tp_size} needs {tp_size} processes: run under `torchrun --nproc-per-node {tp_size}` "
-                    "(RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set) or spawn them with qwen2vl.parallel.launch.")
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-        world = int(os.environ["WORLD_SIZE"])
+        single = "WORLD_SIZE" not in os.environ or "RANK" not in os.environ
+        if single and tp_size not in (None, 1):
+            raise ValueError(
+                f"tp_size={tp_size} needs {tp_size} processes: run under `torchrun --nproc-per-node {tp_size}` "
+                "(RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set) or spawn them with qwen2vl.parallel.launch.")
+        world = 1 if single else int(os.environ["WORLD_SIZE"])
         if tp_size is not None and tp_size != world:
             raise ValueError(f"tp_size={tp_size} but WORLD_SIZE={world}: tensor parallelism uses every rank "
                              "(launch exactly tp_size processes)")
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        backend = backend or os.environ.get("QWEN2VL_TP_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, init_method="env://")
+        if single:   # a 1-rank group of our own; the environment is left alone
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                    world_size=1)
+        else:
+            dist.init_process_group(backend=backend, init_method="env://")
     world, rank = dist.get_world_size(), dist.get_rank()
     if tp_size is not None and tp_size != world:
         raise ValueError(f"tp_size={tp_size} but the process group has world size {world}")
