@@ -1,0 +1,87 @@
+"""Offline batch inference: `LLM(model).generate(prompts, SamplingParams(...)) -> list[RequestOutput]`.
+
+Prompts are conversations (lists of messages, images/videos in content blocks), strings (raw prompts),
+or dicts (see `qwen2vl.engine.inputs`). All requests go through the continuous-batching engine; outputs come
+back in input order.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from .inputs import _is_conversation
+from .llm_engine import EngineConfig, LLMEngine, load_model
+from .sampling_params import SamplingParams
+from .sequence import RequestOutput
+
+
+def load_processor(model_or_path):
+    from ..loading import resolve_name
+    from ..processing.processor import Qwen2VLProcessor
+
+    return Qwen2VLProcessor.from_pretrained(resolve_name(model_or_path))
+
+
+class LLM:
+    def __init__(self, model: Any = "qwen2vl-demo", *, processor: Any = None, dtype: Any = None,
+                 device: Any = None, attn_implementation: str | None = None, **engine_kwargs):
+        """`model`: a path, hub id, 'qwen2vl-demo' or a loaded `Qwen2VLForConditionalGeneration`.
+        `processor`: defaults to the one saved with the model (None for a model instance: token-id prompts only).
+        `engine_kwargs`: `EngineConfig` fields (max_num_seqs, max_model_len, kv_cache_memory, ...)."""
+        self.model = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        if processor is None and isinstance(model, (str, os.PathLike)):
+            processor = load_processor(model)
+        self.processor = processor
+        self.engine = LLMEngine(self.model, processor, EngineConfig(**engine_kwargs))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One `RequestOutput` per prompt, in order. A single prompt (string, conversation or dict) is accepted
+        too. Raises the request's error if one failed inside the engine (e.g. a bad image)."""
+        if isinstance(prompts, (str, dict)) or _is_conversation(prompts):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"Got {len(sampling_params)} sampling params for {len(prompts)} prompts.")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        engine = self.engine
+        requests = [engine.make_request(p, sp) for p, sp in zip(prompts, params)]  # validate all first
+        for r in requests:
+            engine.add_prepared(r)
+        finals: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(requests), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for r in requests:
+                engine.abort_request(r.request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        results = [finals[r.request_id] for r in requests]
+        for out in results:
+            if out.error is not None:
+                raise out.error
+        return results
+
+    def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """`messages`: one conversation or a list of conversations."""
+        convs = [messages] if _is_conversation(messages) else list(messages)
+        return self.generate([{"messages": c} for c in convs], sampling_params, use_tqdm=use_tqdm)

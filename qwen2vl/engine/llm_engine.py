@@ -1,0 +1,209 @@
+"""`LLMEngine`: the synchronous continuous-batching core (add requests, `step()`, abort).
+
+One `step()`:
+1. admit waiting requests that fit (free KV rows, prefill budget); prefill each into its own row, copy the row
+   for n > 1, sample every sequence's first token;
+2. one decode step over all sequences that were already running (rows [0, k), input (k, 1));
+3. finished sequences free their rows at once; the running rows are compacted.
+It returns a `RequestOutput` (with deltas) for every request that produced tokens or finished.
+Not thread-safe: `AsyncEngine` drives it from a single background thread.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .inputs import InputProcessor, ProcessedPrompt
+from .kv_pool import KVPool
+from .runner import ModelRunner
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Request, RequestOutput, RequestRejected
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16
+    max_model_len: int | None = None  # default: min(max_position_embeddings, 8192)
+    kv_cache_memory: int | str | None = None  # bytes or '2GiB'; caps the number of KV rows
+    max_num_batched_tokens: int = 8192  # prefill tokens per step (at least one request)
+    max_queue: int | None = None  # waiting requests before QueueFull
+    eos_token_ids: list[int] | None = None  # default: generation_config.json + config + tokenizer eos
+
+
+def default_eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+
+    def add(v):
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if t is not None and int(t) not in ids:
+                ids.append(int(t))
+
+    path = getattr(model, "name_or_path", None)
+    if path:
+        from ..loading import resolve_name
+
+        gen = Path(resolve_name(path)) / "generation_config.json"
+        if gen.is_file():
+            add(json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id"))
+    add(getattr(model.config.text_config, "eos_token_id", None))
+    if tokenizer is not None and getattr(tokenizer, "eos_token", None):
+        add(tokenizer.convert_tokens_to_ids(tokenizer.eos_token))
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, model, processor=None, config: EngineConfig | None = None, **kwargs):
+        config = config or EngineConfig(**kwargs)
+        self.config = config
+        self.model = model.eval()
+        tc = model.config.text_config
+        self.max_model_len = int(config.max_model_len or min(tc.max_position_embeddings, 8192))
+        self.pool = KVPool(tc, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                           dtype=model.dtype, device=model.device, kv_cache_memory=config.kv_cache_memory)
+        self.runner = ModelRunner(model, self.pool)
+        self.scheduler = Scheduler(self.pool, max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_queue=config.max_queue)
+        self.inputs = InputProcessor(processor, model.config)
+        self.tokenizer = self.inputs.tokenizer
+        eos = config.eos_token_ids if config.eos_token_ids is not None else default_eos_ids(model, self.tokenizer)
+        self.eos_ids = frozenset(eos)
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------------------------------ requests
+    def process_prompt(self, prompt) -> ProcessedPrompt:
+        """Tokenize / render / preprocess media (CPU work that can run off the step thread)."""
+        return self.inputs.process(prompt)
+
+    def make_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
+        """Validate a prompt (raw or `ProcessedPrompt`) against the engine limits; raises RequestRejected."""
+        params = params or SamplingParams()
+        pp = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
+        n_prompt = len(pp.token_ids)
+        if n_prompt == 0:
+            raise RequestRejected("The prompt is empty.")
+        if any(not 0 <= t < self.runner.vocab for t in pp.token_ids):
+            raise RequestRejected(f"Prompt token ids must be in [0, {self.runner.vocab}).")
+        if params.n > self.pool.max_num_seqs:
+            raise RequestRejected(f"n={params.n} is larger than the number of sequences the engine can run at "
+                                  f"once (max_num_seqs={self.pool.max_num_seqs}).")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - n_prompt
+        if max_tokens < 1 or n_prompt + max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n_prompt + max(max_tokens, 1)} tokens ({n_prompt} in the messages, {max(max_tokens, 1)} in the "
+                "completion). Please reduce the length of the messages or completion.")
+        if max_tokens != params.max_tokens:
+            params = params.clone(max_tokens=max_tokens)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        return Request(rid, pp.token_ids, params, mm=pp.mm, prompt=pp.prompt, tokenizer=self.tokenizer,
+                       device=self.runner.device, eos_ids=self.eos_ids)
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
+        request = self.make_request(prompt, params, request_id)
+        self.scheduler.add(request)
+        return request
+
+    def add_prepared(self, request: Request) -> None:
+        self.scheduler.add(request)
+
+    @torch.inference_mode()
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Cancel a waiting or running request; returns its final output (finish_reason 'abort')."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return None
+        for s in req.seqs:
+            s.abort()
+        return self._finish(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def _finish(self, req: Request) -> RequestOutput:
+        req.finish_time = time.monotonic()
+        self.scheduler.remove(req)
+        return req.output()
+
+    def _fail(self, req: Request, err: BaseException) -> RequestOutput:
+        req.error = err
+        for s in req.seqs:
+            s.abort()
+        return self._finish(req)
+
+    # ------------------------------------------------------------------------------------------ stepping
+    @torch.inference_mode()  # the cache's rope_deltas are inference tensors: touch them only in this mode
+    def step(self) -> list[RequestOutput]:
+        sched, pool = self.scheduler, self.pool
+        decode_seqs = list(sched.running)  # rows [0, k): compacted at the end of every step
+        touched: dict[str, Request] = {}
+        outputs: list[RequestOutput] = []
+        for req in sched.admit():
+            row = pool.allocate(req.params.n)
+            for i, s in enumerate(req.seqs):
+                s.row = row + i
+            sched.running.extend(req.seqs)
+            try:
+                logits = self.runner.prefill(req, row)
+                for i in range(1, req.params.n):
+                    pool.copy_row(row, row + i)
+                tokens = sample(logits[None].expand(req.params.n, -1), req.seqs)
+            except Exception as e:  # bad inputs for this request only (e.g. vision/token mismatch)
+                outputs.append(self._fail(req, e))
+                continue
+            req.first_token_time = time.monotonic()
+            for s, t in zip(req.seqs, tokens):
+                s.append(t, self.max_model_len)
+            touched[req.request_id] = req
+        if decode_seqs:
+            try:
+                logits = self.runner.decode([s.last_token for s in decode_seqs], len(decode_seqs))
+                tokens = sample(logits, decode_seqs)
+            except Exception as e:  # a failed decode step poisons every running request
+                for req in {id(s.request): s.request for s in decode_seqs}.values():
+                    if req.request_id in sched.requests:
+                        outputs.append(self._fail(req, e))
+                decode_seqs, tokens = [], []
+            for s, t in zip(decode_seqs, tokens):
+                s.append(t, self.max_model_len)
+                touched[s.request.request_id] = s.request
+        sched.release([s for s in sched.running if s.finished])
+        for req in touched.values():
+            if req.request_id not in sched.requests:
+                continue
+            outputs.append(self._finish(req) if req.finished else req.output())
+        return outputs
+
+    def run_until_done(self) -> list[RequestOutput]:
+        finals = []
+        while self.has_unfinished_requests():
+            finals += [o for o in self.step() if o.finished]
+        return finals
+
+
+def load_model(model_or_path, dtype=None, device=None, attn_implementation=None):
+    """A model instance is used as is; a path / hub id / 'qwen2vl-demo' is loaded with from_pretrained."""
+    if isinstance(model_or_path, torch.nn.Module):
+        return model_or_path
+    from ..model import Qwen2VLForConditionalGeneration
+
+    kw = {"dtype": dtype or "auto", "device_map": device}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    return Qwen2VLForConditionalGeneration.from_pretrained(model_or_path, **kw)

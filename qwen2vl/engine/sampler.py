@@ -1,0 +1,77 @@
+"""Per-row sampling for a batch of sequences with different `SamplingParams`.
+
+`sample(logits (n, V), seqs) -> list[int]`, built on the processors of `qwen2vl.generation.logits` (transformers
+order: repetition penalty → min-tokens EOS ban → temperature → top-k → top-p → min-p). OpenAI presence /
+frequency penalties are applied with the repetition penalty. Rows with equal warper settings are filtered
+together; each sampled row then draws with its sequence's own `torch.Generator`, so a seeded request samples
+the same tokens whatever else is in the batch. Greedy rows (temperature 0) take the argmax.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..generation.logits import (NEG_INF, apply_repetition_penalty, min_p_filter, sample_from_scores,
+                                 temperature_warp, top_k_filter, top_p_filter)
+
+
+def _needs_penalties(seq) -> bool:
+    p = seq.request.params
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+            or len(seq.output_ids) < p.min_tokens)
+
+
+def _apply_penalties(scores: torch.Tensor, i: int, seq) -> None:
+    """In place on row i of scores (n, V) float32."""
+    p = seq.request.params
+    vocab = scores.shape[-1]
+    dev = scores.device
+    row = scores[i:i + 1]
+    if p.repetition_penalty != 1.0:
+        ids = torch.tensor(seq.request.prompt_token_ids + seq.output_ids, device=dev).clamp_max(vocab - 1)
+        seen = torch.zeros(1, vocab, dtype=torch.bool, device=dev)
+        seen[0, ids] = True
+        row = apply_repetition_penalty(row, seen, p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+        counts = torch.bincount(torch.tensor(seq.output_ids, device=dev), minlength=vocab)[:vocab]
+        row = row - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float())[None]
+    if len(seq.output_ids) < p.min_tokens:
+        banned = [t for t in list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(seq.request.eos_ids))
+                  if t < vocab]
+        if banned:
+            row = row.index_fill(-1, torch.tensor(banned, device=dev), NEG_INF)
+    scores[i:i + 1] = row
+
+
+def warp(scores: torch.Tensor, params) -> torch.Tensor:
+    """scores (m, V) float32 of rows sharing `params` → filtered scores (m, V)."""
+    if params.temperature != 1.0:
+        scores = temperature_warp(scores, params.temperature)
+    if params.top_k:
+        scores = top_k_filter(scores, params.top_k)
+    if params.top_p < 1.0:
+        scores = top_p_filter(scores, params.top_p)
+    if params.min_p:
+        scores = min_p_filter(scores, params.min_p)
+    return scores
+
+
+def sample(logits: torch.Tensor, seqs) -> list[int]:
+    """logits (n, V) for the n sequences `seqs` (same order) → next token id per sequence."""
+    scores = logits.float()
+    penalised = [i for i, s in enumerate(seqs) if _needs_penalties(s)]
+    if penalised:
+        scores = scores.clone()
+        for i in penalised:
+            _apply_penalties(scores, i, seqs[i])
+    out = scores.argmax(-1)
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(seqs):
+        p = s.request.params
+        if not p.greedy:
+            groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
+    for rows in groups.values():
+        idx = torch.tensor(rows, device=scores.device)
+        warped = warp(scores.index_select(0, idx), seqs[rows[0]].request.params)
+        for j, i in enumerate(rows):
+            out[i] = sample_from_scores(warped[j:j + 1], seqs[i].generator)[0]
+    return out.tolist()

@@ -1,0 +1,69 @@
+"""Per-request sampling parameters (names and defaults follow vLLM's `SamplingParams` / the OpenAI API).
+
+`temperature == 0` means greedy decoding (top_p / top_k / min_p / seed are then irrelevant).
+`seed` makes sampling reproducible per request, independent of what else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF-style, over prompt + output tokens
+    presence_penalty: float = 0.0  # OpenAI-style, over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None = up to the context length
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError (message names the field) for out-of-range values."""
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}.")
+
+        need(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
+        need(self.temperature >= 0, "temperature", "must be >= 0")
+        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be -1, 0 (disabled) or a positive integer")
+        need(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        need(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        need(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
+        need(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
+        need(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+             "max_tokens", "must be None or an integer >= 1")
+        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
+        need(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens")
+        need(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def clone(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
