@@ -86,6 +86,12 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     if tp_plan is not None or tp_size is not None:
         from .parallel.tp import load_tensor_parallel
 
+        if quantization is not None:
+            raise ValueError("quantization is not supported together with tensor parallelism (tp_plan).")
+        if device_map not in (None, "auto"):
+            raise ValueError("device_map cannot be combined with tp_plan: each rank uses its own device "
+                             "(cuda:LOCAL_RANK with NCCL, the CPU with gloo).")
+
         return load_tensor_parallel(cls, config, model_dir, torch_dt, tp_plan=tp_plan, tp_size=tp_size,
                                     progress=progress)
 
