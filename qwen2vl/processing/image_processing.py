@@ -1,0 +1,425 @@
+"""Qwen2-VL image processor (torch backend), `smart_resize`, and the pieces shared with the PIL and video processors.
+
+Output contract (all processors): `pixel_values (N, C*T*p*p)` float32 with rows in merge-block-major order
+`(t, bh, bw, ih, iw)` and columns `(C, T, y, x)`; `image_grid_thw (n, 3)` int64 in patch units. Images are
+duplicated to T=temporal_patch_size frames. `size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}`
+holds *pixel counts* (the reference's misnomer), and is the single source of truth for `min_pixels`/`max_pixels`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .batch_feature import BatchFeature
+from .media import load_image, to_rgb
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Keys that describe a config file rather than a processing option; accepted and dropped by `from_dict`.
+_METADATA_KEYS = {"image_processor_type", "video_processor_type", "processor_class", "_processor_class",
+                  "auto_map", "feature_extractor_type"}
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """Target (height, width): both multiples of `factor`, area in [min_pixels, max_pixels], aspect kept.
+
+    Bit-exact with the reference: Python's banker's `round` first, `floor` when shrinking, `ceil` when growing,
+    all computed from the original size.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"smart_resize needs a positive size, got height={height}, width={width}.")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resolve_size(size: dict | None, min_pixels: int | None = None, max_pixels: int | None = None,
+                 fallback: dict | None = None) -> dict:
+    """Normalise `size` to {"shortest_edge", "longest_edge"} (pixel counts); legacy min/max_pixels keys accepted.
+
+    Explicit `min_pixels`/`max_pixels` win over `size`; keys missing from `size` come from `fallback`.
+    """
+    if size is not None and not isinstance(size, dict):
+        raise ValueError(f"size must be a dict with 'shortest_edge'/'longest_edge' pixel counts, got {size!r}.")
+    s = dict(size or {})
+    if "min_pixels" in s:
+        s["shortest_edge"] = s.pop("min_pixels")
+    if "max_pixels" in s:
+        s["longest_edge"] = s.pop("max_pixels")
+    unknown = set(s) - {"shortest_edge", "longest_edge"}
+    if unknown:
+        raise ValueError(f"size has unsupported keys {sorted(unknown)}; use 'shortest_edge'/'longest_edge' "
+                         "(minimum/maximum pixel counts).")
+    if min_pixels is not None:
+        s["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        s["longest_edge"] = max_pixels
+    for key in ("shortest_edge", "longest_edge"):
+        if s.get(key) is None and fallback is not None:
+            s[key] = fallback[key]
+        if not isinstance(s.get(key), (int, float)) or s[key] <= 0:
+            raise ValueError(f"size[{key!r}] (a pixel count) must be a positive number, got {s.get(key)!r}.")
+    if s["shortest_edge"] > s["longest_edge"]:
+        raise ValueError(f"min_pixels ({s['shortest_edge']}) must not exceed max_pixels ({s['longest_edge']}).")
+    return {"shortest_edge": s["shortest_edge"], "longest_edge": s["longest_edge"]}
+
+
+def resolve_config_file(name_or_path: str | os.PathLike, filename: str, *, required: bool = True,
+                        **hub_kwargs: Any) -> str | None:
+    """Local directory or Hub repo id -> path of `filename`; None when optional and absent."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        candidate = path / filename
+        if candidate.is_file():
+            return str(candidate)
+        if required:
+            raise ValueError(f"{filename} not found in directory {str(path)!r}.")
+        return None
+    s = str(name_or_path)
+    if s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s:
+        raise ValueError(f"Directory {s!r} does not exist (and it is not a Hub repo id like 'org/name').")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(s, filename, **{k: v for k, v in hub_kwargs.items() if v is not None})
+    except LocalEntryNotFoundError as e:
+        if not required:
+            return None
+        raise ValueError(
+            f"{s!r} is not a local directory, and {filename} for Hub repo {s!r} is not in the local cache while "
+            f"downloads are disabled (HF_HUB_OFFLINE=1 / local_files_only) or unreachable. Pass a local "
+            f"directory instead. ({e})") from e
+    except EntryNotFoundError:
+        if not required:
+            return None
+        raise ValueError(f"Hub repo {s!r} has no {filename}.") from None
+    except Exception as e:  # network errors, missing repos, auth
+        raise ValueError(f"{s!r} is not a local directory, and downloading {filename} from the Hub failed "
+                         f"({type(e).__name__}: {e}). "
+                         "If you are offline set HF_HUB_OFFLINE=1 and use a cached or local copy.") from e
+
+
+class ProcessorConfigMixin:
+    """Option storage, per-call overrides and (de)serialisation shared by the image and video processors."""
+
+    config_name = "preprocessor_config.json"
+    type_key = "image_processor_type"
+    saved_type = "Qwen2VLImageProcessor"
+    default_size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
+    defaults: dict[str, Any] = dict(
+        do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_convert_rgb=True,
+        patch_size=14, temporal_patch_size=2, merge_size=2)
+    call_only_keys: tuple[str, ...] = ("return_tensors", "input_data_format", "device", "media_limits")
+    model_input_names = ["pixel_values", "image_grid_thw"]
+
+    def __init__(self, *, size: dict | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+                 **kwargs: Any):
+        unknown = set(kwargs) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown option(s) {sorted(unknown)}.")
+        for key, default in self.defaults.items():
+            value = kwargs.get(key)
+            setattr(self, key, default if value is None else value)
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        self.size = resolve_size(size, min_pixels, max_pixels, fallback=self.default_size)
+
+    @property
+    def min_pixels(self) -> int:
+        return self.size["shortest_edge"]
+
+    @min_pixels.setter
+    def min_pixels(self, value: int) -> None:
+        self.size = resolve_size(self.size, min_pixels=value)
+
+    @property
+    def max_pixels(self) -> int:
+        return self.size["longest_edge"]
+
+    @max_pixels.setter
+    def max_pixels(self, value: int) -> None:
+        self.size = resolve_size(self.size, max_pixels=value)
+
+    def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Merge per-call keyword arguments (None = use the instance value) into one resolved option dict."""
+        allowed = set(self.defaults) | {"size", "min_pixels", "max_pixels"} | set(self.call_only_keys)
+        unknown = set(overrides) - allowed
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unexpected keyword argument(s) {sorted(unknown)}.")
+        opts = {k: (getattr(self, k) if overrides.get(k) is None else overrides[k]) for k in self.defaults}
+        opts["size"] = resolve_size(overrides.get("size"), overrides.get("min_pixels"), overrides.get("max_pixels"),
+                                    fallback=self.size)
+        for key in self.call_only_keys:
+            opts[key] = overrides.get(key)
+        return opts
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.defaults}
+        out["image_mean"], out["image_std"] = list(self.image_mean), list(self.image_std)
+        out["resample"] = int(self.resample)
+        # min/max_pixels duplicate `size` so that 4.x-era loaders (which read only these keys) agree.
+        out.update(size=dict(self.size), min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        out[self.type_key] = self.saved_type
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
+        os.makedirs(save_directory, exist_ok=True)
+        path = Path(save_directory) / self.config_name
+        path.write_text(self.to_json_string(), encoding="utf-8")
+        return [str(path)]
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], **overrides: Any):
+        known = set(cls.defaults) | {"size", "min_pixels", "max_pixels"}
+        kwargs = {k: v for k, v in config.items() if k in known}
+        ignored = set(config) - known - _METADATA_KEYS
+        if ignored:
+            warnings.warn(f"{cls.__name__}: ignoring unsupported config keys {sorted(ignored)}.", stacklevel=2)
+        kwargs.update(overrides)  # unknown overrides are rejected by __init__
+        if overrides.get("size") is not None:  # an explicit size replaces the file's min/max_pixels
+            for key in ("min_pixels", "max_pixels"):
+                if key not in overrides:
+                    kwargs.pop(key, None)
+        return cls(**kwargs)
+
+    @classmethod
+    def _load_config(cls, name_or_path: str | os.PathLike, hub_kwargs: dict) -> dict[str, Any]:
+        return json.loads(Path(resolve_config_file(name_or_path, cls.config_name, **hub_kwargs)).read_text())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False, **overrides: Any):
+        """Build from a directory or Hub repo id holding the config file; keyword overrides win over the file."""
+        hub_kwargs = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        return cls.from_dict(cls._load_config(name_or_path, hub_kwargs), **overrides)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def flatten_images(images: Any, limits: Any = None) -> list[Any]:
+    """Flatten (nested) lists / 4-D batches into single images; strings, paths and bytes go through load_image."""
+    if images is None:
+        raise ValueError("No images given (images=None).")
+    if isinstance(images, (list, tuple)):
+        return [img for item in images for img in flatten_images(item, limits)]
+    if isinstance(images, (str, Path, bytes, bytearray)):
+        return [load_image(images, limits=limits)]
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)):
+        return [images]
+    raise ValueError(f"Unsupported image input of type {type(images).__name__}; expected PIL images, arrays, "
+                     "tensors, paths/URLs/base64 strings, or (nested) lists of them.")
+
+
+def _channels_first(arr: np.ndarray, input_data_format: str | None) -> bool:
+    fmt = None if input_data_format is None else str(getattr(input_data_format, "value", input_data_format))
+    if fmt in ("channels_first", "first"):
+        return True
+    if fmt in ("channels_last", "last"):
+        return False
+    if fmt is not None:
+        raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {fmt!r}.")
+    if arr.shape[0] in (1, 3, 4):  # ambiguous shapes count as channels-first, like the reference
+        return True
+    if arr.shape[-1] in (1, 3, 4):
+        return False
+    raise ValueError(f"Cannot infer the channel dimension of an image with shape {arr.shape}; expected 1, 3 "
+                     "or 4 channels first or last (or pass input_data_format).")
+
+
+def to_chw_array(image: Any, do_convert_rgb: bool = True, input_data_format: str | None = None) -> np.ndarray:
+    """One image -> (C,H,W) numpy array (uint8, or float for float inputs), RGB when `do_convert_rgb`.
+
+    PIL images keep their mode semantics (alpha composited on white, palettes expanded); arrays with 1 channel
+    are repeated to 3 and 4-channel arrays composited on white, both like the reference.
+    """
+    if isinstance(image, Image.Image):
+        arr = np.asarray(to_rgb(image) if do_convert_rgb else image)
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    else:
+        if isinstance(image, torch.Tensor):  # numpy has no bfloat16: widen half types first
+            t = image.detach().cpu()
+            image = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+        elif isinstance(image, np.ndarray) and image.dtype == np.float16:
+            image = image.astype(np.float32)
+        if not isinstance(image, np.ndarray):
+            raise ValueError(f"Unsupported image type {type(image).__name__}.")
+        if image.ndim == 2:
+            arr = image[None]
+        elif image.ndim == 3:
+            arr = image if _channels_first(image, input_data_format) else np.moveaxis(image, -1, 0)
+        else:
+            raise ValueError(f"An image must have 2 or 3 dimensions, got shape {tuple(image.shape)}.")
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"Unsupported image dtype {arr.dtype}.")
+        if np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
+            if arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise ValueError(f"Integer images must hold values in [0, 255], got [{arr.min()}, {arr.max()}].")
+            arr = arr.astype(np.uint8)
+        if do_convert_rgb and arr.shape[0] == 1:
+            arr = np.repeat(arr, 3, axis=0)
+        elif do_convert_rgb and arr.shape[0] == 4:
+            floating = np.issubdtype(arr.dtype, np.floating)
+            if floating and arr.size and (arr.min() < 0 or arr.max() > 1):
+                raise ValueError("A float RGBA image must hold values in [0, 1] to be composited on white.")
+            white = 1.0 if floating else 255
+            alpha = arr[3:4] / white
+            rgb = alpha * arr[:3] + (1 - alpha) * white
+            arr = rgb.astype(arr.dtype) if floating else np.round(rgb).astype(np.uint8)
+    if arr.shape[1] == 0 or arr.shape[2] == 0:
+        raise ValueError(f"Image has zero size: {arr.shape[2]}x{arr.shape[1]}.")
+    return arr
+
+
+def patchify(frames: Any, patch_size: int, merge_size: int, temporal_patch_size: int, *,
+             via_numpy: bool | None = None) -> tuple[Any, tuple[int, int, int]]:
+    """(F, C, H, W) -> ((gt*gh*gw, C*T*p*p), (gt, gh, gw)); F is padded to a multiple of T with the last frame.
+
+    Rows are ordered (t, bh, bw, ih, iw) so each merge_size x merge_size block is contiguous (what the merger
+    and vision RoPE expect); columns are (C, T, y, x), matching the Conv3d patch-embed weight layout.
+    Accepts numpy arrays or torch tensors and returns the same kind. CPU data is permuted with numpy (its
+    strided copy is ~4x faster than torch's for this 9-D permutation); `via_numpy=False` forces torch ops.
+    """
+    f, c, h, w = frames.shape
+    p, m, t = patch_size, merge_size, temporal_patch_size
+    if h % (p * m) or w % (p * m):
+        raise ValueError(f"Image size {h}x{w} is not a multiple of patch_size*merge_size={p * m}; "
+                         "keep do_resize=True or pre-resize the input.")
+    gh, gw, pad = h // p, w // p, -f % t
+    gt = (f + pad) // t
+    is_torch = isinstance(frames, torch.Tensor)
+    use_np = not is_torch or (frames.device.type == "cpu" if via_numpy is None else via_numpy)
+    a = frames.detach().numpy() if is_torch and use_np else frames
+    permute = (lambda x, dims: x.transpose(dims)) if use_np else (lambda x, dims: x.permute(*dims))
+    if f == 1:  # an image: broadcast it over T instead of materialising copies first
+        x = permute(a[0].reshape(c, gh // m, m, p, gw // m, m, p), (1, 4, 2, 5, 0, 3, 6))[:, :, :, :, :, None]
+        shape = (*x.shape[:5], t, p, p)
+        x = np.broadcast_to(x, shape) if use_np else x.expand(shape)
+    else:
+        if pad:
+            tail = np.repeat(a[-1:], pad, 0) if use_np else a[-1:].expand(pad, -1, -1, -1)
+            a = np.concatenate([a, tail]) if use_np else torch.cat([a, tail])
+        x = permute(a.reshape(gt, t, c, gh // m, m, p, gw // m, m, p), (0, 3, 6, 4, 7, 2, 1, 5, 8))
+    out = (np.ascontiguousarray(x) if use_np else x).reshape(gt * gh * gw, c * t * p * p)
+    return (torch.from_numpy(out) if is_torch and use_np else out), (gt, gh, gw)
+
+
+_TORCH_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample ids -> interpolate modes
+
+
+def torch_resize(x: torch.Tensor, height: int, width: int, resample: int = 3) -> torch.Tensor:
+    """Resize (N, C, H, W) like torchvision's `resize(..., antialias=True)`.
+
+    torchvision resizes uint8 bicubic natively on CPU (fixed-point kernel), so we do the same there; on other
+    devices and for other modes it interpolates in float32 and clamps+rounds back to uint8, as torchvision does.
+    """
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    mode = _TORCH_MODES.get(int(resample))
+    if mode is None:
+        raise ValueError(f"resample={resample!r} is not supported by the torch backend (use 0, 2 or 3).")
+    aa = mode != "nearest"
+    kwargs = dict(size=(height, width), mode=mode, antialias=aa)
+    if mode != "nearest":
+        kwargs["align_corners"] = False
+    if x.dtype == torch.uint8 and x.device.type == "cpu" and mode == "bicubic":
+        return F.interpolate(x, **kwargs)
+    y = F.interpolate(x.to(torch.float32) if x.dtype != torch.float64 else x, **kwargs)
+    if x.dtype == torch.uint8:
+        return y.clamp_(0, 255).round_().to(torch.uint8)
+    return y.to(x.dtype)
+
+
+def torch_rescale_normalize(x: torch.Tensor, do_rescale: bool, rescale_factor: float, do_normalize: bool,
+                            mean: Any, std: Any) -> torch.Tensor:
+    """Fused rescale+normalize, `(x - mean/f) / (std/f)` in float32, the reference torch backend's arithmetic."""
+    y = x.to(torch.float32)
+    y = y.clone() if y is x else y  # in-place ops below must never touch the caller's tensor
+    if do_normalize:
+        m = torch.tensor(mean, dtype=torch.float32, device=x.device)
+        s = torch.tensor(std, dtype=torch.float32, device=x.device)
+        if m.numel() != y.shape[-3]:
+            raise ValueError(f"image_mean/std have {m.numel()} values but the image has {y.shape[-3]} channels.")
+        if do_rescale:
+            m, s = m * (1.0 / rescale_factor), s * (1.0 / rescale_factor)
+        return y.sub_(m[:, None, None]).div_(s[:, None, None])
+    return y.mul_(rescale_factor) if do_rescale else y
+
+
+def number_of_patches(height: int, width: int, defaults: ProcessorConfigMixin,
+                      kwargs: dict | None) -> tuple[int, int]:
+    kwargs = kwargs or {}
+    size = resolve_size(kwargs.get("size"), kwargs.get("min_pixels"), kwargs.get("max_pixels"), defaults.size)
+    p, m = kwargs.get("patch_size") or defaults.patch_size, kwargs.get("merge_size") or defaults.merge_size
+    h, w = smart_resize(height, width, p * m, size["shortest_edge"], size["longest_edge"])
+    return h // p, w // p
+
+
+class Qwen2VLImageProcessor(ProcessorConfigMixin):
+    """Torch-backend image processor (no torchvision needed); `device=` runs resize/normalize there.
+
+    Call: `proc(images, min_pixels=None, max_pixels=None, size=None, return_tensors=None, **options)`.
+    Returns torch tensors (also for return_tensors=None); "np" gives numpy.
+    """
+
+    def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
+        o = self._options(kwargs)
+        factor = o["patch_size"] * o["merge_size"]
+        all_patches, grids = [], []
+        for image in flatten_images(images, o["media_limits"]):
+            arr = to_chw_array(image, o["do_convert_rgb"], o["input_data_format"])
+            x = torch.from_numpy(np.ascontiguousarray(arr))
+            if o["device"] is not None:
+                x = x.to(o["device"])
+            if x.is_floating_point() and o["do_rescale"] and x.numel() and x.max() <= 1:
+                warnings.warn("Float image already in [0, 1] is being rescaled by rescale_factor again; pass "
+                              "do_rescale=False for such inputs.", stacklevel=2)
+            if o["do_resize"]:
+                size = o["size"]
+                h, w = smart_resize(x.shape[1], x.shape[2], factor, size["shortest_edge"], size["longest_edge"])
+                x = torch_resize(x[None], h, w, o["resample"])[0]
+            x = torch_rescale_normalize(x, o["do_rescale"], o["rescale_factor"], o["do_normalize"],
+                                        o["image_mean"], o["image_std"])
+            patches, grid = patchify(x[None], o["patch_size"], o["merge_size"], o["temporal_patch_size"])
+            all_patches.append(patches)
+            grids.append(grid)
+        if not all_patches:
+            raise ValueError("No images given (empty list).")
+        pixels = all_patches[0] if len(all_patches) == 1 else torch.cat(all_patches, 0)  # no copy for one image
+        data = {"pixel_values": pixels, "image_grid_thw": torch.tensor(grids, dtype=torch.int64)}
+        return BatchFeature(data, tensor_type=o["return_tensors"])
+
+    preprocess = __call__
+
+    def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
+        """Patches (before merging; LLM tokens = patches / merge_size**2) for an image of this size."""
+        gh, gw = number_of_patches(height, width, self, images_kwargs)
+        return gh * gw
