@@ -60,15 +60,21 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and self._dead is None
 
+    def threads(self) -> list[threading.Thread]:
+        """Every thread this engine started (the step thread and the processing pool's workers)."""
+        return [self._thread, *getattr(self._pool, "_threads", ())]
+
     def stats(self) -> dict:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting + self._pending,
-                "max_num_seqs": self.engine.pool.max_num_seqs}
+                "max_num_seqs": self.engine.pool.max_num_seqs, "peak_running": self.engine.peak_running}
+
+    async def run_in_pool(self, fn, *args):
+        """Run CPU-bound request preparation (media decoding, templating) on the processing threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def process(self, prompt, media_limits=None):
         """Run prompt processing in the processing pool; returns a `ProcessedPrompt`."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: self.engine.inputs.process(prompt,
-                                                                                         media_limits=media_limits))
+        return await self.run_in_pool(lambda: self.engine.inputs.process(prompt, media_limits=media_limits))
 
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Validate and enqueue a request now (raises RequestRejected / QueueFull / EngineDead synchronously),

@@ -75,6 +75,7 @@ class LLMEngine:
         eos = config.eos_token_ids if config.eos_token_ids is not None else default_eos_ids(model, self.tokenizer)
         self.eos_ids = frozenset(eos)
         self._ids = itertools.count()
+        self.peak_running = 0  # most sequences decoded together so far (observability)
 
     # ------------------------------------------------------------------------------------------ requests
     def process_prompt(self, prompt) -> ProcessedPrompt:
@@ -171,6 +172,7 @@ class LLMEngine:
             for s, t in zip(req.seqs, tokens):
                 s.append(t, self.max_model_len)
             touched[req.request_id] = req
+        self.peak_running = max(self.peak_running, len(sched.running))
         if decode_seqs:
             try:
                 logits = self.runner.decode([s.last_token for s in decode_seqs], len(decode_seqs))
