@@ -1,0 +1,114 @@
+"""Logits processors, warpers and token selection (transformers semantics, fp32 scores).
+
+All functions take and return `scores (B, V)` float32 (B running rows, V vocab). Order of application, as
+transformers 5.24: repetition penalty → min-length EOS suppression → (sampling only) temperature → top-k →
+top-p → min-p. Filtered entries are set to -inf. Nothing here synchronises with the host.
+"""
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Every token id already present in the sequence (`seen (B,V)` bool): logit / penalty when positive,
+    logit * penalty when negative (CTRL penalty, as `RepetitionPenaltyLogitsProcessor`)."""
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalised, scores)
+
+
+def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B,S) prompt ids + mask → (B,V) bool "id occurs in the prompt". Pad positions (mask 0) are ignored, as
+    transformers 5.24 does via `prompt_ignore_length`, so a padded row is penalised like the same row alone."""
+    seen = torch.zeros(input_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=input_ids.device)
+    ids = input_ids.masked_fill(attention_mask == 0, vocab_size).clamp(0, vocab_size)  # pads → spare column
+    seen.scatter_(1, ids, True)
+    return seen[:, :vocab_size].contiguous()
+
+
+def temperature_warp(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    return scores / temperature
+
+
+def top_k_filter(scores: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Keep the k highest scores (ties with the k-th kept too)."""
+    k = min(max(top_k, min_tokens_to_keep), scores.shape[-1])
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, NEG_INF)
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Nucleus filtering: drop the least likely tokens whose cumulative probability is <= 1 - top_p."""
+    ascending, order = torch.sort(scores, dim=-1)
+    cum = ascending.softmax(-1).cumsum(-1)
+    drop_sorted = cum <= 1 - top_p
+    drop_sorted[..., -min_tokens_to_keep:] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, NEG_INF)
+
+
+def min_p_filter(scores: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's probability."""
+    probs = scores.softmax(-1)
+    drop = probs < min_p * probs.amax(-1, keepdim=True)
+    if min_tokens_to_keep > 1:  # with 1, the argmax always survives (its probability is the max)
+        keep = torch.topk(scores, min(min_tokens_to_keep, scores.shape[-1]), dim=-1).indices
+        drop = drop.scatter(-1, keep, False)
+    return scores.masked_fill(drop, NEG_INF)
+
+
+class LogitsPipeline:
+    """The processors/warpers one `generate` call needs, built from a resolved `GenerationConfig`.
+
+    `eos_ids (E,)` long tensor on the scores' device (ids outside the vocab are ignored); `min_new_tokens`: EOS
+    is masked while fewer new tokens than that exist (MinNewTokensLength/MinLength processors)."""
+
+    def __init__(self, config, eos_ids: torch.Tensor, min_new_tokens: int, vocab_size: int):
+        self.penalty = float(config.repetition_penalty)
+        self.eos_ids = eos_ids[eos_ids < vocab_size]
+        self.min_new_tokens = min_new_tokens
+        self.do_sample = bool(config.do_sample)
+        self.temperature = float(config.temperature)
+        self.top_k = int(config.top_k or 0)
+        self.top_p = float(config.top_p)
+        self.min_p = config.min_p
+
+    @property
+    def uses_penalty(self) -> bool:
+        return self.penalty != 1.0
+
+    def __call__(self, scores: torch.Tensor, seen: torch.Tensor | None, step: int) -> torch.Tensor:
+        """scores (B,V) float32 raw logits of new token number `step` (0-based) → processed scores (B,V)."""
+        if self.uses_penalty:
+            scores = apply_repetition_penalty(scores, seen, self.penalty)
+        if step < self.min_new_tokens and self.eos_ids.numel():
+            scores = scores.index_fill(-1, self.eos_ids, NEG_INF)
+        if not self.do_sample:
+            return scores
+        if self.temperature != 1.0:
+            scores = temperature_warp(scores, self.temperature)
+        if self.top_k:
+            scores = top_k_filter(scores, self.top_k)
+        if self.top_p < 1.0:
+            scores = top_p_filter(scores, self.top_p)
+        if self.min_p is not None:
+            scores = min_p_filter(scores, float(self.min_p))
+        return scores
+
+    def select(self, scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Processed scores (B,V) → next token ids (B,) long: argmax, or a sample from softmax(scores)."""
+        if not self.do_sample:
+            return scores.argmax(-1)
+        return sample_from_scores(scores, generator)
+
+
+def sample_from_scores(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from softmax(scores) without a host sync.
+
+    Uses the exponential race (argmax of p_i / E_i with E_i ~ Exp(1) is distributed as Categorical(p)), which
+    unlike `torch.multinomial` needs no device-side validity check; the same generator state gives the same
+    tokens."""
+    probs = scores.softmax(-1)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
