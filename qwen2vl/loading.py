@@ -64,6 +64,7 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
                     tp_size=None, progress=True, **kwargs):
     from .checkpoint import load_checkpoint_into, resolve_model_dir
     from .configuration import Qwen2VLConfig
+    from .generation.config import GenerationConfig
 
     unknown = set(kwargs) - {"trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "cache_dir",
                              "local_files_only", "token"}
@@ -92,13 +93,16 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
             raise ValueError("device_map cannot be combined with tp_plan: each rank uses its own device "
                              "(cuda:LOCAL_RANK with NCCL, the CPU with gloo).")
 
-        return load_tensor_parallel(cls, config, model_dir, torch_dt, tp_plan=tp_plan, tp_size=tp_size,
-                                    progress=progress)
+        model = load_tensor_parallel(cls, config, model_dir, torch_dt, tp_plan=tp_plan, tp_size=tp_size,
+                                     progress=progress)
+        model.generation_config = GenerationConfig.from_model_dir(model_dir, config)
+        return model
 
     with torch.device("meta"):
         model = cls(config)
     load_checkpoint_into(model, model_dir, dtype=torch_dt, device=device, progress=progress)
     model.eval()
+    model.generation_config = GenerationConfig.from_model_dir(model_dir, config)
     if quantization is not None:
         from .quantization import quantize_model
 
@@ -121,3 +125,5 @@ def save_pretrained(model, save_directory, max_shard_size="5GB", **kwargs) -> No
     model.config.dtype = str(model.dtype).replace("torch.", "")
     model.config.save_pretrained(save_directory)
     save_checkpoint(model, save_directory, max_shard_size=max_shard_size)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(save_directory)

@@ -151,11 +151,14 @@ class Qwen2VLModel(Qwen2VLPreTrainedModel):
             image_embeds = torch.cat(list(self.get_image_features(pixel_values, image_grid_thw)), 0)
         if pixel_values_videos is not None:
             video_embeds = torch.cat(list(self.get_video_features(pixel_values_videos, video_grid_thw)), 0)
+        # Placeholders without features are an error in a prompt; a placeholder id *generated* during decoding
+        # (cache already filled, no media given) is embedded like any other token.
+        fresh = past_key_values is None or past_key_values.get_seq_length() == 0
         img_mask = self._placeholder_mask(input_ids, inputs_embeds, self.config.image_token_id)
         vid_mask = self._placeholder_mask(input_ids, inputs_embeds, self.config.video_token_id)
-        if image_embeds is not None or bool(img_mask.any()):
+        if image_embeds is not None or (fresh and bool(img_mask.any())):
             inputs_embeds = self._scatter(inputs_embeds, img_mask, image_embeds, "Image")
-        if video_embeds is not None or bool(vid_mask.any()):
+        if video_embeds is not None or (fresh and bool(vid_mask.any())):
             inputs_embeds = self._scatter(inputs_embeds, vid_mask, video_embeds, "Video")
 
         use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
