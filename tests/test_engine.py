@@ -244,3 +244,26 @@ def test_async_engine_stream_cancel_shutdown(model):
     eng.shutdown()
     assert not eng.is_running
     assert not [t for t in threading.enumerate() if t.name.startswith("qwen2vl-")]
+
+
+def test_detokenizer_utf8_pieces_and_invalid_bytes(tmp_path):
+    from qwen2vl.demo.build_tokenizer import save_demo_tokenizer
+    from qwen2vl.engine.detokenizer import IncrementalDetokenizer
+    from qwen2vl.processing.tokenizer import Qwen2TokenizerFast
+
+    save_demo_tokenizer(str(tmp_path))
+    tok = Qwen2TokenizerFast.from_pretrained(str(tmp_path))
+    text = "héllo 世界 🙂 ok"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several byte tokens
+    det, pieces = IncrementalDetokenizer(tok, [], SamplingParams()), []
+    for t in ids:
+        before = det.visible_text()
+        det.add(t)
+        pieces.append(det.visible_text()[len(before):])
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    lone = tok.encode("é")[:1] * 6  # a lead byte repeated: never a valid character
+    det = IncrementalDetokenizer(tok, [], SamplingParams())
+    for t in lone:
+        det.add(t)
+    assert det.visible_text().count("\ufffd") >= 3  # flushed after 4 pending tokens, not held forever

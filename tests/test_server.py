@@ -252,6 +252,8 @@ def _bad_cases(setup):
     return {
         "malformed json": (None, b'{"model": "tiny-vl", "messages": [', "invalid_json"),
         "not an object": (None, b"[1, 2]", "invalid_json"),
+        "nested too deeply": (None, b'{"messages": ' + b"[" * 100_000, "invalid_json"),
+        "seed out of range": ({"messages": ok, "seed": 2**70}, None, None),
         "wrong field type": ({"messages": ok, "temperature": "hot"}, None, None),
         "messages not a list": ({"messages": "hello"}, None, None),
         "unknown part type": ({"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]}, None, None),

@@ -1,7 +1,8 @@
 """Incremental detokenization with stop strings.
 
 Byte-level BPE tokens may end in the middle of a UTF-8 character; text is only committed once the decoded
-suffix no longer ends in U+FFFD (the vLLM prefix/read-offset scheme). Stop strings are searched in the new text
+suffix no longer ends in U+FFFD (the vLLM prefix/read-offset scheme), or once 4 tokens are pending (a UTF-8
+character has at most 4 bytes, so the bytes are invalid for good and their U+FFFD is final). Stop strings are searched in the new text
 (plus an overlap of max(len(stop)) - 1 characters); while a sequence runs, that many trailing characters are held
 back from `visible_text` so a streamed delta never shows the beginning of a stop string that later matches.
 """
@@ -31,7 +32,7 @@ class IncrementalDetokenizer:
         self.ids.append(token)
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if len(after) <= len(before) or (after.endswith("\ufffd") and len(self.ids) - self.read < 4):
             return None
         start = len(self.text)
         self.text += after[len(before):]

@@ -55,7 +55,8 @@ class SamplingParams:
              "max_tokens", "must be None or an integer >= 1")
         need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
         need(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens")
-        need(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        need(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64), "seed",
+             "must be an integer in [-2**63, 2**64)")
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
 
     @property

@@ -56,6 +56,8 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         data = json.loads(bytes(buf))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"Malformed JSON body: {e}", None, "invalid_json") from None
+    except RecursionError:
+        raise bad_request("Malformed JSON body: nested too deeply.", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.", None, "invalid_json")
     return data
