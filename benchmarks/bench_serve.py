@@ -224,7 +224,7 @@ def main(argv=None) -> None:
             ["--model", str(model), "--dtype", args.dtype, "--max-num-seqs", str(args.concurrency),
              "--max-model-len", "2048", "--max-queue", str(args.num_requests + 1)])
         engine = build_engine(sargs)
-        with ServerThread(create_app(engine, settings_from(sargs))) as server:
+        with ServerThread(create_app(engine, settings_from(sargs, engine))) as server:
             asyncio.run(run_clients(server.url, str(model), reqs[:2], 2, 4, args.api_key))  # warm-up
             res = asyncio.run(run_clients(server.url, str(model), reqs, args.concurrency, args.max_tokens,
                                           args.api_key))

@@ -13,7 +13,7 @@ import torch
 
 from qwen2vl.engine import LLM, AsyncEngine, LLMEngine, RequestRejected, SamplingParams
 from qwen2vl.engine.kv_pool import parse_memory
-from tiny import IMG, VID, mm_token_type_ids, oracle_from, pixels, sample, tiny_model
+from tiny import mm_token_type_ids, oracle_from, pixels, sample, tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
@@ -74,14 +74,14 @@ def prompts(k: int = 6):
 
 @torch.inference_mode()
 def naive_greedy(model, p, n: int) -> list[int]:
-    """No cache: the full sequence every step (vision placeholder ids are never generated, as in the engine)."""
-    ids = list(p["prompt_token_ids"])
+    """Reference: one sequence, the model's own growable cache, argmax each step (no engine involved)."""
     kw = {k: p[k] for k in ("pixel_values", "image_grid_thw") if k in p}
-    for _ in range(n):
-        logits = model(input_ids=torch.tensor([ids]), use_cache=False, **kw).logits[0, -1]
-        logits[[IMG, VID]] = float("-inf")
-        ids.append(int(logits.argmax()))
-    return ids[len(p["prompt_token_ids"]):]
+    out = model(input_ids=torch.tensor([p["prompt_token_ids"]]), use_cache=True, **kw)
+    ids = [int(out.logits[0, -1].argmax())]
+    for _ in range(n - 1):
+        out = model(input_ids=torch.tensor([ids[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+        ids.append(int(out.logits[0, -1].argmax()))
+    return ids
 
 
 def test_batched_decode_over_ragged_rows_matches_alone(model):
@@ -128,7 +128,7 @@ def test_greedy_matches_transformers(model):
     with torch.inference_mode():
         ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=p["pixel_values"],
                           image_grid_thw=p["image_grid_thw"], mm_token_type_ids=mm_token_type_ids(ids), max_new_tokens=10, do_sample=False, eos_token_id=None,
-                          pad_token_id=0, suppress_tokens=[IMG, VID])[0, ids.shape[1]:].tolist()
+                          pad_token_id=0)[0, ids.shape[1]:].tolist()
     out = LLM(model, max_num_seqs=2, max_model_len=64, eos_token_ids=[]).generate(
         p, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
     assert out[0].outputs[0].token_ids == ref

@@ -58,8 +58,9 @@ def setup(tmp_path_factory):
     build_model_dir(str(model_dir))
     (media_dir / "red.png").write_bytes(png((220, 20, 20)))
     (root / "secret.png").write_bytes(png((0, 0, 0)))
-    engine = build_engine(args_for(model_dir, media_dir, "--api-key", KEY))
-    server = ServerThread(create_app(engine, settings_from(args_for(model_dir, media_dir, "--api-key", KEY)))).start()
+    args = args_for(model_dir, media_dir, "--api-key", KEY)
+    engine = build_engine(args)
+    server = ServerThread(create_app(engine, settings_from(args, engine))).start()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     offline = LLM(str(model_dir), max_num_seqs=16, max_model_len=256)
     yield dict(root=root, model_dir=model_dir, media_dir=media_dir, engine=engine, server=server, client=client,
@@ -96,6 +97,21 @@ def offline_text(setup, images: list[bytes], max_tokens: int, text: str = "What 
                                            {"type": "text", "text": text}]}] for raw in images]
     return setup["offline"].generate([{"messages": c} for c in convs],
                                      SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
+
+
+def test_generation_config_defaults():
+    from types import SimpleNamespace
+
+    from qwen2vl.generation.config import GenerationConfig
+    from qwen2vl.server.launch import default_sampling
+
+    hub = GenerationConfig(do_sample=True, temperature=0.01, top_p=0.001, top_k=1, repetition_penalty=1.0)
+    assert default_sampling(SimpleNamespace(generation_config=hub)) == {
+        "temperature": 0.01, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.0}
+    greedy = GenerationConfig(do_sample=False, temperature=0.7, repetition_penalty=1.05)
+    assert default_sampling(SimpleNamespace(generation_config=greedy)) == {"temperature": 0.0,
+                                                                          "repetition_penalty": 1.05}
+    assert default_sampling(SimpleNamespace()) == {}
 
 
 def test_models_health_auth(setup):
@@ -298,7 +314,7 @@ def test_bad_inputs_get_400_and_server_keeps_serving(setup):
 def test_graceful_shutdown_leaves_no_threads(setup):
     args = args_for(setup["model_dir"])
     engine = build_engine(args)
-    server = ServerThread(create_app(engine, settings_from(args))).start()
+    server = ServerThread(create_app(engine, settings_from(args, engine))).start()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=30)
     chunks = []
 

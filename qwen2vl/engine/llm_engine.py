@@ -45,13 +45,17 @@ def default_eos_ids(model, tokenizer) -> list[int]:
             if t is not None and int(t) not in ids:
                 ids.append(int(t))
 
-    path = getattr(model, "name_or_path", None)
-    if path:
-        from ..loading import resolve_name
+    gen = getattr(model, "generation_config", None)  # set by from_pretrained (generation_config.json)
+    if gen is not None:
+        add(getattr(gen, "eos_token_id", None))
+    else:
+        path = getattr(model, "name_or_path", None)
+        if path:
+            from ..loading import resolve_name
 
-        gen = Path(resolve_name(path)) / "generation_config.json"
-        if gen.is_file():
-            add(json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id"))
+            file = Path(resolve_name(path)) / "generation_config.json"
+            if file.is_file():
+                add(json.loads(file.read_text(encoding="utf-8")).get("eos_token_id"))
     add(getattr(model.config.text_config, "eos_token_id", None))
     if tokenizer is not None and getattr(tokenizer, "eos_token", None):
         add(tokenizer.convert_tokens_to_ids(tokenizer.eos_token))

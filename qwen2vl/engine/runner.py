@@ -5,7 +5,6 @@ All torch work of the engine happens here, on the engine's single step thread.
   request) on `cache.rows(row, row + 1)`; the returned rope_deltas stay in the cache row.
 * `decode(tokens, n) -> logits (n, V)`: input_ids (n, 1) on the view `cache.rows(0, n)`. No attention_mask:
   each row's own length says which keys are valid, and M-RoPE positions come from the row's real length + delta.
-The image / video placeholder ids get -inf logits: fed back without pixel inputs they would break the next step.
 """
 from __future__ import annotations
 
@@ -21,22 +20,16 @@ class ModelRunner:
         self.device = model.device
         self.dtype = model.dtype
         self.vocab = model.config.text_config.vocab_size
-        cfg = model.config
-        self.banned = torch.tensor([t for t in (cfg.image_token_id, cfg.video_token_id)
-                                    if t is not None and 0 <= t < self.vocab], dtype=torch.long, device=self.device)
-
-    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.index_fill(-1, self.banned, float("-inf")) if self.banned.numel() else logits
 
     @torch.inference_mode()
     def prefill(self, request, row: int) -> torch.Tensor:
         ids = torch.tensor([request.prompt_token_ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, past_key_values=self.pool.view(row, row + 1), use_cache=True,
                          logits_to_keep=1, **request.mm.as_kwargs(self.device, self.dtype))
-        return self._mask(out.logits[0, -1])
+        return out.logits[0, -1]
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], n: int) -> torch.Tensor:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         out = self.model(input_ids=ids, past_key_values=self.pool.view(0, n), use_cache=True, logits_to_keep=1)
-        return self._mask(out.logits[:, -1])
+        return out.logits[:, -1]

@@ -5,11 +5,9 @@ Entry points for the CLI: `main(argv)`, or `add_arguments(parser)` + `run(args)`
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import threading
-from pathlib import Path
 
 from ..engine import AsyncEngine, EngineConfig, LLMEngine
 from .app import ServerSettings, create_app
@@ -54,18 +52,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def default_sampling(model_path) -> dict:
-    """Request defaults from the checkpoint's generation_config.json (as vLLM's `--generation-config auto`)."""
-    try:
-        from ..loading import resolve_name
-
-        path = Path(resolve_name(model_path)) / "generation_config.json"
-        cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
+def default_sampling(model) -> dict:
+    """Request defaults from the checkpoint's generation config (as vLLM's `--generation-config auto`):
+    temperature / top_p / top_k / min_p / repetition_penalty a request leaves unset; do_sample=False → greedy."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
         return {}
-    out = {k: cfg[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
-           if cfg.get(k) is not None}
-    if cfg.get("do_sample") is False:
+    cfg = {k: getattr(gen, k, None) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "min_p",
+                                              "do_sample")}
+    out = {k: v for k, v in cfg.items() if v is not None and k != "do_sample"}
+    if cfg["do_sample"] is False:
         out = {k: v for k, v in out.items() if k == "repetition_penalty"}
         out["temperature"] = 0.0
     return out
@@ -85,7 +81,7 @@ def build_engine(args, model=None, processor=None) -> AsyncEngine:
     return AsyncEngine(LLMEngine(model, processor, cfg))
 
 
-def settings_from(args) -> ServerSettings:
+def settings_from(args, engine: AsyncEngine | None = None) -> ServerSettings:
     policy = MediaPolicy(allow_remote=args.allow_remote_media, allowed_local_media_path=args.allowed_local_media_path,
                          max_images=args.max_images_per_request, max_videos=args.max_videos_per_request,
                          max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
@@ -93,7 +89,7 @@ def settings_from(args) -> ServerSettings:
     name = args.served_model_name or str(args.model)
     return ServerSettings(served_model_name=name, model_aliases=(str(args.model),), api_key=args.api_key,
                           media=policy, max_request_bytes=args.max_request_bytes,
-                          default_sampling=default_sampling(args.model))
+                          default_sampling=default_sampling(engine.engine.model) if engine is not None else {})
 
 
 def make_uvicorn_server(app, host: str, port: int, log_level: str = "info"):
@@ -111,7 +107,8 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = build_engine(args)
     try:
-        server = make_uvicorn_server(create_app(engine, settings_from(args)), args.host, args.port, args.log_level)
+        app = create_app(engine, settings_from(args, engine))
+        server = make_uvicorn_server(app, args.host, args.port, args.log_level)
         logger.info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
         server.run()
     finally:
