@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import cpu as cpu_kernels
+
 SUPPORTED = ("int8",)
 
 
@@ -39,6 +41,9 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        y = cpu_kernels.linear_int8(x, self.weight_int8, self.scales)
+        if y is not None:  # few rows (decoding): the bandwidth-bound kernel
+            return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, shape[-1])
         # The CPU kernel needs in_features % 16 == 0 (it crashes or returns NaN otherwise).
         if x2.device.type == "cpu" and x2.dtype == self.scales.dtype and self.in_features % 16 == 0:

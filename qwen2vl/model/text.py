@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.cpu import Linear
 from .attention import text_attention
 from .cache import KVCache
 from .outputs import ModelOutput
@@ -58,10 +59,10 @@ class Qwen2VLAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.scale = self.head_dim ** -0.5
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False)
         self.attn_implementation = getattr(config, "attn_implementation", None) or "sdpa"
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, key_valid=None, query_valid=None):
@@ -82,9 +83,9 @@ class Qwen2MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
+        self.gate_proj = Linear(h, i, bias=False)
+        self.up_proj = Linear(h, i, bias=False)
+        self.down_proj = Linear(i, h, bias=False)
         if config.hidden_act != "silu":
             raise ValueError(f"Qwen2-VL text MLP uses silu, got hidden_act={config.hidden_act!r}")
 

@@ -1,0 +1,82 @@
+/* Memory-bound matrix-vector kernels for CPU decoding (few activation rows, large weights).
+ *
+ * y[m, n] = sum_k x[m, k] * W[n, k] for M <= 8 rows of fp32 activations and a row-major weight W stored as
+ * bf16 or int8 (int8: times a per-row scale). Each weight row is read once for all M activation rows, widened
+ * to fp32 in registers (bf16 -> fp32 is a 16-bit shift) and accumulated with FMA in fp32. PyTorch's own bf16
+ * GEMV on CPUs without AMX reads weights at a small fraction of memory bandwidth; this one reaches it.
+ * Needs AVX512F; the Python side checks the CPU before loading it. K must be a multiple of 16.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+static inline __m512 load_bf16(const uint16_t *p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+static inline __m512 load_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+#define DEFINE_KERNEL(NAME, WTYPE, LOAD, M)                                                        \
+    static void NAME##_m##M(const float *x, const WTYPE *w, const float *scale, float *y,          \
+                            int64_t N, int64_t K, int nthreads) {                                   \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                          \
+        for (int64_t n = 0; n < N; n++) {                                                           \
+            const WTYPE *wr = w + n * K;                                                            \
+            __m512 acc[M];                                                                          \
+            for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();                               \
+            for (int64_t k = 0; k < K; k += 16) {                                                   \
+                __m512 wv = LOAD(wr + k);                                                           \
+                for (int m = 0; m < M; m++)                                                         \
+                    acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m]);           \
+            }                                                                                       \
+            float s = scale ? scale[n] : 1.0f;                                                      \
+            for (int m = 0; m < M; m++) y[m * N + n] = _mm512_reduce_add_ps(acc[m]) * s;            \
+        }                                                                                           \
+    }
+
+/* One activation row: four independent accumulators so the FMA latency chain does not bound the loop. */
+#define DEFINE_KERNEL1(NAME, WTYPE, LOAD)                                                          \
+    static void NAME##_m1(const float *x, const WTYPE *w, const float *scale, float *y,            \
+                          int64_t N, int64_t K, int nthreads) {                                     \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                          \
+        for (int64_t n = 0; n < N; n++) {                                                           \
+            const WTYPE *wr = w + n * K;                                                            \
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
+            int64_t k = 0;                                                                          \
+            for (; k + 64 <= K; k += 64) {                                                          \
+                a0 = _mm512_fmadd_ps(LOAD(wr + k), _mm512_loadu_ps(x + k), a0);                     \
+                a1 = _mm512_fmadd_ps(LOAD(wr + k + 16), _mm512_loadu_ps(x + k + 16), a1);           \
+                a2 = _mm512_fmadd_ps(LOAD(wr + k + 32), _mm512_loadu_ps(x + k + 32), a2);           \
+                a3 = _mm512_fmadd_ps(LOAD(wr + k + 48), _mm512_loadu_ps(x + k + 48), a3);           \
+            }                                                                                       \
+            for (; k < K; k += 16) a0 = _mm512_fmadd_ps(LOAD(wr + k), _mm512_loadu_ps(x + k), a0);  \
+            float s = scale ? scale[n] : 1.0f;                                                      \
+            y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) * s; \
+        }                                                                                           \
+    }
+
+#define DEFINE_ALL(NAME, WTYPE, LOAD)                                                              \
+    DEFINE_KERNEL1(NAME, WTYPE, LOAD) DEFINE_KERNEL(NAME, WTYPE, LOAD, 2)                          \
+    DEFINE_KERNEL(NAME, WTYPE, LOAD, 3) DEFINE_KERNEL(NAME, WTYPE, LOAD, 4)                        \
+    DEFINE_KERNEL(NAME, WTYPE, LOAD, 5) DEFINE_KERNEL(NAME, WTYPE, LOAD, 6)                        \
+    DEFINE_KERNEL(NAME, WTYPE, LOAD, 7) DEFINE_KERNEL(NAME, WTYPE, LOAD, 8)                        \
+    int NAME(const float *x, const WTYPE *w, const float *scale, float *y, int64_t M, int64_t N,   \
+             int64_t K, int nthreads) {                                                             \
+        if (K % 16 != 0) return -1;                                                                 \
+        switch (M) {                                                                                \
+            case 1: NAME##_m1(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 2: NAME##_m2(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 3: NAME##_m3(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 4: NAME##_m4(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 5: NAME##_m5(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 6: NAME##_m6(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 7: NAME##_m7(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 8: NAME##_m8(x, w, scale, y, N, K, nthreads); return 0;                            \
+            default: return -2;                                                                     \
+        }                                                                                           \
+    }
+
+DEFINE_ALL(gemv_bf16, uint16_t, load_bf16)
+DEFINE_ALL(gemv_i8, int8_t, load_i8)
