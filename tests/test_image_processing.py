@@ -19,6 +19,7 @@ from qwen2vl.processing.image_processing import (
     torch_resize,
 )
 from qwen2vl.processing.image_processing_pil import Qwen2VLImageProcessorPil
+from qwen2vl.processing.patchify import channel_lut, lut_patchify, torch_rescale_normalize
 
 CKPT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "qwen2-vl", "Qwen2-VL-2B-Instruct")
 CKPT = CKPT if os.path.isdir(CKPT) else "/work/shared/qwen2-vl/Qwen2-VL-2B-Instruct"
@@ -111,6 +112,36 @@ def test_patchify_numpy_and_device_paths_agree():
         assert grid == ((frames.shape[0] + 1) // 2, frames.shape[2] // 14, frames.shape[3] // 14)
 
 
+@pytest.mark.parametrize("f, c, h, w, p, m, t", [
+    (1, 3, 56, 84, 14, 2, 2), (5, 3, 56, 84, 14, 2, 2), (4, 3, 28, 56, 14, 2, 2), (5, 3, 28, 56, 14, 2, 3),
+    (7, 3, 42, 63, 7, 3, 3), (5, 1, 30, 45, 5, 3, 4), (3, 4, 28, 28, 7, 2, 1), (1, 3, 1092, 1932, 14, 2, 2)])
+def test_lut_patchify_matches_float_patchify(f, c, h, w, p, m, t):
+    """The uint8 table path == patchify(table[c][pixels]) for images, padded videos, odd patch sizes, 1/4 channels."""
+    rng = np.random.RandomState(f * 100 + c)
+    x = rng.randint(0, 256, (f, c, h, w), dtype=np.uint8)
+    lut = rng.rand(c, 256).astype(np.float32)
+    ref, grid = patchify(lut[np.arange(c)[None, :, None, None], x], p, m, t)
+    got, got_grid = lut_patchify(x, lut, p, m, t)
+    assert got_grid == grid and got.dtype == np.float32 and np.array_equal(got, ref)
+    out = np.full((ref.shape[0] + 2, ref.shape[1]), np.nan, np.float32)
+    assert lut_patchify(x, lut, p, m, t, out=out[1:-1])[0].base is not None
+    assert np.array_equal(out[1:-1], ref) and np.isnan(out[[0, -1]]).all()  # writes exactly its slice
+
+
+def test_table_path_is_bit_identical_to_float_arithmetic():
+    """The torch backend's uint8 table path == torch_rescale_normalize + patchify on every pixel (bit for bit)."""
+    img = np.random.RandomState(3).randint(0, 256, (97, 131, 3), dtype=np.uint8)
+    for kw in ({}, {"do_normalize": False}, {"do_rescale": False}, {"image_mean": [0.5] * 3, "image_std": [0.2] * 3}):
+        proc = Qwen2VLImageProcessor(**kw)
+        out = proc(img)["pixel_values"]
+        x = torch_resize(torch.from_numpy(img).permute(2, 0, 1).contiguous()[None], 84, 140)
+        ref = patchify(torch_rescale_normalize(x, proc.do_rescale, proc.rescale_factor, proc.do_normalize,
+                                               proc.image_mean, proc.image_std), 14, 2, 2)[0]
+        assert torch.equal(out, ref), kw
+    lut = channel_lut(lambda r: torch_rescale_normalize(r, True, 1 / 255, True, [0.5] * 3, [0.5] * 3), 3, True)
+    assert lut.shape == (3, 256) and lut[0, 0] == -1 and lut[2, 255] == 1
+
+
 # ---------------------------------------------------------------------------------------------- PIL parity
 def _inputs():
     rgba = np.dstack([smooth(60, 80), np.tile(np.linspace(0, 255, 80).astype(np.uint8), (60, 1))])
@@ -142,6 +173,16 @@ def test_pil_backend_matches_oracle(oracle, name):
     ref = oracle()(image, return_tensors="np")
     np.testing.assert_array_equal(ours["image_grid_thw"], ref["image_grid_thw"])
     assert np.abs(ours["pixel_values"] - ref["pixel_values"]).max() <= 1e-5
+
+
+def test_pil_backend_exactly_equals_oracle_on_noise(oracle):
+    """Random noise (worst case for any arithmetic shortcut), up- and downscaled, one batch: bit-identical."""
+    rng = np.random.RandomState(7)
+    imgs = [Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((480, 640), (61, 47))]
+    ours = Qwen2VLImageProcessorPil(max_pixels=12845056)(imgs, return_tensors="np")
+    ref = oracle(max_pixels=12845056)(imgs, return_tensors="np")
+    np.testing.assert_array_equal(ours["image_grid_thw"], ref["image_grid_thw"])
+    np.testing.assert_array_equal(ours["pixel_values"], ref["pixel_values"])
 
 
 def test_pil_backend_batch_options_and_float_input(oracle):

@@ -253,6 +253,49 @@ def test_chat_template_video_file_fps_and_limits(ours, tmp_path):
         ours.apply_chat_template(per_item, tokenize=True, media_limits=MediaLimits(allow_local_files=False))
 
 
+def test_chat_template_video_path_decodes_only_sampled_frames(ours, tmp_path, monkeypatch):
+    """A video named by path in a chat message reaches the video processor undecoded: sampling indices come from
+    the stream metadata, and only the sampled frames are converted and kept (not all 30 frames first)."""
+    av = pytest.importorskip("av")
+    from qwen2vl.processing import media
+
+    path = tmp_path / "long.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 56, 56, "yuv420p"
+        for frame in _video(30, 56, 56):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    decodes = []
+    real = media._decode_selected
+
+    def counting(av_mod, src, indices, width, height):
+        kept, count = real(av_mod, src, indices, width, height)
+        decodes.append(sorted(kept))
+        return kept, count
+
+    monkeypatch.setattr(media, "_decode_selected", counting)
+    sampled = [0, 7, 15, 22]  # 30 frames @10 fps at 1 fps = 3, raised to min_frames=4
+    convs = {
+        "block fps": [{"type": "video", "video": str(path), "fps": 1}],
+        "block nframes": [{"type": "video", "video": str(path), "nframes": 4}],
+        "resized": [{"type": "video", "video": str(path), "fps": 1, "resized_height": 56, "resized_width": 56}],
+    }
+    for name, blocks in convs.items():
+        decodes.clear()
+        conv = [{"role": "user", "content": blocks + [{"type": "text", "text": "?"}]}]
+        out = ours.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt",
+                                       max_pixels=56 * 56)
+        assert decodes == [sampled], name  # one decoding pass that kept exactly the sampled frames
+        assert out["video_grid_thw"].tolist() == [[2, 4, 4]], name
+    decodes.clear()  # a call-level fps works the same way
+    conv = [{"role": "user", "content": [{"type": "video", "video": str(path)}, {"type": "text", "text": "?"}]}]
+    ours.apply_chat_template(conv, tokenize=True, return_dict=True, fps=1, max_pixels=56 * 56)
+    assert decodes == [sampled]
+
+
 def test_from_pretrained_overrides_save_and_reload(ours, tmp_path, monkeypatch):
     p = AutoProcessor.from_pretrained(CKPT, min_pixels=28 * 28 * 4, max_pixels=56 * 56, padding_side="right")
     assert isinstance(p, Qwen2VLProcessor) and p.tokenizer.padding_side == "right"

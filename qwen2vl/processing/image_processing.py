@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .batch_feature import BatchFeature
 from .media import load_image, to_rgb
+from .patchify import (  # noqa: F401  (patchify/torch_resize re-exported for callers of this module)
+    assemble, channel_lut, lut_patchify, patchify, torch_rescale_normalize, torch_resize)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -262,7 +263,9 @@ def to_chw_array(image: Any, do_convert_rgb: bool = True, input_data_format: str
     are repeated to 3 and 4-channel arrays composited on white, both like the reference.
     """
     if isinstance(image, Image.Image):
-        arr = np.asarray(to_rgb(image) if do_convert_rgb else image)
+        if do_convert_rgb and not (image.mode == "RGB" and "transparency" not in image.info):
+            image = to_rgb(image)  # (an RGB image without a colour key is already what to_rgb returns)
+        arr = np.asarray(image)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     else:
         if isinstance(image, torch.Tensor):  # numpy has no bfloat16: widen half types first
@@ -299,81 +302,6 @@ def to_chw_array(image: Any, do_convert_rgb: bool = True, input_data_format: str
     return arr
 
 
-def patchify(frames: Any, patch_size: int, merge_size: int, temporal_patch_size: int, *,
-             via_numpy: bool | None = None) -> tuple[Any, tuple[int, int, int]]:
-    """(F, C, H, W) -> ((gt*gh*gw, C*T*p*p), (gt, gh, gw)); F is padded to a multiple of T with the last frame.
-
-    Rows are ordered (t, bh, bw, ih, iw) so each merge_size x merge_size block is contiguous (what the merger
-    and vision RoPE expect); columns are (C, T, y, x), matching the Conv3d patch-embed weight layout.
-    Accepts numpy arrays or torch tensors and returns the same kind. CPU data is permuted with numpy (its
-    strided copy is ~4x faster than torch's for this 9-D permutation); `via_numpy=False` forces torch ops.
-    """
-    f, c, h, w = frames.shape
-    p, m, t = patch_size, merge_size, temporal_patch_size
-    if h % (p * m) or w % (p * m):
-        raise ValueError(f"Image size {h}x{w} is not a multiple of patch_size*merge_size={p * m}; "
-                         "keep do_resize=True or pre-resize the input.")
-    gh, gw, pad = h // p, w // p, -f % t
-    gt = (f + pad) // t
-    is_torch = isinstance(frames, torch.Tensor)
-    use_np = not is_torch or (frames.device.type == "cpu" if via_numpy is None else via_numpy)
-    a = frames.detach().numpy() if is_torch and use_np else frames
-    permute = (lambda x, dims: x.transpose(dims)) if use_np else (lambda x, dims: x.permute(*dims))
-    if f == 1:  # an image: broadcast it over T instead of materialising copies first
-        x = permute(a[0].reshape(c, gh // m, m, p, gw // m, m, p), (1, 4, 2, 5, 0, 3, 6))[:, :, :, :, :, None]
-        shape = (*x.shape[:5], t, p, p)
-        x = np.broadcast_to(x, shape) if use_np else x.expand(shape)
-    else:
-        if pad:
-            tail = np.repeat(a[-1:], pad, 0) if use_np else a[-1:].expand(pad, -1, -1, -1)
-            a = np.concatenate([a, tail]) if use_np else torch.cat([a, tail])
-        x = permute(a.reshape(gt, t, c, gh // m, m, p, gw // m, m, p), (0, 3, 6, 4, 7, 2, 1, 5, 8))
-    out = (np.ascontiguousarray(x) if use_np else x).reshape(gt * gh * gw, c * t * p * p)
-    return (torch.from_numpy(out) if is_torch and use_np else out), (gt, gh, gw)
-
-
-_TORCH_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample ids -> interpolate modes
-
-
-def torch_resize(x: torch.Tensor, height: int, width: int, resample: int = 3) -> torch.Tensor:
-    """Resize (N, C, H, W) like torchvision's `resize(..., antialias=True)`.
-
-    torchvision resizes uint8 bicubic natively on CPU (fixed-point kernel), so we do the same there; on other
-    devices and for other modes it interpolates in float32 and clamps+rounds back to uint8, as torchvision does.
-    """
-    if tuple(x.shape[-2:]) == (height, width):
-        return x
-    mode = _TORCH_MODES.get(int(resample))
-    if mode is None:
-        raise ValueError(f"resample={resample!r} is not supported by the torch backend (use 0, 2 or 3).")
-    aa = mode != "nearest"
-    kwargs = dict(size=(height, width), mode=mode, antialias=aa)
-    if mode != "nearest":
-        kwargs["align_corners"] = False
-    if x.dtype == torch.uint8 and x.device.type == "cpu" and mode == "bicubic":
-        return F.interpolate(x, **kwargs)
-    y = F.interpolate(x.to(torch.float32) if x.dtype != torch.float64 else x, **kwargs)
-    if x.dtype == torch.uint8:
-        return y.clamp_(0, 255).round_().to(torch.uint8)
-    return y.to(x.dtype)
-
-
-def torch_rescale_normalize(x: torch.Tensor, do_rescale: bool, rescale_factor: float, do_normalize: bool,
-                            mean: Any, std: Any) -> torch.Tensor:
-    """Fused rescale+normalize, `(x - mean/f) / (std/f)` in float32, the reference torch backend's arithmetic."""
-    y = x.to(torch.float32)
-    y = y.clone() if y is x else y  # in-place ops below must never touch the caller's tensor
-    if do_normalize:
-        m = torch.tensor(mean, dtype=torch.float32, device=x.device)
-        s = torch.tensor(std, dtype=torch.float32, device=x.device)
-        if m.numel() != y.shape[-3]:
-            raise ValueError(f"image_mean/std have {m.numel()} values but the image has {y.shape[-3]} channels.")
-        if do_rescale:
-            m, s = m * (1.0 / rescale_factor), s * (1.0 / rescale_factor)
-        return y.sub_(m[:, None, None]).div_(s[:, None, None])
-    return y.mul_(rescale_factor) if do_rescale else y
-
-
 def number_of_patches(height: int, width: int, defaults: ProcessorConfigMixin,
                       kwargs: dict | None) -> tuple[int, int]:
     kwargs = kwargs or {}
@@ -392,28 +320,69 @@ class Qwen2VLImageProcessor(ProcessorConfigMixin):
 
     def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
         o = self._options(kwargs)
-        factor = o["patch_size"] * o["merge_size"]
+        if o["device"] is not None and torch.device(o["device"]).type != "cpu":
+            return self._call_on_device(images, o)
+        p, m, t = o["patch_size"], o["merge_size"], o["temporal_patch_size"]
+        items = []  # uint8 (C, h, w) arrays (table path) or finished float patches (float inputs)
+        for image in flatten_images(images, o["media_limits"]):
+            arr = to_chw_array(image, o["do_convert_rgb"], o["input_data_format"])
+            if arr.dtype == np.uint8:
+                items.append(self._resized(arr, o))
+            else:
+                items.append(self._float_patches(torch.from_numpy(np.ascontiguousarray(arr)), o))
+        luts: dict[int, np.ndarray] = {}
+
+        def fill(item: Any, out: np.ndarray | None) -> tuple[Any, tuple]:
+            if isinstance(item, tuple):  # (patches, grid) from the float path
+                if out is not None:
+                    out[...] = item[0].numpy()
+                return item
+            c = item.shape[0]
+            if c not in luts:
+                luts[c] = channel_lut(lambda r: torch_rescale_normalize(
+                    r, o["do_rescale"], o["rescale_factor"], o["do_normalize"], o["image_mean"], o["image_std"]),
+                    c, as_torch=True)
+            return lut_patchify(item[None], luts[c], p, m, t, out=out)
+
+        pixels, grids = assemble(items, fill, p, m, t)
+        data = {"pixel_values": torch.from_numpy(pixels), "image_grid_thw": torch.tensor(grids, dtype=torch.int64)}
+        return BatchFeature(data, tensor_type=o["return_tensors"])
+
+    @staticmethod
+    def _resized(arr: np.ndarray, o: dict) -> np.ndarray:
+        """uint8 (C,H,W) -> resized uint8 (C,h,w); HWC-backed arrays go in channels-last (the kernel's fast path)."""
+        if not o["do_resize"]:
+            return arr
+        factor, size = o["patch_size"] * o["merge_size"], o["size"]
+        h, w = smart_resize(arr.shape[1], arr.shape[2], factor, size["shortest_edge"], size["longest_edge"])
+        if (h, w) == arr.shape[1:]:
+            return arr
+        x = torch.from_numpy(arr if arr.flags.writeable else arr.copy(order="K"))  # torch wants writable memory
+        return torch_resize(x[None], h, w, o["resample"])[0].numpy()
+
+    def _float_patches(self, x: torch.Tensor, o: dict) -> tuple[torch.Tensor, tuple]:
+        """Generic path: resize, float rescale/normalize, patchify (float inputs, other devices)."""
+        if x.is_floating_point() and o["do_rescale"] and x.numel() and x.max() <= 1:
+            warnings.warn("Float image already in [0, 1] is being rescaled by rescale_factor again; pass "
+                          "do_rescale=False for such inputs.", stacklevel=3)
+        if o["do_resize"]:
+            size, factor = o["size"], o["patch_size"] * o["merge_size"]
+            h, w = smart_resize(x.shape[1], x.shape[2], factor, size["shortest_edge"], size["longest_edge"])
+            x = torch_resize(x[None], h, w, o["resample"])[0]
+        x = torch_rescale_normalize(x, o["do_rescale"], o["rescale_factor"], o["do_normalize"],
+                                    o["image_mean"], o["image_std"])
+        return patchify(x[None], o["patch_size"], o["merge_size"], o["temporal_patch_size"])
+
+    def _call_on_device(self, images: Any, o: dict) -> BatchFeature:
         all_patches, grids = [], []
         for image in flatten_images(images, o["media_limits"]):
             arr = to_chw_array(image, o["do_convert_rgb"], o["input_data_format"])
-            x = torch.from_numpy(np.ascontiguousarray(arr))
-            if o["device"] is not None:
-                x = x.to(o["device"])
-            if x.is_floating_point() and o["do_rescale"] and x.numel() and x.max() <= 1:
-                warnings.warn("Float image already in [0, 1] is being rescaled by rescale_factor again; pass "
-                              "do_rescale=False for such inputs.", stacklevel=2)
-            if o["do_resize"]:
-                size = o["size"]
-                h, w = smart_resize(x.shape[1], x.shape[2], factor, size["shortest_edge"], size["longest_edge"])
-                x = torch_resize(x[None], h, w, o["resample"])[0]
-            x = torch_rescale_normalize(x, o["do_rescale"], o["rescale_factor"], o["do_normalize"],
-                                        o["image_mean"], o["image_std"])
-            patches, grid = patchify(x[None], o["patch_size"], o["merge_size"], o["temporal_patch_size"])
+            patches, grid = self._float_patches(torch.from_numpy(np.ascontiguousarray(arr)).to(o["device"]), o)
             all_patches.append(patches)
             grids.append(grid)
         if not all_patches:
             raise ValueError("No images given (empty list).")
-        pixels = all_patches[0] if len(all_patches) == 1 else torch.cat(all_patches, 0)  # no copy for one image
+        pixels = all_patches[0] if len(all_patches) == 1 else torch.cat(all_patches, 0)
         data = {"pixel_values": pixels, "image_grid_thw": torch.tensor(grids, dtype=torch.int64)}
         return BatchFeature(data, tensor_type=o["return_tensors"])
 

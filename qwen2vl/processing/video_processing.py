@@ -20,16 +20,8 @@ import torch
 from PIL import Image
 
 from .batch_feature import BatchFeature
-from .image_processing import (
-    ProcessorConfigMixin,
-    _channels_first,
-    patchify,
-    resolve_config_file,
-    smart_resize,
-    to_chw_array,
-    torch_rescale_normalize,
-    torch_resize,
-)
+from .image_processing import ProcessorConfigMixin, _channels_first, resolve_config_file, smart_resize, to_chw_array
+from .patchify import channel_lut, lut_patchify, patchify, torch_rescale_normalize, torch_resize
 from .media import MediaLimits, VideoMetadata, is_image_source_string, load_image, load_video
 
 
@@ -171,16 +163,23 @@ class Qwen2VLVideoProcessor(ProcessorConfigMixin):
             if isinstance(entry, tuple):  # (frames, VideoMetadata) as returned by media.load_video
                 entry, meta = entry[0], meta or entry[1]
             frames, meta = self._decode(entry, meta, indices_for, o)
-            x = torch.from_numpy(np.ascontiguousarray(np.stack(frames)))
+            # (F, H, W, C) stack, seen as a channels-last (F, C, H, W) tensor: one memcpy-like copy of HWC frames
+            # and the resize kernel's fastest layout.
+            x = torch.from_numpy(np.stack([f.transpose(1, 2, 0) for f in frames])).permute(0, 3, 1, 2)
             if o["device"] is not None:
                 x = x.to(o["device"])
             if o["do_resize"]:
                 h, w = smart_resize(x.shape[2], x.shape[3], o["patch_size"] * o["merge_size"],
                                     o["size"]["shortest_edge"], self._max_pixels(o, x.shape[0]))
                 x = torch_resize(x, h, w, o["resample"])
-            x = torch_rescale_normalize(x, o["do_rescale"], o["rescale_factor"], o["do_normalize"],
-                                        o["image_mean"], o["image_std"])
-            patches, grid = patchify(x, o["patch_size"], o["merge_size"], T)
+            normalize = lambda v: torch_rescale_normalize(  # noqa: E731
+                v, o["do_rescale"], o["rescale_factor"], o["do_normalize"], o["image_mean"], o["image_std"])
+            if x.dtype == torch.uint8 and x.device.type == "cpu":  # table path: bit-identical, no float copy
+                patches, grid = lut_patchify(x.numpy(), channel_lut(normalize, x.shape[1], as_torch=True),
+                                             o["patch_size"], o["merge_size"], T)
+                patches = torch.from_numpy(patches)
+            else:
+                patches, grid = patchify(normalize(x), o["patch_size"], o["merge_size"], T)
             all_patches.append(patches)
             grids.append(grid)
             out_meta.append(meta)
