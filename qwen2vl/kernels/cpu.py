@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-_SRC = Path(__file__).with_name("cpu_gemv.c")
+_SRCS = [Path(__file__).with_name(n) for n in ("cpu_gemv.c", "cpu_attention.c")]
 _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-shared", "-fPIC"]
 MAX_ROWS = 4  # the kernel handles up to 8 rows, but torch's matmul is faster from 5 rows on
 _lock = threading.Lock()
@@ -50,13 +50,13 @@ def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None or not _cpu_has_avx512f():
         return None
-    digest = hashlib.sha256(_SRC.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS) + " ".join(_FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_gemv-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            proc = subprocess.run([cc, *_FLAGS, "-o", str(out), str(_SRC)], capture_output=True, text=True)
+            proc = subprocess.run([cc, *_FLAGS, "-o", str(out), *map(str, _SRCS)], capture_output=True, text=True)
             if proc.returncode != 0:
                 log.warning("qwen2vl: CPU kernels not built (%s); using torch matmuls", proc.stderr.strip()[:300])
                 return None
@@ -66,6 +66,8 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.attention_f32.restype = ctypes.c_int
+    lib.attention_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return lib
 
 
@@ -134,3 +136,22 @@ class Linear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Non-causal attention over one segment. q/k/v (S, H, D) → (S, H, D) in q's dtype, or None when the
+    kernel cannot run (then the caller uses SDPA)."""
+    s, h, d = q.shape
+    if q.device.type != "cpu" or d % 16 or d > 128 or s < 256 or library() is None:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    qf = (q.float() * scale).transpose(0, 1).contiguous()
+    kf = k.float().transpose(0, 1).contiguous()
+    vf = v.float().transpose(0, 1).contiguous()
+    out = torch.empty_like(qf)
+    rc = library().attention_f32(qf.data_ptr(), kf.data_ptr(), vf.data_ptr(), out.data_ptr(), h, s, d,
+                                 torch.get_num_threads())
+    if rc != 0:
+        return None
+    return out.transpose(0, 1).to(q.dtype)
