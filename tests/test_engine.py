@@ -27,15 +27,16 @@ def scaled(model, factor: float = 10.0):
     return model
 
 
-def build_model_dir(path: str, seed: int = 0) -> dict:
-    """A tiny random Qwen2-VL checkpoint + demo tokenizer + processor config in `path` (vocab 428 → 448 rows)."""
+def build_model_dir(path: str, seed: int = 0, intermediate_size: int = 37) -> dict:
+    """A tiny random Qwen2-VL checkpoint + demo tokenizer + processor config in `path` (vocab 428 → 448 rows).
+    intermediate_size 36 makes it splittable over 2 tensor-parallel ranks."""
     from qwen2vl.configuration import Qwen2VLConfig
     from qwen2vl.demo.build_tokenizer import save_demo_tokenizer
     from qwen2vl.model import Qwen2VLForConditionalGeneration
 
     ids = save_demo_tokenizer(path)
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=ids["model_vocab_size"], hidden_size=32, intermediate_size=37,
+        text_config=dict(vocab_size=ids["model_vocab_size"], hidden_size=32, intermediate_size=intermediate_size,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
                          rope_theta=10000.0, max_position_embeddings=1024,
                          rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, tie_word_embeddings=True,

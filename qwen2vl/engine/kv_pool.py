@@ -2,7 +2,12 @@
 
 Rows [0, num_active) are in use and kept compacted, so a decode step runs on the zero-copy view
 `cache.rows(0, n)`. Each row holds up to `max_model_len` tokens (prompt + output). The number of rows comes from
-`max_num_seqs`, capped by `kv_cache_memory` bytes when given.
+`max_num_seqs`, capped by `kv_cache_memory` bytes when given (under tensor parallelism: bytes per rank).
+
+`KVPool` is the row bookkeeping (allocation, compaction); the physical cache lives in a *store* with
+`reset_rows(rows)`, `move_rows([(src, dst), ...])` and `.cache`: a local `KVCache` wrapper by default, the
+engine's `ModelWorker` (which owns the cache its forwards use), or under tensor parallelism a proxy that
+mirrors every row operation on all ranks (`qwen2vl.engine.runner`).
 """
 from __future__ import annotations
 
@@ -29,13 +34,31 @@ def parse_memory(value) -> int | None:
 
 
 def kv_bytes_per_token(text_config, dtype: torch.dtype) -> int:
+    """K + V bytes per token on this rank (a tensor-parallel rank caches num_key_value_heads / tp_world_size)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * text_config.num_hidden_layers * text_config.num_key_value_heads * text_config.head_dim * elem
+    kv_heads = text_config.num_key_value_heads // getattr(text_config, "tp_world_size", 1)
+    return 2 * text_config.num_hidden_layers * kv_heads * text_config.head_dim * elem
+
+
+class LocalStore:
+    """A `KVCache` in this process, as a pool store."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+
+    def reset_rows(self, rows: list[int]) -> None:
+        self.cache.reset_rows(rows)
+
+    def move_rows(self, moves: list[tuple[int, int]]) -> None:
+        for src, dst in moves:
+            self.cache.move_row(src, dst)
 
 
 class KVPool:
     def __init__(self, text_config, *, max_num_seqs: int, max_model_len: int, dtype: torch.dtype,
-                 device: torch.device | str, kv_cache_memory=None):
+                 device: torch.device | str = "cpu", kv_cache_memory=None, make_store=None):
+        """`make_store(max_num_seqs, max_model_len)` builds the store once the row count is known (default: a
+        local KVCache on `device`)."""
         if max_num_seqs < 1 or max_model_len < 2:
             raise ValueError(f"max_num_seqs must be >= 1 and max_model_len >= 2, got {max_num_seqs}, {max_model_len}")
         budget = parse_memory(kv_cache_memory)
@@ -49,8 +72,14 @@ class KVPool:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.bytes = per_row * max_num_seqs
-        self.cache = KVCache.from_config(text_config, max_num_seqs, max_model_len, dtype, device)
+        self.store = (make_store(max_num_seqs, max_model_len) if make_store is not None else
+                      LocalStore(KVCache.from_config(text_config, max_num_seqs, max_model_len, dtype, device)))
         self.num_active = 0
+
+    @property
+    def cache(self) -> KVCache:
+        """This process's cache (rank 0's under tensor parallelism): read it, change it only through the pool."""
+        return self.store.cache
 
     @property
     def num_free(self) -> int:
@@ -62,11 +91,16 @@ class KVPool:
             raise RuntimeError(f"KV pool has {self.num_free} free rows, {k} requested")
         start = self.num_active
         self.num_active += k
-        self.cache.reset_rows(list(range(start, start + k)))
+        self.store.reset_rows(list(range(start, start + k)))
         return start
 
     def copy_row(self, src: int, dst: int) -> None:
-        self.cache.move_row(src, dst)  # copies; src stays valid
+        self.copy_rows([(src, dst)])
+
+    def copy_rows(self, moves: list[tuple[int, int]]) -> None:
+        """Copy row src into dst for each (src, dst); src stays valid."""
+        if moves:
+            self.store.move_rows(moves)
 
     def view(self, start: int, end: int) -> KVCache:
         return self.cache.rows(start, end)
@@ -81,8 +115,10 @@ class KVPool:
         holes = sorted(r for r in freed if r < new_n)
         movers = sorted((s for s in keep if s.row >= new_n), key=lambda s: s.row)
         assert len(holes) == len(movers), (holes, [s.row for s in movers])
+        moves = []
         for dst, s in zip(holes, movers):
-            self.cache.move_row(s.row, dst)
+            moves.append((s.row, dst))
             s.row = dst
-        self.cache.reset_rows(list(range(new_n, self.num_active)))
+        self.copy_rows(moves)
+        self.store.reset_rows(list(range(new_n, self.num_active)))
         self.num_active = new_n

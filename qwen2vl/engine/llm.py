@@ -3,11 +3,18 @@
 Prompts are conversations (lists of messages, images/videos in content blocks), strings (raw prompts),
 or dicts (see `qwen2vl.engine.inputs`). All requests go through the continuous-batching engine; outputs come
 back in input order.
+
+`LLM(path, tensor_parallel_size=N)`: this process becomes rank 0 of N tensor-parallel ranks (N-1 spawned
+workers; gloo on the CPU, NCCL with one GPU per rank); the engine runs here and mirrors every model call on all
+ranks. `llm.shutdown()` (or `with LLM(...) as llm:`, or interpreter exit) stops the workers.
 """
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Sequence
+
+import torch
 
 from .inputs import _is_conversation
 from .llm_engine import EngineConfig, LLMEngine, load_model
@@ -24,15 +31,44 @@ def load_processor(model_or_path):
 
 class LLM:
     def __init__(self, model: Any = "qwen2vl-demo", *, processor: Any = None, dtype: Any = None,
-                 device: Any = None, attn_implementation: str | None = None, **engine_kwargs):
+                 device: Any = None, attn_implementation: str | None = None, tensor_parallel_size: int = 1,
+                 tp_num_threads: int | None = None, **engine_kwargs):
         """`model`: a path, hub id, 'qwen2vl-demo' or a loaded `Qwen2VLForConditionalGeneration`.
         `processor`: defaults to the one saved with the model (None for a model instance: token-id prompts only).
+        `tensor_parallel_size`: ranks to shard the model over (needs a path; `device` 'cpu' forces gloo, 'cuda'
+        NCCL); `tp_num_threads`: torch threads per rank.
         `engine_kwargs`: `EngineConfig` fields (max_num_seqs, max_model_len, kv_cache_memory, ...)."""
-        self.model = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
-        if processor is None and isinstance(model, (str, os.PathLike)):
-            processor = load_processor(model)
-        self.processor = processor
-        self.engine = LLMEngine(self.model, processor, EngineConfig(**engine_kwargs))
+        config = EngineConfig(**engine_kwargs)
+        self._tp = None
+        tp_runner = None
+        if tensor_parallel_size != 1:
+            self._tp = start_tp(model, tensor_parallel_size, dtype=dtype, device=device,
+                                attn_implementation=attn_implementation, num_threads=tp_num_threads)
+            self._finalizer = weakref.finalize(self, self._tp.shutdown)
+            tp_runner = self._tp.runner
+            self.model = tp_runner.model
+        else:
+            self.model = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        try:
+            if processor is None and isinstance(model, (str, os.PathLike)):
+                processor = load_processor(model)
+            self.processor = processor
+            self.engine = LLMEngine(self.model, processor, config, tp_runner=tp_runner)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (no-op for a single-process LLM)."""
+        if self._tp is not None:
+            self._finalizer()
+            self._tp = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -85,3 +121,25 @@ class LLM:
         """`messages`: one conversation or a list of conversations."""
         convs = [messages] if _is_conversation(messages) else list(messages)
         return self.generate([{"messages": c} for c in convs], sampling_params, use_tqdm=use_tqdm)
+
+
+def start_tp(model, tp_size: int, *, dtype=None, device=None, attn_implementation=None, num_threads=None):
+    """Start `tp_size` tensor-parallel ranks for the checkpoint `model` (a path / hub id / 'qwen2vl-demo');
+    returns the `qwen2vl.parallel.TPGroup` (this process is rank 0)."""
+    from ..parallel import start_tensor_parallel
+
+    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp_size!r}")
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError("tensor_parallel_size > 1 needs the model as a path / hub id (every rank loads its own "
+                         "shards), not a loaded model instance.")
+    kind = None if device is None else str(device).split(":")[0]
+    if kind not in (None, "cpu", "cuda"):
+        raise ValueError(f"tensor parallelism runs on the CPU (gloo) or CUDA (NCCL), not device={device!r}")
+    if num_threads is None and (kind == "cpu" or (kind is None and not torch.cuda.is_available())):
+        num_threads = max(1, torch.get_num_threads() // tp_size)   # the ranks share this machine's cores
+    load = {"dtype": dtype or "auto"}
+    if attn_implementation:
+        load["attn_implementation"] = attn_implementation
+    return start_tensor_parallel(model, tp_size, num_threads=num_threads,
+                                 backend={"cpu": "gloo", "cuda": "nccl"}.get(kind), **load)

@@ -7,6 +7,10 @@ One `step()`:
 3. finished sequences free their rows at once; the running rows are compacted.
 It returns a `RequestOutput` (with deltas) for every request that produced tokens or finished.
 Not thread-safe: `AsyncEngine` drives it from a single background thread.
+
+Tensor parallelism: `LLMEngine(runner.model, processor, config, tp_runner=runner)` on rank 0 of a
+`qwen2vl.parallel` group; scheduling, sampling and detokenizing stay on rank 0, every forward and KV-row
+operation is mirrored on all ranks (`runner.TPWorker`).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch
 
 from .inputs import InputProcessor, ProcessedPrompt
 from .kv_pool import KVPool
-from .runner import ModelRunner
+from .runner import ModelRunner, make_worker
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -63,15 +67,20 @@ def default_eos_ids(model, tokenizer) -> list[int]:
 
 
 class LLMEngine:
-    def __init__(self, model, processor=None, config: EngineConfig | None = None, **kwargs):
+    def __init__(self, model, processor=None, config: EngineConfig | None = None, *, tp_runner=None, **kwargs):
+        """`tp_runner`: a `qwen2vl.parallel.TPRunner` (rank 0) whose model is `model`: run under tensor parallelism."""
         config = config or EngineConfig(**kwargs)
         self.config = config
+        if tp_runner is not None and tp_runner.model is not model:
+            raise ValueError("tp_runner.model must be the model given to the engine")
         self.model = model.eval()
+        self.tp_runner = tp_runner
         tc = model.config.text_config
         self.max_model_len = int(config.max_model_len or min(tc.max_position_embeddings, 8192))
         self.pool = KVPool(tc, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                           dtype=model.dtype, device=model.device, kv_cache_memory=config.kv_cache_memory)
-        self.runner = ModelRunner(model, self.pool)
+                           dtype=model.dtype, device=model.device, kv_cache_memory=config.kv_cache_memory,
+                           make_store=lambda rows, length: make_worker(model, rows, length, tp_runner))
+        self.runner = ModelRunner(self.pool.store, model)
         self.scheduler = Scheduler(self.pool, max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_queue=config.max_queue)
         self.inputs = InputProcessor(processor, model.config)
@@ -166,8 +175,7 @@ class LLMEngine:
             sched.running.extend(req.seqs)
             try:
                 logits = self.runner.prefill(req, row)
-                for i in range(1, req.params.n):
-                    pool.copy_row(row, row + i)
+                pool.copy_rows([(row, row + i) for i in range(1, req.params.n)])
                 tokens = sample(logits[None].expand(req.params.n, -1), req.seqs)
             except Exception as e:  # bad inputs for this request only (e.g. vision/token mismatch)
                 outputs.append(self._fail(req, e))

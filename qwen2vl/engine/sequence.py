@@ -49,6 +49,11 @@ class MultiModalInputs:
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
 
+    def tensors(self) -> dict:
+        """The vision tensors that are set, as forward keyword arguments (on the CPU, as processed)."""
+        return {name: getattr(self, name) for name in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                                       "video_grid_thw") if getattr(self, name) is not None}
+
     def as_kwargs(self, device, dtype) -> dict:
         out = {}
         for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):

@@ -7,8 +7,12 @@ group) and then runs it locally; each worker runs the same call on its own shard
 
 * `launch(fn, tp_size, args)`: spawn `tp_size` processes (torch.multiprocessing, spawn) with torchrun's env
   (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) running `fn(*args)`; returns rank 0's result.
-* `serve_tensor_parallel(model_path, tp_size, serve, **load_kwargs)`: this process becomes rank 0, tp_size-1
-  workers are spawned; loads the model everywhere and returns `serve(runner)` (called on rank 0 only).
+* `serve_tensor_parallel(model_path, tp_size, serve, **load_kwargs)` (in `.serving`, re-exported): this
+  process becomes rank 0, tp_size-1 workers are spawned; loads the model everywhere and returns
+  `serve(runner)` (called on rank 0 only).
+* `start_tensor_parallel(model_path, tp_size, **load_kwargs) -> TPGroup` (`.serving`): the same without the
+  callback (`group.runner`, `group.shutdown()`), for long-lived owners such as `LLM(..., tensor_parallel_size=N)`
+  and `qwen2vl serve --tensor-parallel-size N`. Workers ignore SIGINT and exit if rank 0's process disappears.
 * `tp_main(model_path, serve, **load_kwargs)`: the same under torchrun (`torchrun --nproc-per-node N app.py`):
   rank 0 calls `serve(runner)`, the other ranks run the worker loop.
 
@@ -258,17 +262,6 @@ def _load(model_path, load_kwargs: dict, tp_size: int | None):
     return Qwen2VLForConditionalGeneration.from_pretrained(model_path, tp_size=tp_size, **kwargs)
 
 
-def _serve_worker(rank, world, port, num_threads, model_path, load_kwargs):
-    _set_env(rank, world, port)
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    try:
-        worker_loop(_load(model_path, load_kwargs, world))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def tp_main(model_path, serve, **load_kwargs):
     """Under torchrun: load on every rank; rank 0 returns `serve(runner)`, other ranks return None when rank 0
     shuts the runner down."""
@@ -283,30 +276,5 @@ def tp_main(model_path, serve, **load_kwargs):
         runner.shutdown()
 
 
-def serve_tensor_parallel(model_path, tp_size: int, serve, *, num_threads: int | None = None,
-                          master_port: int | None = None, **load_kwargs):
-    """`qwen2vl serve --tensor-parallel-size N`: this process is rank 0 (it runs `serve(runner)`, e.g. the
-    HTTP server, whose model calls go through `runner`); N-1 worker processes are spawned and stopped at the
-    end. On CUDA rank r uses cuda:r."""
-    import torch.multiprocessing as mp
-
-    port = master_port or free_port()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_serve_worker, args=(r, tp_size, port, num_threads, model_path, load_kwargs),
-                         daemon=True) for r in range(1, tp_size)]
-    for p in procs:
-        p.start()
-    _set_env(0, tp_size, port)
-    runner = None
-    try:
-        runner = TPRunner(_load(model_path, load_kwargs, tp_size))
-        return serve(runner)
-    finally:
-        if runner is not None:
-            runner.shutdown()
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.terminate()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+# `serve_tensor_parallel` / `start_tensor_parallel` / `TPGroup` live in .serving (re-exported here).
+from .serving import TPGroup, serve_tensor_parallel, start_tensor_parallel  # noqa: E402,F401

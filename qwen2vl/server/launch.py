@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import threading
 
 from ..engine import AsyncEngine, EngineConfig, LLMEngine
@@ -27,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cpu, or from the loader)")
     p.add_argument("--attn-implementation", default=None, help="sdpa | eager | flash_attention_2")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N ranks started by this command (N-1 worker processes; gloo on "
+                        "the CPU, NCCL with one GPU per rank: cuda:0..N-1); this process serves as rank 0")
+    p.add_argument("--tp-num-threads", type=int, default=None,
+                   help="torch threads per tensor-parallel rank (default on the CPU: cores / N)")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (KV rows)")
     g.add_argument("--max-model-len", type=int, default=None,
@@ -67,18 +73,22 @@ def default_sampling(model) -> dict:
     return out
 
 
-def build_engine(args, model=None, processor=None) -> AsyncEngine:
-    """Load the model + processor named by `args.model` (unless given) and wrap them in an `AsyncEngine`."""
+def build_engine(args, model=None, processor=None, tp_runner=None) -> AsyncEngine:
+    """Load the model + processor named by `args.model` (unless given) and wrap them in an `AsyncEngine`.
+    With `tp_runner` (rank 0 of a `qwen2vl.parallel` group) the engine runs on its model, every model call
+    mirrored on all ranks."""
     from ..engine.llm import load_processor
     from ..engine.llm_engine import load_model
 
+    if tp_runner is not None:
+        model = tp_runner.model
     model = model if model is not None else load_model(args.model, dtype=args.dtype, device=args.device,
                                                         attn_implementation=args.attn_implementation)
     processor = processor if processor is not None else load_processor(args.model)
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_queue=args.max_queue)
-    return AsyncEngine(LLMEngine(model, processor, cfg))
+    return AsyncEngine(LLMEngine(model, processor, cfg, tp_runner=tp_runner))
 
 
 def settings_from(args, engine: AsyncEngine | None = None) -> ServerSettings:
@@ -105,15 +115,68 @@ def run(args) -> int:
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise SystemExit(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a directory")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    engine = build_engine(args)
+    tp = getattr(args, "tensor_parallel_size", 1)
+    if tp < 1:
+        raise SystemExit(f"--tensor-parallel-size must be >= 1, got {tp}")
+    if tp == 1:
+        return _serve(args, build_engine(args))
+    from ..engine.llm import start_tp
+
+    logger.info("starting %d tensor-parallel ranks for %s", tp, args.model)
+    try:
+        group = start_tp(args.model, tp, dtype=args.dtype, device=args.device,
+                         attn_implementation=args.attn_implementation, num_threads=args.tp_num_threads)
+    except ValueError as e:   # sizes that do not split over N ranks, a bad device
+        raise SystemExit(f"--tensor-parallel-size {tp}: {e}") from None
+    try:   # this process is rank 0: the HTTP server + engine; model calls are mirrored on every rank
+        return _serve(args, build_engine(args, tp_runner=group.runner), group)
+    finally:
+        group.shutdown()
+        logger.info("tensor-parallel workers stopped")
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signum)
+
+
+def _watch_workers(group, server, stop: threading.Event, failed: list) -> None:
+    """A tensor-parallel worker that dies leaves rank 0 unable to run the model: stop serving (exit code 1)."""
+    while not stop.wait(0.5):
+        dead = [(r + 1, p.exitcode) for r, p in enumerate(group.procs) if p.exitcode is not None]
+        if dead:
+            logger.error("tensor-parallel worker rank(s) exited (rank, exit code): %s; stopping the server", dead)
+            failed.append(dead)
+            server.should_exit = True
+            return
+
+
+def _serve(args, engine: AsyncEngine, group=None) -> int:
+    """Run uvicorn until SIGINT / SIGTERM. uvicorn shuts down gracefully, then re-raises the signal it caught:
+    turn that into a normal return (exit code 0) so the engine and any tensor-parallel workers are stopped by
+    the callers' `finally` blocks instead of the process dying on the spot (SIGTERM's default action)."""
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_stopped) if main else None
+    stop, failed = threading.Event(), []
     try:
         app = create_app(engine, settings_from(args, engine))
         server = make_uvicorn_server(app, args.host, args.port, args.log_level)
+        if group is not None:
+            threading.Thread(target=_watch_workers, args=(group, server, stop, failed), daemon=True,
+                             name="qwen2vl-tp-watch").start()
         logger.info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
         server.run()
+    except (KeyboardInterrupt, _Stopped):
+        logger.info("server stopped by a signal")
     finally:
+        stop.set()
+        if main:
+            signal.signal(signal.SIGTERM, old)
         engine.shutdown()
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:
