@@ -66,8 +66,9 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.attention_f32.restype = ctypes.c_int
-    lib.attention_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.vision_attention.restype = ctypes.c_int
+    lib.vision_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 +
+                                     [ctypes.c_float, ctypes.c_int, ctypes.c_int])
     return lib
 
 
@@ -138,20 +139,48 @@ class Linear(torch.nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """Non-causal attention over one segment. q/k/v (S, H, D) → (S, H, D) in q's dtype, or None when the
-    kernel cannot run (then the caller uses SDPA)."""
-    s, h, d = q.shape
-    if q.device.type != "cpu" or d % 16 or d > 128 or s < 256 or library() is None:
+
+def _cpu_has_avx512bf16() -> bool:
+    try:
+        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+_HAS_BF16 = None
+
+
+def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, scale: float,
+                     cu_seqlens: list[int]) -> torch.Tensor | None:
+    """Fused 2-D rotary + block-diagonal attention of the vision tower.
+
+    qkv (N, 3*H*D) raw projection output (bf16 or fp32), cos/sin (N, D) fp32, cu_seqlens segment offsets.
+    Returns (N, H*D) in qkv's dtype, or None when the kernel cannot run (the caller then uses SDPA).
+    """
+    global _HAS_BF16
+    n = qkv.shape[0]
+    d = qkv.shape[1] // (3 * num_heads)
+    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or d % 16 or d > 128:
         return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if torch.is_grad_enabled() and qkv.requires_grad:
         return None
-    qf = (q.float() * scale).transpose(0, 1).contiguous()
-    kf = k.float().transpose(0, 1).contiguous()
-    vf = v.float().transpose(0, 1).contiguous()
-    out = torch.empty_like(qf)
-    rc = library().attention_f32(qf.data_ptr(), kf.data_ptr(), vf.data_ptr(), out.data_ptr(), h, s, d,
-                                 torch.get_num_threads())
-    if rc != 0:
+    if library() is None:
         return None
-    return out.transpose(0, 1).to(q.dtype)
+    is_bf16 = qkv.dtype == torch.bfloat16
+    if is_bf16:
+        if _HAS_BF16 is None:
+            _HAS_BF16 = _cpu_has_avx512bf16()
+        if not _HAS_BF16:
+            return None
+    qkv = qkv.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    out = torch.empty(n, num_heads * d, dtype=qkv.dtype)
+    row_q, row_o = qkv.shape[1] * qkv.element_size(), out.shape[1] * out.element_size()
+    for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        rc = library().vision_attention(qkv.data_ptr() + a * row_q, cos.data_ptr() + a * d * 4,
+                                        sin.data_ptr() + a * d * 4, out.data_ptr() + a * row_o,
+                                        b - a, num_heads, d, ctypes.c_float(scale), int(is_bf16),
+                                        torch.get_num_threads())
+        if rc != 0:
+            return None
+    return out

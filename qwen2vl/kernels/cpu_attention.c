@@ -1,10 +1,12 @@
-/* Non-causal flash attention for the vision tower on CPU (AVX512F, fp32 math, online softmax).
+/* Vision-tower attention on CPU: fused 2-D rotary + non-causal flash attention (online softmax), AVX512.
  *
- * q, k, v: (H, N, D) float32 contiguous, q already multiplied by the softmax scale; out: (H, N, D) float32.
- * One thread per head (OpenMP). Per head, K is transposed into (D, N) so that 16 keys' scores are one vector;
- * queries go in blocks of 4 (16 score accumulators), keys in blocks of 64 (a block of K^T and V stays in L1).
- * PyTorch's CPU flash kernel without AMX runs this at a fraction of its matmul throughput; the vision tower's
- * time on large images is mostly this attention.
+ * Input is the raw qkv projection of one segment, (S, 3, H, D) row-major (bf16 or fp32), with the rotary
+ * tables cos/sin (S, D) fp32; output (S, H, D) in the input dtype, ready for the output projection. One
+ * OpenMP thread per head. Per head, q/k get the rotary in fp32 and are rounded to the input dtype (as the
+ * reference does before its attention call); K is packed transposed so 16 keys' scores form one vector.
+ * bf16 inputs use AVX512-BF16 dot products (pairs of bf16, fp32 accumulation) for Q·Kᵀ and P·V, with P
+ * rounded to bf16 like PyTorch's bf16 attention kernels; fp32 inputs use fp32 FMAs throughout.
+ * Queries go in blocks of QB (QB x 64 score accumulators), keys in blocks of KB = 64.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -14,6 +16,23 @@
 
 #define QB 4
 #define KB 64
+#define MAXD 128
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 /* exp(x) for x <= 0 (scores minus the running max): 2^n * p(r), |rel err| < 2e-7. */
 static inline __m512 exp_nonpos(__m512 x) {
@@ -32,16 +51,81 @@ static inline __m512 exp_nonpos(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* One head. kt: (D, Np) scratch with Np = N rounded up to KB, padded keys masked out. */
-static void head_attention(const float *q, const float *k, const float *v, float *out, int64_t N, int64_t D,
-                           float *kt, int64_t Np) {
+/* Rotary-embedded, dtype-rounded row of q or k (which = 0 or 1) for token n, head h, into dst[D] (fp32). */
+static void rotated_row(const void *qkv, int bf16, int64_t n, int which, int64_t h, int64_t H, int64_t D,
+                        const float *cos, const float *sin, float *dst) {
+    float src[MAXD];
+    int64_t off = ((n * 3 + which) * H + h) * D;
     for (int64_t d = 0; d < D; d++)
-        for (int64_t j = 0; j < Np; j++) kt[d * Np + j] = j < N ? k[j * D + d] : 0.0f;
-    const int64_t DV = D / 16;  /* D is a multiple of 16 */
-    for (int64_t i0 = 0; i0 < N; i0 += QB) {
-        int64_t nq = N - i0 < QB ? N - i0 : QB;
-        float m[QB], l[QB];
-        __m512 acc[QB][8];  /* D <= 128 */
+        src[d] = bf16 ? bf16_to_f32(((const uint16_t *)qkv)[off + d]) : ((const float *)qkv)[off + d];
+    int64_t half = D / 2;
+    for (int64_t d = 0; d < D; d++) {
+        float rot = d < half ? -src[d + half] : src[d - half];
+        float val = src[d] * cos[n * D + d] + rot * sin[n * D + d];
+        dst[d] = bf16 ? round_bf16(val) : val;
+    }
+}
+
+static float v_at(const void *qkv, int bf16, int64_t n, int64_t h, int64_t H, int64_t D, int64_t d) {
+    int64_t off = ((n * 3 + 2) * H + h) * D + d;
+    return bf16 ? bf16_to_f32(((const uint16_t *)qkv)[off]) : ((const float *)qkv)[off];
+}
+
+/* Online-softmax update of QB query rows given their raw scores s (already scaled); returns probabilities in
+ * s and the factor to rescale the running output with. */
+static inline void softmax_update(__m512 s[QB][KB / 16], int nq, int64_t valid, float *m, float *l,
+                                  float *corr) {
+    for (int i = 0; i < nq; i++) {
+        for (int c = 0; c < KB / 16; c++) {
+            int64_t base = c * 16;
+            if (base >= valid) {
+                s[i][c] = _mm512_set1_ps(-INFINITY);
+            } else if (base + 16 > valid) {
+                __mmask16 keep = (__mmask16)((1u << (valid - base)) - 1u);
+                s[i][c] = _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), s[i][c]);
+            }
+        }
+        __m512 mx = _mm512_max_ps(_mm512_max_ps(s[i][0], s[i][1]), _mm512_max_ps(s[i][2], s[i][3]));
+        float bm = _mm512_reduce_max_ps(mx);
+        float nm = bm > m[i] ? bm : m[i];
+        corr[i] = expf(m[i] - nm);
+        m[i] = nm;
+        __m512 nmv = _mm512_set1_ps(nm), sum = _mm512_setzero_ps();
+        for (int c = 0; c < KB / 16; c++) {
+            s[i][c] = exp_nonpos(_mm512_sub_ps(s[i][c], nmv));
+            sum = _mm512_add_ps(sum, s[i][c]);
+        }
+        l[i] = l[i] * corr[i] + _mm512_reduce_add_ps(sum);
+    }
+}
+
+static void store_row(void *out, int bf16, int64_t n, int64_t h, int64_t H, int64_t D, __m512 *acc, float inv) {
+    float tmp[MAXD];
+    for (int64_t c = 0; c < D / 16; c++) _mm512_storeu_ps(tmp + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+    int64_t off = (n * H + h) * D;
+    for (int64_t d = 0; d < D; d++) {
+        if (bf16) ((uint16_t *)out)[off + d] = f32_to_bf16(tmp[d]);
+        else ((float *)out)[off + d] = tmp[d];
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- fp32 path */
+static void head_f32(const void *qkv, const float *cos, const float *sin, void *out, int64_t S, int64_t H,
+                     int64_t h, int64_t D, float scale, float *kt, float *vv, float *qq, int64_t Np) {
+    float row[MAXD];
+    for (int64_t n = 0; n < Np; n++) {
+        if (n < S) rotated_row(qkv, 0, n, 1, h, H, D, cos, sin, row);
+        for (int64_t d = 0; d < D; d++) {
+            kt[d * Np + n] = n < S ? row[d] : 0.0f;
+            vv[n * D + d] = n < S ? v_at(qkv, 0, n, h, H, D, d) : 0.0f;
+        }
+    }
+    for (int64_t n = 0; n < S; n++) rotated_row(qkv, 0, n, 0, h, H, D, cos, sin, qq + n * D);
+    const int64_t DV = D / 16;
+    for (int64_t i0 = 0; i0 < S; i0 += QB) {
+        int nq = (int)(S - i0 < QB ? S - i0 : QB);
+        float m[QB], l[QB], corr[QB];
+        __m512 acc[QB][MAXD / 16];
         for (int i = 0; i < QB; i++) {
             m[i] = -INFINITY; l[i] = 0.0f;
             for (int64_t c = 0; c < DV; c++) acc[i][c] = _mm512_setzero_ps();
@@ -55,73 +139,137 @@ static void head_attention(const float *q, const float *k, const float *v, float
                 __m512 k0 = _mm512_loadu_ps(kr), k1 = _mm512_loadu_ps(kr + 16);
                 __m512 k2 = _mm512_loadu_ps(kr + 32), k3 = _mm512_loadu_ps(kr + 48);
                 for (int i = 0; i < QB; i++) {
-                    __m512 qv = _mm512_set1_ps(i < nq ? q[(i0 + i) * D + d] : 0.0f);
+                    __m512 qv = _mm512_set1_ps(i < nq ? qq[(i0 + i) * D + d] : 0.0f);
                     s[i][0] = _mm512_fmadd_ps(qv, k0, s[i][0]);
                     s[i][1] = _mm512_fmadd_ps(qv, k1, s[i][1]);
                     s[i][2] = _mm512_fmadd_ps(qv, k2, s[i][2]);
                     s[i][3] = _mm512_fmadd_ps(qv, k3, s[i][3]);
                 }
             }
-            int64_t valid = Np - j0 < KB ? Np - j0 : KB;
-            if (j0 + valid > N) valid = N - j0;
-            for (int i = 0; i < nq; i++) {
-                for (int c = 0; c < KB / 16; c++) {  /* mask padded keys */
-                    int64_t base = c * 16;
-                    if (base >= valid) { s[i][c] = _mm512_set1_ps(-INFINITY); continue; }
-                    if (base + 16 > valid) {
-                        __mmask16 keep = (__mmask16)((1u << (valid - base)) - 1u);
-                        s[i][c] = _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), s[i][c]);
-                    }
-                }
-                __m512 mx = _mm512_max_ps(_mm512_max_ps(s[i][0], s[i][1]), _mm512_max_ps(s[i][2], s[i][3]));
-                float bm = _mm512_reduce_max_ps(mx);
-                float nm = bm > m[i] ? bm : m[i];
-                float corr = expf(m[i] - nm);
-                m[i] = nm;
-                __m512 nmv = _mm512_set1_ps(nm), sum = _mm512_setzero_ps();
-                for (int c = 0; c < KB / 16; c++) {
-                    s[i][c] = exp_nonpos(_mm512_sub_ps(s[i][c], nmv));
-                    sum = _mm512_add_ps(sum, s[i][c]);
-                }
-                l[i] = l[i] * corr + _mm512_reduce_add_ps(sum);
-                __m512 cv = _mm512_set1_ps(corr);
-                for (int64_t c = 0; c < DV; c++) acc[i][c] = _mm512_mul_ps(acc[i][c], cv);
-            }
+            for (int i = 0; i < QB; i++)
+                for (int c = 0; c < KB / 16; c++) s[i][c] = _mm512_mul_ps(s[i][c], _mm512_set1_ps(scale));
+            int64_t valid = S - j0 < KB ? S - j0 : KB;
+            softmax_update(s, nq, valid, m, l, corr);
+            for (int i = 0; i < nq; i++)
+                for (int64_t c = 0; c < DV; c++) acc[i][c] = _mm512_mul_ps(acc[i][c], _mm512_set1_ps(corr[i]));
             float p[QB][KB] __attribute__((aligned(64)));
             for (int i = 0; i < nq; i++)
                 for (int c = 0; c < KB / 16; c++) _mm512_store_ps(&p[i][c * 16], s[i][c]);
             for (int64_t j = 0; j < valid; j++) {
-                const float *vr = v + (j0 + j) * D;
+                const float *vr = vv + (j0 + j) * D;
                 for (int64_t c = 0; c < DV; c++) {
-                    __m512 vv = _mm512_loadu_ps(vr + c * 16);
-                    for (int i = 0; i < nq; i++)
-                        acc[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j]), vv, acc[i][c]);
+                    __m512 v = _mm512_loadu_ps(vr + c * 16);
+                    for (int i = 0; i < nq; i++) acc[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j]), v, acc[i][c]);
                 }
             }
         }
-        for (int i = 0; i < nq; i++) {
-            __m512 inv = _mm512_set1_ps(1.0f / l[i]);
-            for (int64_t c = 0; c < DV; c++)
-                _mm512_storeu_ps(out + (i0 + i) * D + c * 16, _mm512_mul_ps(acc[i][c], inv));
-        }
+        for (int i = 0; i < nq; i++) store_row(out, 0, i0 + i, h, H, D, acc[i], 1.0f / l[i]);
     }
 }
 
-int attention_f32(const float *q, const float *k, const float *v, float *out, int64_t H, int64_t N, int64_t D,
-                  int nthreads) {
-    if (D % 16 != 0 || D > 128) return -1;
-    int64_t Np = (N + KB - 1) / KB * KB;
+/* ---------------------------------------------------------------------------------------- bf16 path */
+__attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
+static void head_bf16(const void *qkv, const float *cos, const float *sin, void *out, int64_t S, int64_t H,
+                      int64_t h, int64_t D, float scale, uint32_t *kt2, uint32_t *v2, uint32_t *q2, int64_t Np) {
+    /* kt2[dp*Np + j] = (k[j][2dp], k[j][2dp+1]); v2[jp*D + d] = (v[2jp][d], v[2jp+1][d]); q2[n*D/2 + dp]. */
+    float row[MAXD];
+    const int64_t D2 = D / 2;
+    for (int64_t n = 0; n < Np; n++) {
+        if (n < S) rotated_row(qkv, 1, n, 1, h, H, D, cos, sin, row);
+        for (int64_t dp = 0; dp < D2; dp++)
+            kt2[dp * Np + n] = n < S ? (uint32_t)f32_to_bf16(row[2 * dp]) | ((uint32_t)f32_to_bf16(row[2 * dp + 1]) << 16) : 0u;
+    }
+    for (int64_t jp = 0; jp < Np / 2; jp++)
+        for (int64_t d = 0; d < D; d++) {
+            int64_t j = 2 * jp;
+            uint32_t lo = j < S ? f32_to_bf16(v_at(qkv, 1, j, h, H, D, d)) : 0u;
+            uint32_t hi = j + 1 < S ? f32_to_bf16(v_at(qkv, 1, j + 1, h, H, D, d)) : 0u;
+            v2[jp * D + d] = lo | (hi << 16);
+        }
+    for (int64_t n = 0; n < S; n++) {
+        rotated_row(qkv, 1, n, 0, h, H, D, cos, sin, row);
+        for (int64_t dp = 0; dp < D2; dp++)
+            q2[n * D2 + dp] = (uint32_t)f32_to_bf16(row[2 * dp]) | ((uint32_t)f32_to_bf16(row[2 * dp + 1]) << 16);
+    }
+    const int64_t DV = D / 16;
+    for (int64_t i0 = 0; i0 < S; i0 += QB) {
+        int nq = (int)(S - i0 < QB ? S - i0 : QB);
+        float m[QB], l[QB], corr[QB];
+        __m512 acc[QB][MAXD / 16];
+        for (int i = 0; i < QB; i++) {
+            m[i] = -INFINITY; l[i] = 0.0f;
+            for (int64_t c = 0; c < DV; c++) acc[i][c] = _mm512_setzero_ps();
+        }
+        for (int64_t j0 = 0; j0 < Np; j0 += KB) {
+            __m512 s[QB][KB / 16];
+            for (int i = 0; i < QB; i++)
+                for (int c = 0; c < KB / 16; c++) s[i][c] = _mm512_setzero_ps();
+            for (int64_t dp = 0; dp < D2; dp++) {
+                const uint32_t *kr = kt2 + dp * Np + j0;
+                __m512bh k0 = (__m512bh)_mm512_loadu_si512(kr), k1 = (__m512bh)_mm512_loadu_si512(kr + 16);
+                __m512bh k2 = (__m512bh)_mm512_loadu_si512(kr + 32), k3 = (__m512bh)_mm512_loadu_si512(kr + 48);
+                for (int i = 0; i < QB; i++) {
+                    __m512bh qv = (__m512bh)_mm512_set1_epi32(i < nq ? (int)q2[(i0 + i) * D2 + dp] : 0);
+                    s[i][0] = _mm512_dpbf16_ps(s[i][0], qv, k0);
+                    s[i][1] = _mm512_dpbf16_ps(s[i][1], qv, k1);
+                    s[i][2] = _mm512_dpbf16_ps(s[i][2], qv, k2);
+                    s[i][3] = _mm512_dpbf16_ps(s[i][3], qv, k3);
+                }
+            }
+            for (int i = 0; i < QB; i++)
+                for (int c = 0; c < KB / 16; c++) s[i][c] = _mm512_mul_ps(s[i][c], _mm512_set1_ps(scale));
+            int64_t valid = S - j0 < KB ? S - j0 : KB;
+            softmax_update(s, nq, valid, m, l, corr);
+            for (int i = 0; i < nq; i++)
+                for (int64_t c = 0; c < DV; c++) acc[i][c] = _mm512_mul_ps(acc[i][c], _mm512_set1_ps(corr[i]));
+            /* probabilities as bf16 pairs over keys: pp[i][jp] = (p[2jp], p[2jp+1]) */
+            uint32_t pp[QB][KB / 2] __attribute__((aligned(64)));
+            for (int i = 0; i < nq; i++)
+                for (int c = 0; c < KB / 16; c++) {
+                    float pf[16] __attribute__((aligned(64)));
+                    _mm512_store_ps(pf, s[i][c]);
+                    for (int t = 0; t < 8; t++)
+                        pp[i][c * 8 + t] = (uint32_t)f32_to_bf16(pf[2 * t]) | ((uint32_t)f32_to_bf16(pf[2 * t + 1]) << 16);
+                }
+            int64_t pairs = (valid + 1) / 2;
+            for (int64_t jp = 0; jp < pairs; jp++) {
+                const uint32_t *vr = v2 + (j0 / 2 + jp) * D;
+                for (int64_t c = 0; c < DV; c++) {
+                    __m512bh v = (__m512bh)_mm512_loadu_si512(vr + c * 16);
+                    for (int i = 0; i < nq; i++)
+                        acc[i][c] = _mm512_dpbf16_ps(acc[i][c], (__m512bh)_mm512_set1_epi32((int)pp[i][jp]), v);
+                }
+            }
+        }
+        for (int i = 0; i < nq; i++) store_row(out, 1, i0 + i, h, H, D, acc[i], 1.0f / l[i]);
+    }
+}
+
+/* qkv (S,3,H,D), cos/sin (S,D) fp32, out (S,H,D). bf16 != 0: 16-bit inputs/outputs and the BF16 path. */
+int vision_attention(const void *qkv, const float *cos, const float *sin, void *out, int64_t S, int64_t H,
+                     int64_t D, float scale, int bf16, int nthreads) {
+    if (D % 16 != 0 || D > MAXD || S <= 0) return -1;
+    int64_t Np = (S + KB - 1) / KB * KB;
     int rc = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *kt = (float *)aligned_alloc(64, (size_t)(D * Np * sizeof(float)));
-        if (!kt) {
+        size_t words = (size_t)(3 * D * Np);
+        void *buf = aligned_alloc(64, (words * sizeof(float) + 63) / 64 * 64);
+        if (!buf) {
+#pragma omp atomic write
             rc = -3;
         } else {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t h = 0; h < H; h++)
-                head_attention(q + h * N * D, k + h * N * D, v + h * N * D, out + h * N * D, N, D, kt, Np);
-            free(kt);
+            for (int64_t h = 0; h < H; h++) {
+                if (bf16) {
+                    uint32_t *b = (uint32_t *)buf;
+                    head_bf16(qkv, cos, sin, out, S, H, h, D, scale, b, b + D * Np / 2, b + D * Np, Np);
+                } else {
+                    float *b = (float *)buf;
+                    head_f32(qkv, cos, sin, out, S, H, h, D, scale, b, b + D * Np, b + 2 * D * Np, Np);
+                }
+            }
+            free(buf);
         }
     }
     return rc;

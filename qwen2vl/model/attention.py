@@ -11,7 +11,6 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from ..kernels import cpu as cpu_kernels
 
 BACKENDS = ("sdpa", "eager", "flash_attention_2")
 
@@ -112,18 +111,6 @@ def vision_attention(impl: str, q, k, v, cu_seqlens: torch.Tensor, scale: float)
 
     attend = eager_attention if impl == "eager" else sdpa_attention
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    if impl == "sdpa" and q.device.type == "cpu" and min(lens) >= 256:
-        # Long segments on CPU: our flash kernel (fp32 math) is several times faster than torch's CPU SDPA.
-        outs, start = [], 0
-        for length in lens:
-            o = cpu_kernels.attention(q[start:start + length], k[start:start + length], v[start:start + length],
-                                      scale)
-            if o is None:
-                break
-            outs.append(o)
-            start += length
-        else:
-            return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
     out = torch.empty_like(q)
     by_len: dict[int, list[int]] = {}
     for i, length in enumerate(lens):
