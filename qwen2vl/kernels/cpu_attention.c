@@ -224,13 +224,9 @@ static void head_bf16(const void *qkv, const float *cos, const float *sin, void 
                 for (int64_t c = 0; c < DV; c++) acc[i][c] = _mm512_mul_ps(acc[i][c], _mm512_set1_ps(corr[i]));
             /* probabilities as bf16 pairs over keys: pp[i][jp] = (p[2jp], p[2jp+1]) */
             uint32_t pp[QB][KB / 2] __attribute__((aligned(64)));
-            for (int i = 0; i < nq; i++)
-                for (int c = 0; c < KB / 16; c++) {
-                    float pf[16] __attribute__((aligned(64)));
-                    _mm512_store_ps(pf, s[i][c]);
-                    for (int t = 0; t < 8; t++)
-                        pp[i][c * 8 + t] = (uint32_t)f32_to_bf16(pf[2 * t]) | ((uint32_t)f32_to_bf16(pf[2 * t + 1]) << 16);
-                }
+            for (int i = 0; i < nq; i++)  /* 32 bf16 (RNE) per instruction, key order kept: pairs (p[2t], p[2t+1]) */
+                for (int c = 0; c < KB / 32; c++)
+                    _mm512_store_si512(&pp[i][c * 16], (__m512i)_mm512_cvtne2ps_pbh(s[i][2 * c + 1], s[i][2 * c]));
             int64_t pairs = (valid + 1) / 2;
             for (int64_t jp = 0; jp < pairs; jp++) {
                 const uint32_t *vr = v2 + (j0 / 2 + jp) * D;

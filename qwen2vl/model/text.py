@@ -90,7 +90,10 @@ class Qwen2MLP(nn.Module):
             raise ValueError(f"Qwen2-VL text MLP uses silu, got hidden_act={config.hidden_act!r}")
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # no temporaries at inference
 
 
 class Qwen2VLDecoderLayer(nn.Module):
