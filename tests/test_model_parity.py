@@ -150,3 +150,36 @@ def test_get_image_features_per_item():
     for a, b in zip(feats, ref):
         assert (a - b).abs().max().item() <= 1e-5
     assert feats.pooler_output is feats
+
+
+@pytest.mark.parametrize("direction", ["transformers_to_ours", "ours_to_transformers"])
+def test_cross_framework_checkpoints_give_equal_logits(tmp_path, direction):
+    """A checkpoint written by one framework loads in the other with equal logits (image prompt, fp32)."""
+    import transformers
+
+    from qwen2vl import Qwen2VLForConditionalGeneration
+
+    model = tiny_model(seed=7, merge_size=2, mrope_section=(4, 2, 2), tie=False)
+    if direction == "transformers_to_ours":
+        oracle_from(model).save_pretrained(tmp_path)
+        ours = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path)
+        theirs = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path)
+    else:
+        model.save_pretrained(tmp_path)
+        ours = model
+        theirs = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path)
+    ids, kw = _inputs(CASES["image_and_video"], 2)
+    with torch.no_grad():
+        a = ours(input_ids=ids, use_cache=False, **kw).logits
+        b = theirs(input_ids=ids, mm_token_type_ids=mm_token_type_ids(ids), **kw).logits
+    assert (a - b).abs().max().item() <= ATOL
+
+
+def test_flash_attention_2_fails_clearly_on_cpu(tmp_path):
+    from qwen2vl import Qwen2VLForConditionalGeneration
+
+    tiny_model(merge_size=2, mrope_section=(4, 2, 2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="flash"):
+        Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="paged")
