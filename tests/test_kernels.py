@@ -9,7 +9,7 @@ needs_kernel = pytest.mark.skipif(cpu.library() is None, reason="no AVX512F CPU 
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 def test_bf16_gemv_matches_fp32_reference(rows):
     torch.manual_seed(0)
     lin = cpu.Linear(96, 40, bias=True).to(torch.bfloat16)
@@ -26,10 +26,11 @@ def test_bf16_gemv_matches_fp32_reference(rows):
 def test_int8_gemv_matches_dequantized_reference():
     torch.manual_seed(0)
     q = Int8WeightOnlyLinear.from_linear(torch.nn.Linear(64, 24, bias=False).to(torch.bfloat16))
-    x = torch.randn(2, 64, dtype=torch.bfloat16)
-    got = cpu.linear_int8(x, q.weight_int8, q.scales)
-    ref = x.float() @ (q.weight_int8.float() * q.scales.float()[:, None]).t()
-    assert ((got.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-3).all()
+    for rows in (1, 2, 8):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        got = cpu.linear_int8(x, q.weight_int8, q.scales)
+        ref = x.float() @ (q.weight_int8.float() * q.scales.float()[:, None]).t()
+        assert ((got.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-3).all()
 
 
 def test_fallbacks_keep_torch_semantics():
@@ -51,7 +52,7 @@ def test_fallbacks_keep_torch_semantics():
 def test_vision_attention_kernel_matches_reference(dtype):
     """Fused rotary + attention over two segments (300 tokens: a partial key block; 64) equals the reference
     computation: rotary in fp32, rounded to the input dtype, SDPA per segment."""
-    if dtype == torch.bfloat16 and not cpu._cpu_has_avx512bf16():
+    if dtype == torch.bfloat16 and not cpu.has_avx512bf16():
         pytest.skip("no AVX512-BF16")
     from qwen2vl.model.vision import rotate_half, vision_rotary
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 _SRCS = [Path(__file__).with_name(n) for n in ("cpu_gemv.c", "cpu_attention.c")]
 _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-shared", "-fPIC"]
-MAX_ROWS = 4  # the kernel handles up to 8 rows, but torch's matmul is faster from 5 rows on
+MAX_ROWS = 8
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -39,6 +39,20 @@ def _cpu_has_avx512f() -> bool:
     except OSError:
         return False
     return " avx512f" in flags and " avx512bw" in flags
+
+
+_HAS_BF16: bool | None = None
+
+
+def has_avx512bf16() -> bool:
+    """AVX512-BF16 dot products (Zen 4+, Cooper Lake / Sapphire Rapids+)."""
+    global _HAS_BF16
+    if _HAS_BF16 is None:
+        try:
+            _HAS_BF16 = _cpu_has_avx512f() and " avx512_bf16" in Path("/proc/cpuinfo").read_text()
+        except OSError:
+            _HAS_BF16 = False
+    return _HAS_BF16
 
 
 def _cache_dir() -> Path:
@@ -62,7 +76,7 @@ def _build() -> ctypes.CDLL | None:
                 return None
             os.replace(out, target)  # atomic: concurrent builders never see a partial file
     lib = ctypes.CDLL(str(target))
-    for name in ("gemv_bf16", "gemv_i8"):
+    for name in ("gemv_bf16", "gemv_i8", "gemv_bf16_dp", "gemv_i8_dp"):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -91,12 +105,20 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type != "cpu" or weight.device.type != "cpu":
         return False
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = _rows(x)
     if not 0 < rows <= MAX_ROWS or x.shape[-1] % 16 != 0 or not weight.is_contiguous():
         return False
+    if rows > 1 and not (x.dtype == torch.bfloat16 and x.shape[-1] % 32 == 0 and has_avx512bf16()):
+        # Without BF16 dot products the fp32 kernel only beats torch for a single row or a few.
+        if rows > 4:
+            return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     return library() is not None
@@ -104,11 +126,15 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     k = x.shape[-1]
-    x32 = x.reshape(-1, k).to(torch.float32).contiguous()
-    out = torch.empty(x32.shape[0], weight.shape[0], dtype=torch.float32)
-    rc = getattr(library(), name)(x32.data_ptr(), weight.data_ptr(),
+    rows = _rows(x)
+    if rows > 1 and x.dtype == torch.bfloat16 and k % 32 == 0 and has_avx512bf16():
+        name, xin = name + "_dp", x.reshape(-1, k).contiguous()   # bf16 activations, BF16 dot products
+    else:
+        xin = x.reshape(-1, k).to(torch.float32).contiguous()
+    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+    rc = getattr(library(), name)(xin.data_ptr(), weight.data_ptr(),
                                   None if scale is None else scale.data_ptr(), out.data_ptr(),
-                                  x32.shape[0], weight.shape[0], k, torch.get_num_threads())
+                                  rows, weight.shape[0], k, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"{name} failed with code {rc}")
     return out
@@ -140,16 +166,6 @@ class Linear(torch.nn.Linear):
 
 
 
-def _cpu_has_avx512bf16() -> bool:
-    try:
-        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-_HAS_BF16 = None
-
-
 def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, scale: float,
                      cu_seqlens: list[int]) -> torch.Tensor | None:
     """Fused 2-D rotary + block-diagonal attention of the vision tower.
@@ -157,7 +173,6 @@ def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nu
     qkv (N, 3*H*D) raw projection output (bf16 or fp32), cos/sin (N, D) fp32, cu_seqlens segment offsets.
     Returns (N, H*D) in qkv's dtype, or None when the kernel cannot run (the caller then uses SDPA).
     """
-    global _HAS_BF16
     n = qkv.shape[0]
     d = qkv.shape[1] // (3 * num_heads)
     if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or d % 16 or d > 128:
@@ -167,11 +182,8 @@ def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nu
     if library() is None:
         return None
     is_bf16 = qkv.dtype == torch.bfloat16
-    if is_bf16:
-        if _HAS_BF16 is None:
-            _HAS_BF16 = _cpu_has_avx512bf16()
-        if not _HAS_BF16:
-            return None
+    if is_bf16 and not has_avx512bf16():
+        return None
     qkv = qkv.contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     out = torch.empty(n, num_heads * d, dtype=qkv.dtype)

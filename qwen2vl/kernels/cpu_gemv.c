@@ -80,3 +80,59 @@ static inline __m512 load_i8(const int8_t *p) {
 
 DEFINE_ALL(gemv_bf16, uint16_t, load_bf16)
 DEFINE_ALL(gemv_i8, int8_t, load_i8)
+
+/* ---- AVX512-BF16 variants for 2..8 activation rows: x stays bf16 (8 rows x K fit in L1), 32 weights per
+ * dot-product instruction; int8 weights are widened to bf16 exactly (|q| <= 127 fits bf16's 8-bit mantissa). */
+__attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
+static inline __m512bh i8x32_to_bf16(const int8_t *p) {
+    __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w16)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w16, 1)));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+#define DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, M)                                                    \
+    __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))                                \
+    static void NAME##_m##M(const uint16_t *x, const WTYPE *w, const float *scale, float *y,       \
+                            int64_t N, int64_t K, int nthreads) {                                   \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                          \
+        for (int64_t n = 0; n < N; n++) {                                                           \
+            const WTYPE *wr = w + n * K;                                                            \
+            __m512 acc[M];                                                                          \
+            for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();                               \
+            for (int64_t k = 0; k < K; k += 32) {                                                   \
+                __m512bh wv = LOADW(wr + k);                                                        \
+                for (int m = 0; m < M; m++)                                                         \
+                    acc[m] = _mm512_dpbf16_ps(acc[m], wv,                                           \
+                                              (__m512bh)_mm512_loadu_si512(x + m * K + k));         \
+            }                                                                                       \
+            float s = scale ? scale[n] : 1.0f;                                                      \
+            for (int m = 0; m < M; m++) y[m * N + n] = _mm512_reduce_add_ps(acc[m]) * s;            \
+        }                                                                                           \
+    }
+
+__attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
+static inline __m512bh bf16x32(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+#define DEFINE_DP_ALL(NAME, WTYPE, LOADW)                                                          \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 2) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 3)                \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 4) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 5)                \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 6) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 7)                \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 8)                                                        \
+    int NAME(const uint16_t *x, const WTYPE *w, const float *scale, float *y, int64_t M, int64_t N, \
+             int64_t K, int nthreads) {                                                             \
+        if (K % 32 != 0) return -1;                                                                 \
+        switch (M) {                                                                                \
+            case 2: NAME##_m2(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 3: NAME##_m3(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 4: NAME##_m4(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 5: NAME##_m5(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 6: NAME##_m6(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 7: NAME##_m7(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 8: NAME##_m8(x, w, scale, y, N, K, nthreads); return 0;                            \
+            default: return -2;                                                                     \
+        }                                                                                           \
+    }
+
+DEFINE_DP_ALL(gemv_bf16_dp, uint16_t, bf16x32)
+DEFINE_DP_ALL(gemv_i8_dp, int8_t, i8x32_to_bf16)
