@@ -1,0 +1,1 @@
+"""Supervised fine-tuning internals (data / labels / collation, the training loop); public API in `qwen2vl.train`."""
