@@ -20,13 +20,16 @@ DEFAULT_NEW_TOKENS = 20
 DEFAULTS: dict[str, Any] = {
     "min_length": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
     "repetition_penalty": 1.0, "num_return_sequences": 1, "output_scores": False, "output_logits": False,
-    "return_dict_in_generate": False, "use_cache": True,
+    "return_dict_in_generate": False, "use_cache": True, "compile": False,
 }
 
 FIELDS = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
           "top_p", "min_p", "repetition_penalty", "num_return_sequences", "pad_token_id", "bos_token_id",
           "eos_token_id", "stop_strings", "output_scores", "output_logits", "return_dict_in_generate",
-          "use_cache")
+          "use_cache", "compile")
+# `compile`: False, True (torch.compile mode "reduce-overhead": CUDA graphs on CUDA) or a torch.compile mode name;
+# decoding then runs through `static_decode.StaticDecoder` (static shapes, no rows dropped).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class GenerationConfig:
@@ -164,6 +167,8 @@ class GenerationConfig:
             bad(f"eos_token_id must be an int or a list of ints >= 0, got {self.eos_token_id!r}")
         if self.pad_token_id is not None and (not isinstance(self.pad_token_id, int) or self.pad_token_id < 0):
             bad(f"pad_token_id must be an int >= 0, got {self.pad_token_id!r}")
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            bad(f"compile must be True, False or one of {COMPILE_MODES}, got {self.compile!r}")
         if self.stop_strings is not None:
             strings = [self.stop_strings] if isinstance(self.stop_strings, str) else self.stop_strings
             if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):

@@ -9,6 +9,9 @@ Flow (one request = one call):
 4. Decode one token per step through the text decoder; finished rows (EOS / stop string) are padded with
    `pad_token_id` on the device and dropped from the running batch (`KVCache.select_batch`) once the host
    learns about them (see `stopping.FinishedFlags`).
+   With `compile=True` (or a torch.compile mode name) the prefilled cache is handed to a
+   `static_decode.StaticDecoder` instead: static shapes, compiled step (CUDA graphs on CUDA), no rows dropped
+   (finished rows keep decoding pad tokens); the loop still stops once the host sees every row finished.
 
 Returns `(B*n, S+new)` long ids (prompt + generated, rows that stopped early padded), or a
 `GenerateDecoderOnlyOutput` when `return_dict_in_generate=True`.
@@ -24,11 +27,13 @@ from ..model.outputs import ModelOutput
 from .config import DEFAULT_NEW_TOKENS, GenerationConfig
 from .inputs import check_prompt, encode_vision, plan_vision
 from .logits import NEG_INF, LogitsPipeline, seen_tokens
+from .static_decode import get_static_decoder
 from .stopping import FinishedFlags, StopStringChecker
 
 _OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "temperature",
                  "top_k", "top_p", "min_p", "repetition_penalty", "eos_token_id", "pad_token_id", "stop_strings",
-                 "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits", "use_cache")
+                 "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits", "use_cache",
+                 "compile")
 
 
 @dataclass
@@ -100,7 +105,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              repetition_penalty=None, eos_token_id=None, pad_token_id=None, stop_strings=None, tokenizer=None,
              num_return_sequences=None, generation_config=None, streamer=None, seed=None, generator=None,
              return_dict_in_generate=None, output_scores=None, output_logits=None, use_cache=None,
-             max_length=None, min_length=None, **kwargs):
+             max_length=None, min_length=None, compile=None, **kwargs):
     """Generate continuations of left-padded prompts `input_ids (B,S)`; see the module docstring.
 
     `mm_token_type_ids` is accepted and ignored (placeholders are found from the ids). `use_cache=False` is
@@ -177,7 +182,8 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
 
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     pipeline = LogitsPipeline(cfg, eos_t, max(cfg.min_new_tokens or 0, (cfg.min_length or 0) - s), vocab)
-    cache = KVCache.from_config(model.config.text_config, b, s + max_new,
+    static = None  # the StaticDecoder (compile mode) holds the decode-time cache; the prefill needs s slots
+    cache = KVCache.from_config(model.config.text_config, b, s if cfg.compile else s + max_new,
                                 model.get_input_embeddings().weight.dtype, device)
     out = torch.full((b, s + max_new), pad, dtype=torch.long, device=device)
     out[:, :s] = ids
@@ -196,6 +202,11 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
         vision = encode_vision(model, plan, n, **media)
         logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
                        logits_to_keep=1, **vision).logits[:, -1].float()
+        if cfg.compile and max_new > 1:
+            mode = cfg.compile if isinstance(cfg.compile, str) else "reduce-overhead"
+            static = get_static_decoder(model, b, s + max_new, compile=True, mode=mode)
+            static.adopt(cache, mask)
+            cache = None
         for step in range(max_new):
             scores = pipeline(logits, run.seen, step)
             tokens = torch.where(run.finished, pad, pipeline.select(scores, gen))
@@ -219,9 +230,12 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
             done = flags.poll(run.finished)
             if done is not None and all(done):
                 break
-            if done is not None and any(done):
+            if done is not None and any(done) and static is None:
                 tokens = run.keep([i for i, d in enumerate(done) if not d], cache, tokens)
             flags.submit(run.finished)
+            if static is not None:
+                logits = static.step(tokens[:, None])
+                continue
             step_mask = run.mask[:, :s + step + 1] if any(run.has_pad) else None
             logits = _decode_step(model, tokens[:, None], step_mask, cache)
     finally:
