@@ -11,8 +11,9 @@ from PIL import Image
 from qwen2vl.processing.chat_template import collect_media, normalize_conversations, render_chat_template
 from qwen2vl.processing.processor import Qwen2VLProcessor
 from qwen2vl.processing.tokenizer import AutoTokenizer
+from paths import QWEN2VL_2B
 
-CKPT = Path("/work/shared/qwen2-vl/Qwen2-VL-2B-Instruct")
+CKPT = QWEN2VL_2B
 pytestmark = pytest.mark.skipif(not CKPT.is_dir(), reason="Qwen2-VL-2B metadata not available")
 
 # The Transformers Qwen2-VL docs "Multiple Image Inputs" example.

@@ -13,8 +13,9 @@ from qwen2vl.checkpoint import (WEIGHTS_INDEX_NAME, WEIGHTS_NAME, checkpoint_sta
                                 resolve_model_dir, save_checkpoint)
 from qwen2vl.configuration import Qwen2VLConfig
 from qwen2vl.model.modeling import Qwen2VLForConditionalGeneration, Qwen2VLModel
+from paths import QWEN2VL
 
-SHARED = Path("/work/shared/qwen2-vl")
+SHARED = QWEN2VL
 REAL = {n: SHARED / f"Qwen2-VL-{n}-Instruct" for n in ("2B", "7B")}
 
 

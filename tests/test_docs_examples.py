@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from paths import QWEN2VL_2B
 from qwen2vl import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "qwen2-vl" / "Qwen2-VL-2B-Instruct"
+REAL = QWEN2VL_2B
 
 
 @pytest.fixture(scope="module")

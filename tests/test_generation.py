@@ -15,6 +15,7 @@ from tiny import IMG, PAD, left_pad, mm_token_type_ids, oracle_from, pixels, sam
 from qwen2vl.generation import GenerationConfig, TextIteratorStreamer
 from qwen2vl.generation.stopping import FinishedFlags
 from qwen2vl.generation.logits import min_p_filter, top_k_filter, top_p_filter
+from paths import QWEN2VL_2B
 
 generate_module = importlib.import_module("qwen2vl.generation.generate")  # the package attr is the function
 MERGE = 2
@@ -356,7 +357,7 @@ def test_generation_config_priority_and_defaults(model, tmp_path):
             ids.shape[1] + 3
     finally:
         del model.generation_config
-    cfg = GenerationConfig.from_model_dir("/work/shared/qwen2-vl/Qwen2-VL-2B-Instruct")
+    cfg = GenerationConfig.from_model_dir(QWEN2VL_2B)
     assert cfg.eos_token_ids == [151645, 151643] and cfg.pad_token_id == 151643 and cfg.top_k == 1
     assert cfg.do_sample is True and cfg.extra["transformers_version"] == "4.37.0"
     cfg.save_pretrained(tmp_path)

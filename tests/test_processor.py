@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from qwen2vl.processing import AutoProcessor, MediaLimits, Qwen2VLProcessor, Qwen2VLVideoProcessor
+from paths import QWEN2VL_2B
 
-CKPT = Path("/work/shared/qwen2-vl/Qwen2-VL-2B-Instruct")
+CKPT = QWEN2VL_2B
 pytestmark = pytest.mark.skipif(not CKPT.is_dir(), reason="Qwen2-VL-2B metadata not available")
 TEMPLATE = json.loads((CKPT / "chat_template.json").read_text())["chat_template"]
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"

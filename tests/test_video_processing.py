@@ -18,8 +18,9 @@ from PIL import Image
 from qwen2vl.processing.image_processing import Qwen2VLImageProcessor, smart_resize
 from qwen2vl.processing.media import VideoMetadata, load_video
 from qwen2vl.processing.video_processing import Qwen2VLVideoProcessor, sample_frame_indices
+from paths import QWEN2VL_2B
 
-CKPT = "/work/shared/qwen2-vl/Qwen2-VL-2B-Instruct"
+CKPT = str(QWEN2VL_2B)
 
 
 def frames_array(n, h, w, seed=0):
