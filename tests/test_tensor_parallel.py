@@ -137,7 +137,10 @@ def test_serve_tensor_parallel_runner(saved, tmp_path):
     torch.testing.assert_close(got["logits"], want_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(got["tokens"], want_tokens)
     torch.testing.assert_close(got["forward"], want_logits, rtol=1e-5, atol=1e-5)
-    assert got["launch"] == [0, 1]
+    # A fresh process for the launcher probe: a second gloo group in the process that just tore one down
+    # raced with that teardown (rank aborts, -6) on this 2-core machine.
+    _run([sys.executable, __file__, "launch", str(model_dir), str(tmp_path / "launch.pt")])
+    assert torch.load(tmp_path / "launch.pt") == [0, 1]
 
 
 def test_sizes_that_do_not_divide_raise():
@@ -197,6 +200,14 @@ def _torchrun_main(model_dirs: str, out: str) -> None:
         assert tie == res["tied"]
         res["parallelized"] = greedy(parallelize(_model(tie), tp_size=2))
         torch.save(res, f"{out}{i}.rank{rank}.pt")
+    import torch.distributed as dist
+
+    dist.barrier()   # both ranks done before either tears the group down
+    dist.destroy_process_group()
+    # gloo's threads occasionally abort the interpreter's own teardown ("terminate called without an active
+    # exception", after all results are written); nothing is left to clean up, so leave directly.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _launch_probe():
@@ -211,7 +222,7 @@ def _launch_probe():
 
 
 def _serve_main(model_dir: str, out: str) -> None:
-    from qwen2vl.parallel import launch, serve_tensor_parallel
+    from qwen2vl.parallel import serve_tensor_parallel
 
     torch.set_num_threads(1)
 
@@ -227,8 +238,13 @@ def _serve_main(model_dir: str, out: str) -> None:
         return {"tokens": tokens, "logits": logits, "forward": forward}
 
     res = serve_tensor_parallel(model_dir, 2, serve, num_threads=1, dtype=torch.float32)
-    res["launch"] = launch(_launch_probe, 2, num_threads=1, timeout=120)
     torch.save(res, out)
+
+
+def _launch_main(model_dir: str, out: str) -> None:
+    from qwen2vl.parallel import launch
+
+    torch.save(launch(_launch_probe, 2, num_threads=1, timeout=120), out)
 
 
 def _runner_greedy(model, *_):
@@ -248,4 +264,4 @@ class _Unloadable:
 
 if __name__ == "__main__":
     mode, model_dir, out = sys.argv[1:4]
-    {"torchrun": _torchrun_main, "serve": _serve_main}[mode](model_dir, out)
+    {"torchrun": _torchrun_main, "serve": _serve_main, "launch": _launch_main}[mode](model_dir, out)

@@ -18,6 +18,7 @@ Entry points: `from_pretrained(..., tp_plan="auto", tp_size=N)` under torchrun (
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import re
@@ -58,6 +59,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _destroy_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already broken (a peer died): nothing left to release cleanly
+            pass
+
+
 def init_distributed(tp_size: int | None = None, backend: str | None = None) -> TPContext:
     """Join (or create) the default process group from torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT). Backend: the existing group's, else `backend`, else $QWEN2VL_TP_BACKEND, else
@@ -86,6 +95,9 @@ def init_distributed(tp_size: int | None = None, backend: str | None = None) -> 
                                     world_size=1)
         else:
             dist.init_process_group(backend=backend, init_method="env://")
+        # A group we created is torn down explicitly at exit: leaving gloo's threads to the interpreter's
+        # teardown can abort the process ("terminate called without an active exception").
+        atexit.register(_destroy_group)
     world, rank = dist.get_world_size(), dist.get_rank()
     if tp_size is not None and tp_size != world:
         raise ValueError(f"tp_size={tp_size} but the process group has world size {world}")
