@@ -179,7 +179,9 @@ def _sample_shapes(rng: random.Random, size: int) -> list[dict]:
     half = size // 2
     out = []
     for q in quadrants:
-        extent = rng.randint(int(size * 0.29), int(size * 0.39))  # 32..43 px at 112
+        # 40..42 px at 112: nearly one size, so the three shapes differ in area (square > circle > triangle)
+        # as well as in outline; with 32..43 px a tiny ViT at 56x56 input could not tell them apart (~chance).
+        extent = rng.randint(int(size * 0.36), int(size * 0.375))
         slack = (half - extent) // 2 - 2  # keeps >= 2 px to the quadrant border
         cx = (q % 2) * half + half // 2 + rng.randint(-slack, slack)
         cy = (q // 2) * half + half // 2 + rng.randint(-slack, slack)
