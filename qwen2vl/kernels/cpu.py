@@ -152,7 +152,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_int8(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """x (..., K) @ (weight_int8 * scales[:, None]).T with the CPU kernel, or None when it cannot run."""
-    if not _usable(x, weight_int8):
+    if _rows(x) > 4 or not _usable(x, weight_int8):  # int8 widening costs more than it saves beyond 4 rows
         return None
     y = _call("gemv_i8", x, weight_int8, scales.float().contiguous())
     return y.to(x.dtype).view(*x.shape[:-1], weight_int8.shape[0])
