@@ -130,6 +130,8 @@ def peak_rss_load(model_dir: Path) -> tuple[float, float]:
             "from qwen2vl import Qwen2VLForConditionalGeneration as M;"
             "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
             "m=M.from_pretrained(%r, dtype='bfloat16', progress=False);"
+            # weights may stay file-backed (mmap) until used: touch every one so they count
+            "[float(p.detach().sum()) for p in m.parameters()];"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)") % (str(ROOT), str(model_dir))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak = int(out.stdout.strip().splitlines()[-1]) * 1024
