@@ -96,10 +96,11 @@ def _device(name: str) -> torch.device:
 
 class Trainer:
     def __init__(self, model, processor, args: TrainingArguments, train_dataset=None, eval_dataset=None,
-                 collator: SFTCollator | None = None):
+                 collator: SFTCollator | None = None, eval_collator: SFTCollator | None = None):
         self.model, self.processor, self.args = model, processor, args
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.collator = collator or SFTCollator(processor, args.max_length, args.processor_kwargs)
+        self.eval_collator = eval_collator or self.collator
         self.device = _device(args.device)
         self.history: list[dict] = []
         self.global_step = 0
@@ -126,6 +127,12 @@ class Trainer:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
                                  eps=self.args.adam_epsilon, fused=fused)
+
+    def compute_loss(self, model, batch: dict, num_items_in_batch: int) -> torch.Tensor:
+        """Loss of one micro-batch: the sum of its label tokens' cross-entropy / ``num_items_in_batch`` (the label
+        tokens of the whole accumulation group), so accumulated gradients equal the big batch's. Override to add
+        terms (extra batch keys the collator adds are yours to pop here)."""
+        return model(**batch, num_items_in_batch=num_items_in_batch).loss
 
     # ------------------------------------------------------------------------------------------ train
     def train(self) -> dict:
@@ -160,9 +167,9 @@ class Trainer:
             for batch in group:
                 batch = self._to_device(batch)
                 with self._autocast():
-                    out = model(**batch, num_items_in_batch=max(1, n_items))
-                out.loss.backward()
-                loss_sum += float(out.loss.detach())
+                    loss = self.compute_loss(model, batch, max(1, n_items))
+                loss.backward()
+                loss_sum += float(loss.detach())
                 tokens += int(batch["attention_mask"].sum())
                 window["tokens"] += int(batch["attention_mask"].sum())
             grad_norm = None
@@ -222,7 +229,7 @@ class Trainer:
         model, was_training = self.model, self.model.training
         model.eval()
         loss_sum, n_tok, n_correct, n_seq, n_seq_ok = 0.0, 0, 0, 0, 0
-        for batch in self._loader(dataset, self.args.per_device_eval_batch_size, False):
+        for batch in self._loader(dataset, self.args.per_device_eval_batch_size, False, collate=self.eval_collator):
             batch = self._to_device(batch)
             with self._autocast():
                 out = model(**batch, use_cache=False)
@@ -248,7 +255,7 @@ class Trainer:
         bs = self.args.per_device_eval_batch_size
         for i in range(0, len(dataset), bs):
             pairs = [split_prompt_answer(dataset[j]) for j in range(i, min(i + bs, len(dataset)))]
-            answers = generate_answers(self.model, self.collator, [p for p, _ in pairs],
+            answers = generate_answers(self.model, self.eval_collator, [p for p, _ in pairs],
                                        self.args.eval_max_new_tokens, self.device)
             ok += sum(a.strip() == g.strip() for a, (_, g) in zip(answers, pairs))
             n += len(pairs)
