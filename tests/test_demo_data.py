@@ -172,6 +172,14 @@ def test_jsonl(tmp_path):
     assert (again / "images" / "000003.png").read_bytes() == (tmp_path / "images" / "000003.png").read_bytes()
 
 
+
+def test_jsonl_command(tmp_path, capsys):
+    assert data.main(["--out", str(tmp_path / "d.jsonl"), "-n", "5", "--seed", "11"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "d.jsonl")
+    back = data.read_jsonl(str(tmp_path / "d.jsonl"))
+    assert [(b["question"], b["answer"]) for b in back] == \
+        [(e["question"], e["answer"]) for e in data.make_dataset(5, seed=11)]
+
 # ----------------------------------------------------------------------------------------------- tokenizer
 def test_tokenizer_deterministic(tok):
     assert bt.build_demo_tokenizer().to_str() == tok.to_str()

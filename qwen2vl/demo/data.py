@@ -322,3 +322,20 @@ def read_jsonl(path: str, *, load_images: bool = False) -> list[dict]:
             out.append({"image": image, "question": next(c["text"] for c in user if c["type"] == "text"),
                         "answer": assistant[0]["text"], "meta": rec.get("meta"), "messages": rec["messages"]})
     return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m qwen2vl.demo.data",
+                                description="Write synthetic shapes/words conversations as a training JSONL + PNGs.")
+    p.add_argument("--out", required=True, help="JSONL path; pictures go to <its folder>/images/")
+    p.add_argument("-n", type=int, default=1000, help="number of conversations")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(write_jsonl(a.out, a.n, a.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
