@@ -49,27 +49,30 @@ def test_fallbacks_keep_torch_semantics():
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_vision_attention_kernel_matches_reference(dtype):
-    """Fused rotary + attention over two segments (300 tokens: a partial key block; 64) equals the reference
-    computation: rotary in fp32, rounded to the input dtype, SDPA per segment."""
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 80), (torch.bfloat16, 80), (torch.bfloat16, 64),
+                                      (torch.bfloat16, 96), (torch.bfloat16, 128)])
+def test_vision_attention_kernel_matches_reference(dtype, d):
+    """Fused rotary + attention over three segments (301 tokens: several query tiles, a partial key block and a
+    partial query group; 64; 7) equals the reference computation: rotary in fp32, rounded to the input dtype,
+    SDPA per segment. Head dims 64/80/128 take the specialised bf16 loops, 96 the generic one."""
     if dtype == torch.bfloat16 and not cpu.has_avx512bf16():
         pytest.skip("no AVX512-BF16")
     from qwen2vl.model.vision import rotate_half, vision_rotary
 
     torch.manual_seed(0)
-    h, d, lens = 4, 80, [300, 64]
+    h, lens = 4, [301, 64, 7]
     n = sum(lens)
+    cu = [0, 301, 365, n]
     qkv = torch.randn(n, 3 * h * d).to(dtype)
     pos = torch.randint(0, 20, (n, 2))
     cos, sin = vision_rotary(pos, d)
-    got = cpu.vision_attention(qkv, cos, sin, h, d ** -0.5, [0, 300, n])
+    got = cpu.vision_attention(qkv, cos, sin, h, d ** -0.5, cu)
     q, k, v = qkv.view(n, 3, h, d).unbind(1)
     q = (q.float() * cos[:, None] + rotate_half(q.float()) * sin[:, None]).to(dtype)
     k = (k.float() * cos[:, None] + rotate_half(k.float()) * sin[:, None]).to(dtype)
     ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(
         q[a:b].float().transpose(0, 1), k[a:b].float().transpose(0, 1), v[a:b].float().transpose(0, 1)
-    ).transpose(0, 1) for a, b in ((0, 300), (300, n))]).reshape(n, h * d)
+    ).transpose(0, 1) for a, b in zip(cu[:-1], cu[1:])]).reshape(n, h * d)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: probabilities rounded to bf16 before P.V
     assert got.dtype == dtype and (got.float() - ref).abs().max().item() <= tol
 

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #define QB 4
+#define QT 128
 #define KB 64
 #define MAXD 128
 
@@ -168,6 +169,102 @@ static void head_f32(const void *qkv, const float *cos, const float *sin, void *
 }
 
 /* ---------------------------------------------------------------------------------------- bf16 path */
+/* The attention proper for one head, from the packed bf16 K (transposed pairs), V (key pairs) and Q.
+ * Queries in tiles of QT (their fp32 accumulators stay in L1), keys in blocks of KB streamed once per tile;
+ * inside, QB queries x KB keys of scores live in registers. The running max only grows a few times per row, so
+ * the horizontal max, the rescale of the accumulator and expf run only when a score exceeds it (a vector
+ * compare); the denominator is kept as a vector and reduced once at the end. */
+__attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f"), always_inline))
+static inline void bf16_tiles(const int DV, void *out, int64_t S, int64_t H, int64_t h, float scale,
+                              const uint32_t *kt2, const uint32_t *v2, const uint32_t *q2, int64_t Np) {
+    const int64_t D = DV * 16, D2 = D / 2;
+    static __thread float acc_t[QT][MAXD] __attribute__((aligned(64)));
+    static __thread __m512 l_t[QT];
+    float m_t[QT];
+    for (int64_t i0 = 0; i0 < S; i0 += QT) {
+        int nt = (int)(S - i0 < QT ? S - i0 : QT);
+        for (int t = 0; t < nt; t++) {
+            m_t[t] = -INFINITY;
+            l_t[t] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < DV; c++) _mm512_store_ps(&acc_t[t][c * 16], _mm512_setzero_ps());
+        }
+        for (int64_t j0 = 0; j0 < Np; j0 += KB) {
+            int64_t valid = S - j0 < KB ? S - j0 : KB;
+            const uint32_t *vblk = v2 + (j0 / 2) * D;
+            int64_t pairs = (valid + 1) / 2;
+            for (int ib = 0; ib < nt; ib += QB) {
+                int nq = nt - ib < QB ? nt - ib : QB;  /* rows >= nq are zero padding, computed and dropped */
+                const uint32_t *qrow = q2 + (i0 + ib) * D2;
+                __m512 s[QB][KB / 16];
+                for (int i = 0; i < QB; i++)
+                    for (int c = 0; c < KB / 16; c++) s[i][c] = _mm512_setzero_ps();
+                for (int64_t dp = 0; dp < D2; dp++) {
+                    const uint32_t *kr = kt2 + dp * Np + j0;
+                    __m512bh k0 = (__m512bh)_mm512_loadu_si512(kr), k1 = (__m512bh)_mm512_loadu_si512(kr + 16);
+                    __m512bh k2 = (__m512bh)_mm512_loadu_si512(kr + 32), k3 = (__m512bh)_mm512_loadu_si512(kr + 48);
+                    for (int i = 0; i < QB; i++) {
+                        __m512bh qv = (__m512bh)_mm512_set1_epi32((int)qrow[i * D2 + dp]);
+                        s[i][0] = _mm512_dpbf16_ps(s[i][0], qv, k0);
+                        s[i][1] = _mm512_dpbf16_ps(s[i][1], qv, k1);
+                        s[i][2] = _mm512_dpbf16_ps(s[i][2], qv, k2);
+                        s[i][3] = _mm512_dpbf16_ps(s[i][3], qv, k3);
+                    }
+                }
+                uint32_t pp[QB][KB / 2] __attribute__((aligned(64)));
+                for (int i = 0; i < nq; i++) {
+                    int t = ib + i;
+                    for (int c = 0; c < KB / 16; c++) {
+                        s[i][c] = _mm512_mul_ps(s[i][c], _mm512_set1_ps(scale));
+                        int64_t base = c * 16;
+                        if (base >= valid) s[i][c] = _mm512_set1_ps(-INFINITY);
+                        else if (base + 16 > valid)
+                            s[i][c] = _mm512_mask_blend_ps((__mmask16)((1u << (valid - base)) - 1u),
+                                                           _mm512_set1_ps(-INFINITY), s[i][c]);
+                    }
+                    __m512 mx = _mm512_max_ps(_mm512_max_ps(s[i][0], s[i][1]), _mm512_max_ps(s[i][2], s[i][3]));
+                    if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(m_t[t]), _CMP_GT_OQ)) {
+                        float nm = _mm512_reduce_max_ps(mx);
+                        __m512 corr = _mm512_set1_ps(expf(m_t[t] - nm));  /* 0 on the first block */
+                        m_t[t] = nm;
+                        l_t[t] = _mm512_mul_ps(l_t[t], corr);
+                        for (int64_t c = 0; c < DV; c++)
+                            _mm512_store_ps(&acc_t[t][c * 16], _mm512_mul_ps(_mm512_load_ps(&acc_t[t][c * 16]), corr));
+                    }
+                    __m512 mv = _mm512_set1_ps(m_t[t]);
+                    for (int c = 0; c < KB / 16; c++) {
+                        s[i][c] = exp_nonpos(_mm512_sub_ps(s[i][c], mv));
+                        l_t[t] = _mm512_add_ps(l_t[t], s[i][c]);
+                    }
+                    /* probabilities as bf16 pairs over keys (RNE, as torch): pp[i][jp] = (p[2jp], p[2jp+1]) */
+                    for (int c = 0; c < KB / 32; c++)
+                        _mm512_store_si512(&pp[i][c * 16], (__m512i)_mm512_cvtne2ps_pbh(s[i][2 * c + 1], s[i][2 * c]));
+                }
+                for (int i = nq; i < QB; i++)
+                    for (int c = 0; c < KB / 32; c++) _mm512_store_si512(&pp[i][c * 16], _mm512_setzero_si512());
+                __m512 acc[QB][MAXD / 16];
+                for (int i = 0; i < QB; i++)
+                    for (int c = 0; c < DV; c++)
+                        acc[i][c] = i < nq ? _mm512_load_ps(&acc_t[ib + i][c * 16]) : _mm512_setzero_ps();
+                for (int64_t jp = 0; jp < pairs; jp++) {
+                    const uint32_t *vr = vblk + jp * D;
+                    for (int c = 0; c < DV; c++) {
+                        __m512bh v = (__m512bh)_mm512_loadu_si512(vr + c * 16);
+                        for (int i = 0; i < QB; i++)
+                            acc[i][c] = _mm512_dpbf16_ps(acc[i][c], (__m512bh)_mm512_set1_epi32((int)pp[i][jp]), v);
+                    }
+                }
+                for (int i = 0; i < nq; i++)
+                    for (int64_t c = 0; c < DV; c++) _mm512_store_ps(&acc_t[ib + i][c * 16], acc[i][c]);
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            __m512 a[MAXD / 16];
+            for (int64_t c = 0; c < DV; c++) a[c] = _mm512_load_ps(&acc_t[t][c * 16]);
+            store_row(out, 1, i0 + t, h, H, D, a, 1.0f / _mm512_reduce_add_ps(l_t[t]));
+        }
+    }
+}
+
 __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
 static void head_bf16(const void *qkv, const float *cos, const float *sin, void *out, int64_t S, int64_t H,
                       int64_t h, int64_t D, float scale, uint32_t *kt2, uint32_t *v2, uint32_t *q2, int64_t Np) {
@@ -191,53 +288,13 @@ static void head_bf16(const void *qkv, const float *cos, const float *sin, void 
         for (int64_t dp = 0; dp < D2; dp++)
             q2[n * D2 + dp] = (uint32_t)f32_to_bf16(row[2 * dp]) | ((uint32_t)f32_to_bf16(row[2 * dp + 1]) << 16);
     }
-    const int64_t DV = D / 16;
-    for (int64_t i0 = 0; i0 < S; i0 += QB) {
-        int nq = (int)(S - i0 < QB ? S - i0 : QB);
-        float m[QB], l[QB], corr[QB];
-        __m512 acc[QB][MAXD / 16];
-        for (int i = 0; i < QB; i++) {
-            m[i] = -INFINITY; l[i] = 0.0f;
-            for (int64_t c = 0; c < DV; c++) acc[i][c] = _mm512_setzero_ps();
-        }
-        for (int64_t j0 = 0; j0 < Np; j0 += KB) {
-            __m512 s[QB][KB / 16];
-            for (int i = 0; i < QB; i++)
-                for (int c = 0; c < KB / 16; c++) s[i][c] = _mm512_setzero_ps();
-            for (int64_t dp = 0; dp < D2; dp++) {
-                const uint32_t *kr = kt2 + dp * Np + j0;
-                __m512bh k0 = (__m512bh)_mm512_loadu_si512(kr), k1 = (__m512bh)_mm512_loadu_si512(kr + 16);
-                __m512bh k2 = (__m512bh)_mm512_loadu_si512(kr + 32), k3 = (__m512bh)_mm512_loadu_si512(kr + 48);
-                for (int i = 0; i < QB; i++) {
-                    __m512bh qv = (__m512bh)_mm512_set1_epi32(i < nq ? (int)q2[(i0 + i) * D2 + dp] : 0);
-                    s[i][0] = _mm512_dpbf16_ps(s[i][0], qv, k0);
-                    s[i][1] = _mm512_dpbf16_ps(s[i][1], qv, k1);
-                    s[i][2] = _mm512_dpbf16_ps(s[i][2], qv, k2);
-                    s[i][3] = _mm512_dpbf16_ps(s[i][3], qv, k3);
-                }
-            }
-            for (int i = 0; i < QB; i++)
-                for (int c = 0; c < KB / 16; c++) s[i][c] = _mm512_mul_ps(s[i][c], _mm512_set1_ps(scale));
-            int64_t valid = S - j0 < KB ? S - j0 : KB;
-            softmax_update(s, nq, valid, m, l, corr);
-            for (int i = 0; i < nq; i++)
-                for (int64_t c = 0; c < DV; c++) acc[i][c] = _mm512_mul_ps(acc[i][c], _mm512_set1_ps(corr[i]));
-            /* probabilities as bf16 pairs over keys: pp[i][jp] = (p[2jp], p[2jp+1]) */
-            uint32_t pp[QB][KB / 2] __attribute__((aligned(64)));
-            for (int i = 0; i < nq; i++)  /* 32 bf16 (RNE) per instruction, key order kept: pairs (p[2t], p[2t+1]) */
-                for (int c = 0; c < KB / 32; c++)
-                    _mm512_store_si512(&pp[i][c * 16], (__m512i)_mm512_cvtne2ps_pbh(s[i][2 * c + 1], s[i][2 * c]));
-            int64_t pairs = (valid + 1) / 2;
-            for (int64_t jp = 0; jp < pairs; jp++) {
-                const uint32_t *vr = v2 + (j0 / 2 + jp) * D;
-                for (int64_t c = 0; c < DV; c++) {
-                    __m512bh v = (__m512bh)_mm512_loadu_si512(vr + c * 16);
-                    for (int i = 0; i < nq; i++)
-                        acc[i][c] = _mm512_dpbf16_ps(acc[i][c], (__m512bh)_mm512_set1_epi32((int)pp[i][jp]), v);
-                }
-            }
-        }
-        for (int i = 0; i < nq; i++) store_row(out, 1, i0 + i, h, H, D, acc[i], 1.0f / l[i]);
+    memset(q2 + S * D2, 0, (size_t)(Np - S) * D2 * sizeof(uint32_t));  /* pad rows: whole QB groups */
+    /* Specialised on D/16 so the accumulators stay in registers (Qwen2-VL: D = 80). */
+    switch (D / 16) {
+        case 4: bf16_tiles(4, out, S, H, h, scale, kt2, v2, q2, Np); break;
+        case 5: bf16_tiles(5, out, S, H, h, scale, kt2, v2, q2, Np); break;
+        case 8: bf16_tiles(8, out, S, H, h, scale, kt2, v2, q2, Np); break;
+        default: bf16_tiles(D / 16, out, S, H, h, scale, kt2, v2, q2, Np);
     }
 }
 
