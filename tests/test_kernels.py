@@ -108,3 +108,53 @@ def test_vision_tower_with_kernel_matches_oracle():
         ref = hf.model.visual(pv, grid_thw=grid).pooler_output
     assert len(calls) == 2 and calls[0] == [0, 288, 576]
     assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@needs_kernel
+@pytest.mark.parametrize("b, hq, hkv, klen, d, masked", [
+    (1, 12, 2, 50, 128, False),   # the 2B decoder: GQA 6:1, head_dim 128
+    (3, 12, 2, 37, 128, True),    # padded rows / unequal lengths
+    (2, 4, 4, 5, 64, True),
+    (2, 16, 2, 300, 80, False),   # 8 query heads per KV head
+])
+def test_decode_attention_kernel_matches_reference(b, hq, hkv, klen, d, masked):
+    """One query per row over a strided view of a larger cache equals fp32 SDPA (bf16 output rounding only)."""
+    torch.manual_seed(0)
+    cache_k = torch.randn(b, hkv, klen + 20, d).bfloat16()
+    cache_v = torch.randn(b, hkv, klen + 20, d).bfloat16()
+    k, v = cache_k[:, :, :klen], cache_v[:, :, :klen]
+    q = torch.randn(b, hq, 1, d).bfloat16()
+    mask = None
+    if masked:
+        mask = torch.rand(b, 1, 1, klen) > 0.3
+        mask[..., 0] = True
+    got = cpu.decode_attention(q, k, v, mask, d ** -0.5)
+    rep = hq // hkv
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1), attn_mask=mask,
+        scale=d ** -0.5)
+    assert got.shape == (b, hq, 1, d) and got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max().item() <= 1e-2
+    assert cpu.decode_attention(q.float(), k.float(), v.float(), mask, d ** -0.5) is None  # fp32: SDPA instead
+
+
+@needs_kernel
+def test_bf16_generation_with_decode_kernel_equals_sdpa_path(monkeypatch):
+    """Greedy decoding of a left-padded bf16 batch: the decode-attention kernel gives the tokens of the SDPA path."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import left_pad, tiny_model
+
+    model = tiny_model(mrope_section=(4, 2, 2)).to(torch.bfloat16)
+    ids, mask = left_pad([[15, 17, 33, 8, 61, 12, 9], [44, 13, 70]])
+    calls = []
+    original = cpu.decode_attention
+    monkeypatch.setattr(cpu, "decode_attention", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        fast = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    monkeypatch.setattr(cpu, "decode_attention", lambda *a: None)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert calls and torch.equal(fast, ref)

@@ -80,6 +80,8 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.decode_attention.restype = ctypes.c_int
+    lib.decode_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 13 + [ctypes.c_float, ctypes.c_int])
     lib.vision_attention.restype = ctypes.c_int
     lib.vision_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 +
                                      [ctypes.c_float, ctypes.c_int, ctypes.c_int])
@@ -127,7 +129,7 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     k = x.shape[-1]
     rows = _rows(x)
-    if rows > 1 and x.dtype == torch.bfloat16 and k % 32 == 0 and has_avx512bf16():
+    if (rows > 1 or name == "gemv_bf16") and x.dtype == torch.bfloat16 and k % 32 == 0 and has_avx512bf16():
         name, xin = name + "_dp", x.reshape(-1, k).contiguous()   # bf16 activations, BF16 dot products
     else:
         xin = x.reshape(-1, k).to(torch.float32).contiguous()
@@ -196,3 +198,32 @@ def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nu
         if rc != 0:
             return None
     return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor | None:
+    """Attention of one new token per row over the KV cache (bf16, CPU), or None when the kernel cannot run.
+
+    q (B, Hq, 1, D); k/v (B, Hkv, K, D), views of the cache (strided rows are fine, D contiguous); mask (B, 1, 1, K)
+    boolean (True = attend) or None (all K keys). Returns (B, Hq, 1, D) bf16."""
+    b, hq, s, d = q.shape
+    hkv, klen = k.shape[1], k.shape[2]
+    if s != 1 or q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
+        return None
+    if d % 16 or d > 128 or hq % hkv or klen == 0 or any(t.stride(-1) != 1 for t in (q, k, v)):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if library() is None:
+        return None
+    m = None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.numel() != b * klen:
+            return None
+        m = mask.reshape(b, klen).to(torch.uint8).contiguous()
+    out = torch.empty(b, hq, 1, d, dtype=torch.bfloat16)
+    rc = library().decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
+                                    out.data_ptr(), b, hq, hkv, klen, d, q.stride(0), q.stride(1),
+                                    k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                    ctypes.c_float(scale), torch.get_num_threads())
+    return out if rc == 0 else None

@@ -91,23 +91,43 @@ static inline __m512bh i8x32_to_bf16(const int8_t *p) {
     return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-#define DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, M)                                                    \
+/* NR weight rows at a time: every activation vector loaded from L1 feeds NR dot products and every weight
+ * vector M, so loads stay below the dot-product rate (NR x M accumulators + NR + 1 registers <= 32). */
+#ifndef PF
+#define PF 2048 /* elements ahead: software prefetch keeps enough weight lines in flight while computing */
+#endif
+#ifndef PF_MIN_M
+#define PF_MIN_M 4
+#endif
+#define DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, M, NR)                                                \
     __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))                                \
     static void NAME##_m##M(const uint16_t *x, const WTYPE *w, const float *scale, float *y,       \
                             int64_t N, int64_t K, int nthreads) {                                   \
+        int64_t blocks = (N + NR - 1) / NR;                                                         \
         _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                          \
-        for (int64_t n = 0; n < N; n++) {                                                           \
-            const WTYPE *wr = w + n * K;                                                            \
-            __m512 acc[M];                                                                          \
-            for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();                               \
+        for (int64_t b = 0; b < blocks; b++) {                                                      \
+            int64_t n0 = b * NR;                                                                    \
+            int nr = N - n0 < NR ? (int)(N - n0) : NR;                                              \
+            const WTYPE *wr[NR];                                                                    \
+            for (int r = 0; r < NR; r++) wr[r] = w + (n0 + (r < nr ? r : 0)) * K;                   \
+            __m512 acc[NR][M];                                                                      \
+            for (int r = 0; r < NR; r++)                                                            \
+                for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();                        \
             for (int64_t k = 0; k < K; k += 32) {                                                   \
-                __m512bh wv = LOADW(wr + k);                                                        \
-                for (int m = 0; m < M; m++)                                                         \
-                    acc[m] = _mm512_dpbf16_ps(acc[m], wv,                                           \
-                                              (__m512bh)_mm512_loadu_si512(x + m * K + k));         \
+                __m512bh wv[NR];                                                                    \
+                for (int r = 0; r < NR; r++) {                                                      \
+                    if (M >= PF_MIN_M) _mm_prefetch((const char *)(wr[r] + k + PF), _MM_HINT_T0);        \
+                    wv[r] = LOADW(wr[r] + k);                                                       \
+                }                                                                                   \
+                for (int m = 0; m < M; m++) {                                                       \
+                    __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);                      \
+                    for (int r = 0; r < NR; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv); \
+                }                                                                                   \
             }                                                                                       \
-            float s = scale ? scale[n] : 1.0f;                                                      \
-            for (int m = 0; m < M; m++) y[m * N + n] = _mm512_reduce_add_ps(acc[m]) * s;            \
+            for (int r = 0; r < nr; r++) {                                                          \
+                float s = scale ? scale[n0 + r] : 1.0f;                                             \
+                for (int m = 0; m < M; m++) y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) * s; \
+            }                                                                                       \
         }                                                                                           \
     }
 
@@ -115,14 +135,15 @@ __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
 static inline __m512bh bf16x32(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
 
 #define DEFINE_DP_ALL(NAME, WTYPE, LOADW)                                                          \
-    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 2) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 3)                \
-    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 4) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 5)                \
-    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 6) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 7)                \
-    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 8)                                                        \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 1, 4) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 2, 4)          \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 3, 4) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 4, 4)          \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 5, 3) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 6, 3)          \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 7, 3) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 8, 3)          \
     int NAME(const uint16_t *x, const WTYPE *w, const float *scale, float *y, int64_t M, int64_t N, \
              int64_t K, int nthreads) {                                                             \
         if (K % 32 != 0) return -1;                                                                 \
         switch (M) {                                                                                \
+            case 1: NAME##_m1(x, w, scale, y, N, K, nthreads); return 0;                            \
             case 2: NAME##_m2(x, w, scale, y, N, K, nthreads); return 0;                            \
             case 3: NAME##_m3(x, w, scale, y, N, K, nthreads); return 0;                            \
             case 4: NAME##_m4(x, w, scale, y, N, K, nthreads); return 0;                            \

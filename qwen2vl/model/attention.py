@@ -11,6 +11,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from ..kernels import cpu as cpu_kernels
+
 
 BACKENDS = ("sdpa", "eager", "flash_attention_2")
 
@@ -54,6 +56,11 @@ def eager_attention(q, k, v, mask, scale, causal_if_no_mask=True):
 def sdpa_attention(q, k, v, mask, scale, causal_if_no_mask=True):
     n_rep = q.shape[1] // k.shape[1]
     s, kl = q.shape[2], k.shape[2]
+    if s == 1 and q.device.type == "cpu" and causal_if_no_mask:
+        # Decoding on CPU: torch's SDPA has a large fixed cost per (row, head); the kernel reads each KV head once.
+        o = cpu_kernels.decode_attention(q, k, v, mask, scale)
+        if o is not None:
+            return o
     if n_rep > 1:
         # GQA by broadcasting; enable_gqa kernels exist but the repeat keeps CPU kernels on their fast path.
         k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
