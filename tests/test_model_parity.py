@@ -183,3 +183,19 @@ def test_flash_attention_2_fails_clearly_on_cpu(tmp_path):
         Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
     with pytest.raises(ValueError, match="attn_implementation"):
         Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="paged")
+
+
+def test_vision_mlp_row_chunks_match_oracle(monkeypatch):
+    """Inference runs the vision MLP over row chunks (1024 rows on real images); with 100-row chunks a 576-patch
+    grid takes 6 of them, and the tower still equals transformers' (fp32, 1e-4)."""
+    from qwen2vl.model.vision import VisionMlp
+
+    monkeypatch.setattr(VisionMlp, "CHUNK", 100)
+    model = tiny_model(mrope_section=(4, 2, 2))
+    hf = oracle_from(model)
+    grid = torch.tensor([[2, 16, 18]])
+    pv = pixels(grid.tolist())
+    with torch.no_grad():
+        ours = model.model.visual(pv, grid)
+        ref = hf.model.visual(pv, grid_thw=grid).pooler_output
+    assert (ours - ref).abs().max().item() <= 1e-4
