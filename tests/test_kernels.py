@@ -158,3 +158,43 @@ def test_bf16_generation_with_decode_kernel_equals_sdpa_path(monkeypatch):
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     assert calls and torch.equal(fast, ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("b, hq, hkv, s, past, d", [
+    (1, 12, 2, 300, 0, 128),     # the 2B decoder's prefill shape: several query tiles, partial key block
+    (2, 4, 2, 70, 30, 64),       # continuing after cached tokens (causal offset)
+    (1, 8, 8, 131, 0, 80),       # generic head-dim loop
+    (3, 12, 2, 65, 200, 128),
+])
+def test_prefill_attention_kernel_matches_reference(b, hq, hkv, s, past, d):
+    """Causal attention of S new tokens over past + S strided cache keys equals fp32 SDPA (bf16 rounding only)."""
+    if not cpu.has_avx512bf16():
+        pytest.skip("no AVX512-BF16")
+    torch.manual_seed(0)
+    k = torch.randn(b, hkv, past + s + 10, d).bfloat16()[:, :, :past + s]
+    v = torch.randn(b, hkv, past + s + 10, d).bfloat16()[:, :, :past + s]
+    q = torch.randn(b, s, hq, d).bfloat16().transpose(1, 2)
+    got = cpu.prefill_attention(q, k, v, d ** -0.5)
+    rep = hq // hkv
+    mask = torch.ones(s, past + s, dtype=torch.bool).tril(past)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1), attn_mask=mask,
+        scale=d ** -0.5)
+    assert got.shape == (b, hq, s, d) and (got.float() - ref).abs().max().item() <= 2e-2
+
+
+@needs_kernel
+def test_bias_quick_gelu_kernel_matches_reference():
+    """In-place quick_gelu(x + bias) on bf16 equals the fp32 computation up to one bf16 rounding."""
+    from qwen2vl.model.vision import quick_gelu
+
+    torch.manual_seed(0)
+    x = (torch.randn(37, 160) * 4).bfloat16()
+    bias = torch.randn(160).bfloat16()
+    ref = quick_gelu(x.float() + bias.float())
+    y = x.clone()
+    assert cpu.bias_quick_gelu_(y, bias)
+    assert ((y.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6).all()
+    assert not cpu.bias_quick_gelu_(x.float(), bias)  # fp32: the torch path instead
+    assert not cpu.bias_quick_gelu_(x[:, :150].contiguous(), bias[:150])  # width not a multiple of 16

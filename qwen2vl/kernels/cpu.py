@@ -82,6 +82,10 @@ def _build() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
     lib.decode_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 13 + [ctypes.c_float, ctypes.c_int])
+    lib.prefill_attention.restype = ctypes.c_int
+    lib.prefill_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 15 + [ctypes.c_float, ctypes.c_int])
+    lib.bias_quick_gelu.restype = ctypes.c_int
+    lib.bias_quick_gelu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.vision_attention.restype = ctypes.c_int
     lib.vision_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 +
                                      [ctypes.c_float, ctypes.c_int, ctypes.c_int])
@@ -227,3 +231,40 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                                     k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                                     ctypes.c_float(scale), torch.get_num_threads())
     return out if rc == 0 else None
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Causal attention of S new tokens per row over past + S cached keys, every row alike (no padding), bf16 on
+    CPU; None when the kernel cannot run.
+
+    q (B, Hq, S, D); k/v (B, Hkv, K, D) with K >= S, any strides with D contiguous. Returns (B, Hq, S, D) bf16 (a
+    transposed view of a (B, S, Hq, D) buffer, so the output projection needs no copy)."""
+    b, hq, s, d = q.shape
+    hkv, klen = k.shape[1], k.shape[2]
+    if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.bfloat16) or not has_avx512bf16():
+        return None
+    if s < 1 or klen < s or d % 16 or d > 128 or hq % hkv or any(t.stride(-1) != 1 for t in (q, k, v)):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if library() is None:
+        return None
+    out = torch.empty(b, s, hq, d, dtype=torch.bfloat16)
+    rc = library().prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, hq, hkv, s, klen, d,
+                                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                                     v.stride(0), v.stride(1), v.stride(2), ctypes.c_float(scale),
+                                     torch.get_num_threads())
+    return out.transpose(1, 2) if rc == 0 else None
+
+
+def bias_quick_gelu_(x: torch.Tensor, bias: torch.Tensor) -> bool:
+    """In place x = quick_gelu(x + bias) for a contiguous bf16 CPU x (rows, N); False (x untouched) when the
+    kernel cannot run."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
+        return False
+    if x.shape[1] % 16 or bias.shape != (x.shape[1],) or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if library() is None:
+        return False
+    b = bias.detach().float().contiguous()
+    return library().bias_quick_gelu(x.data_ptr(), b.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads()) == 0

@@ -175,8 +175,9 @@ static void head_f32(const void *qkv, const float *cos, const float *sin, void *
  * the horizontal max, the rescale of the accumulator and expf run only when a score exceeds it (a vector
  * compare); the denominator is kept as a vector and reduced once at the end. */
 __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f"), always_inline))
-static inline void bf16_tiles(const int DV, void *out, int64_t S, int64_t H, int64_t h, float scale,
-                              const uint32_t *kt2, const uint32_t *v2, const uint32_t *q2, int64_t Np) {
+static inline void bf16_tiles(const int DV, void *out, int64_t S, int64_t Sk, int64_t causal, int64_t H, int64_t h,
+                              float scale, const uint32_t *kt2, const uint32_t *v2, const uint32_t *q2, int64_t Np) {
+    /* S queries, Sk keys (Np = Sk rounded up to KB). causal >= 0: query i sees keys j <= causal + i. */
     const int64_t D = DV * 16, D2 = D / 2;
     static __thread float acc_t[QT][MAXD] __attribute__((aligned(64)));
     static __thread __m512 l_t[QT];
@@ -188,8 +189,9 @@ static inline void bf16_tiles(const int DV, void *out, int64_t S, int64_t H, int
             l_t[t] = _mm512_setzero_ps();
             for (int64_t c = 0; c < DV; c++) _mm512_store_ps(&acc_t[t][c * 16], _mm512_setzero_ps());
         }
-        for (int64_t j0 = 0; j0 < Np; j0 += KB) {
-            int64_t valid = S - j0 < KB ? S - j0 : KB;
+        int64_t kend = causal >= 0 && causal + i0 + nt < Np ? causal + i0 + nt : Np;
+        for (int64_t j0 = 0; j0 < kend; j0 += KB) {
+            int64_t valid = Sk - j0 < KB ? Sk - j0 : KB;
             const uint32_t *vblk = v2 + (j0 / 2) * D;
             int64_t pairs = (valid + 1) / 2;
             for (int ib = 0; ib < nt; ib += QB) {
@@ -213,12 +215,14 @@ static inline void bf16_tiles(const int DV, void *out, int64_t S, int64_t H, int
                 uint32_t pp[QB][KB / 2] __attribute__((aligned(64)));
                 for (int i = 0; i < nq; i++) {
                     int t = ib + i;
+                    int64_t vi = valid;
+                    if (causal >= 0 && causal + i0 + t + 1 - j0 < vi) vi = causal + i0 + t + 1 - j0;
                     for (int c = 0; c < KB / 16; c++) {
                         s[i][c] = _mm512_mul_ps(s[i][c], _mm512_set1_ps(scale));
                         int64_t base = c * 16;
-                        if (base >= valid) s[i][c] = _mm512_set1_ps(-INFINITY);
-                        else if (base + 16 > valid)
-                            s[i][c] = _mm512_mask_blend_ps((__mmask16)((1u << (valid - base)) - 1u),
+                        if (base >= vi) s[i][c] = _mm512_set1_ps(-INFINITY);
+                        else if (base + 16 > vi)
+                            s[i][c] = _mm512_mask_blend_ps((__mmask16)((1u << (vi - base)) - 1u),
                                                            _mm512_set1_ps(-INFINITY), s[i][c]);
                     }
                     __m512 mx = _mm512_max_ps(_mm512_max_ps(s[i][0], s[i][1]), _mm512_max_ps(s[i][2], s[i][3]));
@@ -291,10 +295,10 @@ static void head_bf16(const void *qkv, const float *cos, const float *sin, void 
     memset(q2 + S * D2, 0, (size_t)(Np - S) * D2 * sizeof(uint32_t));  /* pad rows: whole QB groups */
     /* Specialised on D/16 so the accumulators stay in registers (Qwen2-VL: D = 80). */
     switch (D / 16) {
-        case 4: bf16_tiles(4, out, S, H, h, scale, kt2, v2, q2, Np); break;
-        case 5: bf16_tiles(5, out, S, H, h, scale, kt2, v2, q2, Np); break;
-        case 8: bf16_tiles(8, out, S, H, h, scale, kt2, v2, q2, Np); break;
-        default: bf16_tiles(D / 16, out, S, H, h, scale, kt2, v2, q2, Np);
+        case 4: bf16_tiles(4, out, S, S, -1, H, h, scale, kt2, v2, q2, Np); break;
+        case 5: bf16_tiles(5, out, S, S, -1, H, h, scale, kt2, v2, q2, Np); break;
+        case 8: bf16_tiles(8, out, S, S, -1, H, h, scale, kt2, v2, q2, Np); break;
+        default: bf16_tiles(D / 16, out, S, S, -1, H, h, scale, kt2, v2, q2, Np);
     }
 }
 
@@ -411,4 +415,87 @@ int decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, co
         }
     }
     return rc;
+}
+
+/* ------------------------------------------------------------------------------------ text prefill
+ * Causal attention of S new queries per row over Sk = past + S keys, all rows alike (no padding): q (B, Hq, S, D),
+ * k/v (B, Hkv, Sk, D) bf16 with any batch/head/token strides (contiguous D), out (B, S, Hq, D) bf16. Same tiles as
+ * the vision kernel (BF16 dot products, P rounded to bf16); one (row, query head) per task, K/V packed per task. */
+__attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
+static void text_head(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t S, int64_t Sk,
+                      int64_t H, int64_t h, int64_t D, int64_t qs, int64_t ks, int64_t vs, float scale,
+                      uint32_t *kt2, uint32_t *v2, uint32_t *q2, int64_t Np) {
+    const int64_t D2 = D / 2;
+    for (int64_t n = 0; n < Np; n++)
+        for (int64_t dp = 0; dp < D2; dp++)
+            kt2[dp * Np + n] = n < Sk ? (uint32_t)k[n * ks + 2 * dp] | ((uint32_t)k[n * ks + 2 * dp + 1] << 16) : 0u;
+    for (int64_t jp = 0; jp < Np / 2; jp++)
+        for (int64_t d = 0; d < D; d++) {
+            int64_t j = 2 * jp;
+            uint32_t lo = j < Sk ? v[j * vs + d] : 0u, hi = j + 1 < Sk ? v[(j + 1) * vs + d] : 0u;
+            v2[jp * D + d] = lo | (hi << 16);
+        }
+    int64_t Sp = (S + QB - 1) / QB * QB;
+    for (int64_t n = 0; n < Sp; n++)
+        for (int64_t dp = 0; dp < D2; dp++)
+            q2[n * D2 + dp] = n < S ? (uint32_t)q[n * qs + 2 * dp] | ((uint32_t)q[n * qs + 2 * dp + 1] << 16) : 0u;
+    switch (D / 16) {
+        case 4: bf16_tiles(4, out, S, Sk, Sk - S, H, h, scale, kt2, v2, q2, Np); break;
+        case 5: bf16_tiles(5, out, S, Sk, Sk - S, H, h, scale, kt2, v2, q2, Np); break;
+        case 8: bf16_tiles(8, out, S, Sk, Sk - S, H, h, scale, kt2, v2, q2, Np); break;
+        default: bf16_tiles(D / 16, out, S, Sk, Sk - S, H, h, scale, kt2, v2, q2, Np);
+    }
+}
+
+int prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t Hq,
+                      int64_t Hkv, int64_t S, int64_t Sk, int64_t D, int64_t q_sb, int64_t q_sh, int64_t q_ss,
+                      int64_t k_sb, int64_t k_sh, int64_t k_ss, int64_t v_sb, int64_t v_sh, int64_t v_ss,
+                      float scale, int nthreads) {
+    if (D % 16 != 0 || D > MAXD || Hq % Hkv != 0 || S <= 0 || Sk < S) return -1;
+    const int64_t rep = Hq / Hkv, Np = (Sk + KB - 1) / KB * KB, Sp = (S + QB - 1) / QB * QB;
+    int rc = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint32_t *buf = aligned_alloc(64, ((size_t)(D * Np + D / 2 * Sp) * 4 + 63) / 64 * 64);
+        if (!buf) {
+#pragma omp atomic write
+            rc = -3;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t bh = 0; bh < B * Hq; bh++) {
+                int64_t b = bh / Hq, h = bh % Hq, g = h / rep;
+                text_head(q + b * q_sb + h * q_sh, k + b * k_sb + g * k_sh, v + b * v_sb + g * v_sh,
+                          out + b * S * Hq * D, S, Sk, Hq, h, D, q_ss, k_ss, v_ss, scale,
+                          buf, buf + D / 2 * Np, buf + D * Np, Np);
+            }
+            free(buf);
+        }
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------ vision MLP activation
+ * In place on the bf16 (rows, N) output of fc1 without its bias: h = x + bias; x = h * sigmoid(1.702 h), in fp32,
+ * rounded once. One pass instead of torch's bias copy + three elementwise passes. N % 16 == 0. */
+int bias_quick_gelu(uint16_t *x, const float *bias, int64_t rows, int64_t N, int nthreads) {
+    if (N % 16 != 0) return -1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *row = x + r * N;
+        for (int64_t c = 0; c < N; c += 16) {
+            __m512 h = _mm512_add_ps(bf16x16(row + c), _mm512_loadu_ps(bias + c));
+            __m512 z = _mm512_mul_ps(h, _mm512_set1_ps(1.702f));
+            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(z)));   /* exp(-|z|) */
+            __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+            __m512 sig = _mm512_mask_mul_ps(inv, neg, inv, e);          /* z < 0: e / (1 + e) */
+            __m512 y = _mm512_mul_ps(h, sig);
+            /* round to nearest even, as torch's .to(bfloat16) */
+            __m512i u = _mm512_castps_si512(y);
+            __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+            _mm256_storeu_si256((__m256i *)(row + c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+        }
+    }
+    return 0;
 }

@@ -100,8 +100,14 @@ class VisionMlp(nn.Module):
         if n <= self.CHUNK or (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 2:
             return self.fc2(self.act(self.fc1(x)))
         out = x.new_empty(n, self.fc2.out_features)
+        fused = self.act is quick_gelu and x.dtype == torch.bfloat16 and self.fc1.bias is not None
         for a in range(0, n, self.CHUNK):
-            h = self.act(self.fc1(x[a:a + self.CHUNK]))
+            if fused:  # fc1 without bias (faster GEMM), then bias + activation in one pass
+                h = torch.mm(x[a:a + self.CHUNK], self.fc1.weight.t())
+                if not cpu_kernels.bias_quick_gelu_(h, self.fc1.bias):
+                    h = self.act(h + self.fc1.bias)
+            else:
+                h = self.act(self.fc1(x[a:a + self.CHUNK]))
             torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), out=out[a:a + self.CHUNK])
         return out
 
