@@ -52,6 +52,21 @@ static inline __m512 exp_nonpos(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* 2^x for x <= 0: 2^n * p(r), r = x - round(x) in [-0.5, 0.5], degree-5 Taylor of e^(r ln 2) (|rel err| < 3e-6,
+ * far below the bf16 rounding the probabilities then get); x < -126 gives ~0. */
+static inline __m512 exp2_nonpos(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.3333558146428443e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618129107628477e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550410866482158e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402265069591007e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931471805599453e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* Rotary-embedded, dtype-rounded row of q or k (which = 0 or 1) for token n, head h, into dst[D] (fp32). */
 static void rotated_row(const void *qkv, int bf16, int64_t n, int which, int64_t h, int64_t H, int64_t D,
                         const float *cos, const float *sin, float *dst) {
@@ -179,6 +194,8 @@ static inline void bf16_tiles(const int DV, void *out, int64_t S, int64_t Sk, in
                               float scale, const uint32_t *kt2, const uint32_t *v2, const uint32_t *q2, int64_t Np) {
     /* S queries, Sk keys (Np = Sk rounded up to KB). causal >= 0: query i sees keys j <= causal + i. */
     const int64_t D = DV * 16, D2 = D / 2;
+    const float c2 = scale * 1.44269504088896341f;
+    const __m512 c2v = _mm512_set1_ps(c2);
     static __thread float acc_t[QT][MAXD] __attribute__((aligned(64)));
     static __thread __m512 l_t[QT];
     float m_t[QT];
@@ -217,8 +234,7 @@ static inline void bf16_tiles(const int DV, void *out, int64_t S, int64_t Sk, in
                     int t = ib + i;
                     int64_t vi = valid;
                     if (causal >= 0 && causal + i0 + t + 1 - j0 < vi) vi = causal + i0 + t + 1 - j0;
-                    for (int c = 0; c < KB / 16; c++) {
-                        s[i][c] = _mm512_mul_ps(s[i][c], _mm512_set1_ps(scale));
+                    for (int c = 0; c < KB / 16; c++) {  /* raw scores; the scale is folded into exp2 */
                         int64_t base = c * 16;
                         if (base >= vi) s[i][c] = _mm512_set1_ps(-INFINITY);
                         else if (base + 16 > vi)
@@ -228,15 +244,15 @@ static inline void bf16_tiles(const int DV, void *out, int64_t S, int64_t Sk, in
                     __m512 mx = _mm512_max_ps(_mm512_max_ps(s[i][0], s[i][1]), _mm512_max_ps(s[i][2], s[i][3]));
                     if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(m_t[t]), _CMP_GT_OQ)) {
                         float nm = _mm512_reduce_max_ps(mx);
-                        __m512 corr = _mm512_set1_ps(expf(m_t[t] - nm));  /* 0 on the first block */
+                        __m512 corr = _mm512_set1_ps(exp2f((m_t[t] - nm) * c2));  /* 0 on the first block */
                         m_t[t] = nm;
                         l_t[t] = _mm512_mul_ps(l_t[t], corr);
                         for (int64_t c = 0; c < DV; c++)
                             _mm512_store_ps(&acc_t[t][c * 16], _mm512_mul_ps(_mm512_load_ps(&acc_t[t][c * 16]), corr));
                     }
-                    __m512 mv = _mm512_set1_ps(m_t[t]);
-                    for (int c = 0; c < KB / 16; c++) {
-                        s[i][c] = exp_nonpos(_mm512_sub_ps(s[i][c], mv));
+                    __m512 mv = _mm512_set1_ps(m_t[t] * c2);
+                    for (int c = 0; c < KB / 16; c++) {  /* p = exp(scale * (s - m)) = 2^(c2 s - c2 m) */
+                        s[i][c] = exp2_nonpos(_mm512_fmsub_ps(s[i][c], c2v, mv));
                         l_t[t] = _mm512_add_ps(l_t[t], s[i][c]);
                     }
                     /* probabilities as bf16 pairs over keys (RNE, as torch): pp[i][jp] = (p[2jp], p[2jp+1]) */
