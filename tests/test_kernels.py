@@ -198,3 +198,25 @@ def test_bias_quick_gelu_kernel_matches_reference():
     assert ((y.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6).all()
     assert not cpu.bias_quick_gelu_(x.float(), bias)  # fp32: the torch path instead
     assert not cpu.bias_quick_gelu_(x[:, :150].contiguous(), bias[:150])  # width not a multiple of 16
+
+
+def test_prepacked_linear_is_linear_and_follows_weight_changes():
+    """bf16 inference with oneDNN's prepacked weight equals F.linear bit for bit; the packed copy is rebuilt after
+    the weight changes, never saved, and fp32 / few rows / autograd use F.linear."""
+    from qwen2vl.kernels.cpu import PrepackedLinear
+
+    torch.manual_seed(0)
+    lin = PrepackedLinear(64, 48).to(torch.bfloat16)
+    x = torch.randn(100, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        assert torch.equal(lin(x), ref)
+        packed = lin.packed_weight(x)
+        assert packed is None or packed.is_mkldnn  # None only on torch builds without oneDNN
+        assert torch.equal(lin(x, with_bias=False), torch.nn.functional.linear(x, lin.weight))
+        lin.weight.mul_(2)
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+        assert lin.packed_weight(x[:8]) is None and lin.packed_weight(x.float()) is None
+    assert set(lin.state_dict()) == {"weight", "bias"}
+    lin.weight.requires_grad_(True)
+    assert lin.packed_weight(x) is None

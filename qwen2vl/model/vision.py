@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import cpu as cpu_kernels
+from ..kernels.cpu import PrepackedLinear
 from .attention import vision_attention
 from .rope_index import vision_cu_seqlens, vision_position_ids
 
@@ -60,8 +61,8 @@ class VisionAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
+        self.qkv = PrepackedLinear(dim, 3 * dim, bias=True)
+        self.proj = PrepackedLinear(dim, dim, bias=True)
         self.attn_implementation = attn_implementation
 
     def forward(self, x, cu_seqlens, cos, sin):
@@ -91,8 +92,8 @@ class VisionMlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = PrepackedLinear(dim, hidden)
+        self.fc2 = PrepackedLinear(hidden, dim)
         self.act = _ACT[act]
 
     def forward(self, x):
@@ -103,12 +104,12 @@ class VisionMlp(nn.Module):
         fused = self.act is quick_gelu and x.dtype == torch.bfloat16 and self.fc1.bias is not None
         for a in range(0, n, self.CHUNK):
             if fused:  # fc1 without bias (faster GEMM), then bias + activation in one pass
-                h = torch.mm(x[a:a + self.CHUNK], self.fc1.weight.t())
+                h = self.fc1(x[a:a + self.CHUNK], with_bias=False)
                 if not cpu_kernels.bias_quick_gelu_(h, self.fc1.bias):
                     h = self.act(h + self.fc1.bias)
             else:
                 h = self.act(self.fc1(x[a:a + self.CHUNK]))
-            torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), out=out[a:a + self.CHUNK])
+            out[a:a + self.CHUNK] = self.fc2(h)
         return out
 
 
@@ -133,7 +134,8 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.hidden = context_dim * merge_size ** 2
         self.ln_q = nn.LayerNorm(context_dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, dim))
+        self.mlp = nn.Sequential(PrepackedLinear(self.hidden, self.hidden), nn.GELU(),
+                                 PrepackedLinear(self.hidden, dim))
 
     def forward(self, x):
         return self.mlp(self.ln_q(x).view(-1, self.hidden))
