@@ -126,13 +126,17 @@ def decode_tps(model, inputs, new_tokens, repeats, hf):
 
 
 def peak_rss_load(model_dir: Path) -> tuple[float, float]:
-    code = ("import resource,sys,torch; sys.path.insert(0, %r); torch.set_num_threads(2);"
+    """Peak resident memory added by loading (and touching) the checkpoint in a fresh process: the kernel's
+    high-water mark is reset just before loading (/proc/self/clear_refs), so transient peaks of `import torch`
+    do not hide it; the figure is that peak minus the resident size before loading."""
+    code = ("import sys,torch; sys.path.insert(0, %r); torch.set_num_threads(2);"
             "from qwen2vl import Qwen2VLForConditionalGeneration as M;"
-            "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            "kb=lambda k: int(open('/proc/self/status').read().split(k + ':')[1].split()[0]);"
+            "base=kb('VmRSS'); open('/proc/self/clear_refs', 'w').write('5');"
             "m=M.from_pretrained(%r, dtype='bfloat16', progress=False);"
             # weights may stay file-backed (mmap) until used: touch every one so they count
             "[float(p.detach().sum()) for p in m.parameters()];"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)") % (str(ROOT), str(model_dir))
+            "print(kb('VmHWM') - base)") % (str(ROOT), str(model_dir))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak = int(out.stdout.strip().splitlines()[-1]) * 1024
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
