@@ -77,3 +77,24 @@ def test_bundled_examples(model, processor, name):
     with torch.no_grad():
         answers = answer_questions(model, processor, examples)
     assert answers == [a for _, a in EXAMPLES[name]["qa"]]
+
+
+def test_alignment_targets_name_each_quadrant(processor):
+    """The demo recipe's alignment loss: one target row per merged image token, in the vision tower's order
+    (top left, top right, bottom left, bottom right), naming colour + shape (or "nothing") and the position."""
+    from qwen2vl.demo.train_demo import AlignCollator, DemoDataset
+    from qwen2vl.training.data import SFTCollator
+
+    ds = DemoDataset(40, TEST_SEED)
+    rec = next(ds[i] for i in range(len(ds)) if ds[i]["meta"]["shapes"] and ds[i]["meta"]["word"] is None)
+    batch = AlignCollator(SFTCollator(processor))([rec])
+    word = lambda w: processor.tokenizer.convert_tokens_to_ids("\u0120" + w)  # noqa: E731
+    by_quadrant = {s["quadrant"]: s for s in rec["meta"]["shapes"]}
+    expected = []
+    for q in data.QUADRANTS:
+        s = by_quadrant.get(q)
+        what = [word(s["color"]), word(s["shape"])] if s else [word("nothing"), -100]
+        expected.append(what + [word(w) for w in q.split()])
+    assert data.QUADRANTS == ("top left", "top right", "bottom left", "bottom right")
+    assert batch["aux_labels"].tolist() == expected
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 4
