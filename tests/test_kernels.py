@@ -220,3 +220,6 @@ def test_prepacked_linear_is_linear_and_follows_weight_changes():
     assert set(lin.state_dict()) == {"weight", "bias"}
     lin.weight.requires_grad_(True)
     assert lin.packed_weight(x) is None
+    with torch.inference_mode():  # weights made under inference_mode have no version counter
+        inf = PrepackedLinear(64, 48).to(torch.bfloat16)
+        assert torch.equal(inf(x), torch.nn.functional.linear(x, inf.weight, inf.bias))

@@ -188,7 +188,11 @@ class PrepackedLinear(torch.nn.Linear):
         if x.dim() != 2 or x.shape[0] < PREPACK_MIN_ROWS or (torch.is_grad_enabled() and
                                                             (x.requires_grad or w.requires_grad)):
             return None
-        key = (w.data_ptr(), w._version, tuple(w.shape))
+        try:
+            version = w._version
+        except RuntimeError:  # inference tensors (created under inference_mode) have no version counter
+            version = -1
+        key = (w.data_ptr(), version, tuple(w.shape))
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
             try:
