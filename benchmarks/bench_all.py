@@ -208,9 +208,10 @@ def main(argv=None) -> None:
             bw_after = read_bandwidth_gbs()
             bw_dec = (bw_before + bw_after) / 2
             roof = bw_dec * 1e9 / decode_bytes_per_token(ours)
-            row("decode b1 bf16", ours_b1, hf_b1, "tok/s", ours_b1 / hf_b1, ">= 1.1x",
-                f"[roofline {roof:.2f} tok/s at {bw_before:.0f}/{bw_after:.0f} GB/s read before/after; "
-                f"ours = {100 * ours_b1 / roof:.0f}%, goal >= 90%]")
+            row("decode b1 bf16", ours_b1, hf_b1, "tok/s", ours_b1 / hf_b1, ">= 1.1x")
+            row("decode b1 bf16 vs memory roofline (2nd column)", ours_b1, roof, "tok/s", ours_b1 / roof, ">= 0.9x",
+                f"[{decode_bytes_per_token(ours) / 1e9:.2f} GB/token at {bw_before:.0f}/{bw_after:.0f} GB/s "
+                "read before/after]")
         if "batch8" not in skip:
             inp8 = text_inputs(8)
             o8 = decode_tps(ours, inp8, args.new_tokens, args.repeats, False)
