@@ -1,4 +1,5 @@
-"""CPU decode kernels: bf16 / int8 weight GEMV for the few-rows case (decoding), via a small C library.
+"""CPU kernels via a small C library: bf16 / int8 weight GEMV for the few-rows case (decoding), attention
+(vision tower, text prefill, decoding) and the vision MLP activation.
 
 PyTorch's bf16 matmul with 1-8 activation rows reads weights at a fraction of memory bandwidth on CPUs without
 AMX (measured here: 3-5 GB/s vs ~20 GB/s), and decoding is nothing but such matmuls. `cpu_gemv.c` is compiled
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-_SRCS = [Path(__file__).with_name(n) for n in ("cpu_gemv.c", "cpu_attention.c")]
+_SRCS = [Path(__file__).with_name(n) for n in ("cpu_gemv.c", "cpu_attention.c", "cpu_decode.c")]
+_HEADERS = [Path(__file__).with_name("cpu_common.h")]
 _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-shared", "-fPIC"]
 MAX_ROWS = 8
 _lock = threading.Lock()
@@ -64,7 +66,7 @@ def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None or not _cpu_has_avx512f():
         return None
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS) + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS + _HEADERS) + " ".join(_FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_gemv-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,66 +6,14 @@
  * reference does before its attention call); K is packed transposed so 16 keys' scores form one vector.
  * bf16 inputs use AVX512-BF16 dot products (pairs of bf16, fp32 accumulation) for Q·Kᵀ and P·V, with P
  * rounded to bf16 like PyTorch's bf16 attention kernels; fp32 inputs use fp32 FMAs throughout.
- * Queries go in blocks of QB (QB x 64 score accumulators), keys in blocks of KB = 64.
+ * Queries go in tiles of QT and groups of QB (QB x 64 score accumulators), keys in blocks of KB = 64.
+ * The same tiles serve causal text prefill (prefill_attention, end of file) from already-rotated q/k/v.
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "cpu_common.h"
 
 #define QB 4
 #define QT 128
 #define KB 64
-#define MAXD 128
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
-
-/* exp(x) for x <= 0 (scores minus the running max): 2^n * p(r), |rel err| < 2e-7. */
-static inline __m512 exp_nonpos(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* 2^x for x <= 0: 2^n * p(r), r = x - round(x) in [-0.5, 0.5], degree-5 Taylor of e^(r ln 2) (|rel err| < 3e-6,
- * far below the bf16 rounding the probabilities then get); x < -126 gives ~0. */
-static inline __m512 exp2_nonpos(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3333558146428443e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618129107628477e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550410866482158e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402265069591007e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931471805599453e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* Rotary-embedded, dtype-rounded row of q or k (which = 0 or 1) for token n, head h, into dst[D] (fp32). */
 static void rotated_row(const void *qkv, int bf16, int64_t n, int which, int64_t h, int64_t H, int64_t D,
@@ -348,91 +296,6 @@ int vision_attention(const void *qkv, const float *cos, const float *sin, void *
     return rc;
 }
 
-/* ------------------------------------------------------------------------------------ decoding (one query)
- * Text attention for one new token per row: q (B, Hq, D), k/v (B, Hkv, K, D) bf16 views of the KV cache (any
- * batch/head/key strides, contiguous D), mask (B, K) bytes (1 = attend) or NULL, out (B, Hq, D) bf16. The Hq/Hkv
- * query heads sharing a KV head are done together, so K and V are read once per KV head. Scores, softmax and
- * the weighted sum are fp32 (bf16 products are exact in fp32). Torch's CPU SDPA costs ~5 us per (row, head)
- * pair for this shape, which at batch 8 is more than the decoder's matrix-vector products. */
-static inline __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-int decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
-                     int64_t B, int64_t Hq, int64_t Hkv, int64_t K, int64_t D, int64_t q_sb, int64_t q_sh,
-                     int64_t k_sb, int64_t k_sh, int64_t k_sk, int64_t v_sb, int64_t v_sh, int64_t v_sk,
-                     float scale, int nthreads) {
-    if (D % 16 != 0 || D > MAXD || Hq % Hkv != 0 || K <= 0) return -1;
-    const int64_t rep = Hq / Hkv, DV = D / 16, Kp = (K + 15) / 16 * 16;
-    int rc = 0;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *sc = aligned_alloc(64, (size_t)(rep * Kp) * sizeof(float));
-        if (!sc) {
-#pragma omp atomic write
-            rc = -3;
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t bg = 0; bg < B * Hkv; bg++) {
-                int64_t b = bg / Hkv, g = bg % Hkv;
-                const uint16_t *kb = k + b * k_sb + g * k_sh, *vb = v + b * v_sb + g * v_sh;
-                const uint8_t *mb = mask ? mask + b * K : NULL;
-                __m512 qv[8][MAXD / 16];  /* rep <= 8 heads per KV head handled in register-sized groups */
-                for (int64_t r0 = 0; r0 < rep; r0 += 8) {
-                    int64_t nr = rep - r0 < 8 ? rep - r0 : 8;
-                    for (int64_t r = 0; r < nr; r++)
-                        for (int64_t c = 0; c < DV; c++)
-                            qv[r][c] = bf16x16(q + b * q_sb + (g * rep + r0 + r) * q_sh + c * 16);
-                    for (int64_t j = 0; j < K; j++) {
-                        if (mb && !mb[j]) {
-                            for (int64_t r = 0; r < nr; r++) sc[(r0 + r) * Kp + j] = -INFINITY;
-                            continue;
-                        }
-                        const uint16_t *kr = kb + j * k_sk;
-                        __m512 acc[8];
-                        for (int64_t r = 0; r < nr; r++) acc[r] = _mm512_setzero_ps();
-                        for (int64_t c = 0; c < DV; c++) {
-                            __m512 kv = bf16x16(kr + c * 16);
-                            for (int64_t r = 0; r < nr; r++) acc[r] = _mm512_fmadd_ps(qv[r][c], kv, acc[r]);
-                        }
-                        for (int64_t r = 0; r < nr; r++) sc[(r0 + r) * Kp + j] = _mm512_reduce_add_ps(acc[r]) * scale;
-                    }
-                }
-                for (int64_t r = 0; r < rep; r++) {
-                    float *s = sc + r * Kp;
-                    for (int64_t j = K; j < Kp; j++) s[j] = -INFINITY;
-                    __m512 mx = _mm512_set1_ps(-INFINITY);
-                    for (int64_t j = 0; j < Kp; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(s + j));
-                    float m = _mm512_reduce_max_ps(mx);
-                    __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(m);
-                    for (int64_t j = 0; j < Kp; j += 16) {
-                        __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_load_ps(s + j), mv));
-                        e = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_load_ps(s + j), _mm512_set1_ps(-INFINITY),
-                                                                    _CMP_EQ_OQ), e, _mm512_setzero_ps());
-                        _mm512_store_ps(s + j, e);
-                        sum = _mm512_add_ps(sum, e);
-                    }
-                    float inv = 1.0f / _mm512_reduce_add_ps(sum);
-                    __m512 o[MAXD / 16];
-                    for (int64_t c = 0; c < DV; c++) o[c] = _mm512_setzero_ps();
-                    for (int64_t j = 0; j < K; j++) {
-                        if (s[j] == 0.0f) continue;  /* masked keys (and underflow) add nothing */
-                        __m512 p = _mm512_set1_ps(s[j]);
-                        const uint16_t *vr = vb + j * v_sk;
-                        for (int64_t c = 0; c < DV; c++) o[c] = _mm512_fmadd_ps(p, bf16x16(vr + c * 16), o[c]);
-                    }
-                    uint16_t *orow = out + (b * Hq + g * rep + r) * D;
-                    float tmp[MAXD];
-                    for (int64_t c = 0; c < DV; c++) _mm512_storeu_ps(tmp + c * 16, _mm512_mul_ps(o[c], _mm512_set1_ps(inv)));
-                    for (int64_t d = 0; d < D; d++) orow[d] = f32_to_bf16(tmp[d]);
-                }
-            }
-            free(sc);
-        }
-    }
-    return rc;
-}
-
 /* ------------------------------------------------------------------------------------ text prefill
  * Causal attention of S new queries per row over Sk = past + S keys, all rows alike (no padding): q (B, Hq, S, D),
  * k/v (B, Hkv, Sk, D) bf16 with any batch/head/token strides (contiguous D), out (B, S, Hq, D) bf16. Same tiles as
@@ -488,30 +351,4 @@ int prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
         }
     }
     return rc;
-}
-
-/* ------------------------------------------------------------------------------------ vision MLP activation
- * In place on the bf16 (rows, N) output of fc1 without its bias: h = x + bias; x = h * sigmoid(1.702 h), in fp32,
- * rounded once. One pass instead of torch's bias copy + three elementwise passes. N % 16 == 0. */
-int bias_quick_gelu(uint16_t *x, const float *bias, int64_t rows, int64_t N, int nthreads) {
-    if (N % 16 != 0) return -1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        uint16_t *row = x + r * N;
-        for (int64_t c = 0; c < N; c += 16) {
-            __m512 h = _mm512_add_ps(bf16x16(row + c), _mm512_loadu_ps(bias + c));
-            __m512 z = _mm512_mul_ps(h, _mm512_set1_ps(1.702f));
-            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(z)));   /* exp(-|z|) */
-            __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-            __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
-            __m512 sig = _mm512_mask_mul_ps(inv, neg, inv, e);          /* z < 0: e / (1 + e) */
-            __m512 y = _mm512_mul_ps(h, sig);
-            /* round to nearest even, as torch's .to(bfloat16) */
-            __m512i u = _mm512_castps_si512(y);
-            __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-            u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-            _mm256_storeu_si256((__m256i *)(row + c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-        }
-    }
-    return 0;
 }
