@@ -1,5 +1,6 @@
 """CPU kernels vs torch on the same data (not a test): GEMV bandwidth for 1-8 activation rows over uncached
-1536x8960 weights (bf16 and int8), and vision attention (fused rotary + flash) vs torch SDPA.
+1536x8960 weights (bf16 and int8), one row against torch's read bandwidth (x.sum), and vision attention (fused
+rotary + flash) vs torch SDPA.
 
     python benchmarks/bench_kernels.py            # best of 7, interleaved; GB/s of weight bytes read
 """
@@ -44,6 +45,17 @@ def main():
         d = best(lambda: [cpu.linear_int8(x, w, s) for w in wq]) if rows <= 4 else float("nan")
         print(f"{rows:4d} | {2 * size / a / 1e9:10.1f} | {2 * size / b / 1e9:11.1f} | {size / c / 1e9:14.1f} | "
               f"{size / d / 1e9:12.1f}")
+    # one activation row vs the machine's read bandwidth, interleaved (a shared VM's bandwidth drifts)
+    big = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+    for shape in ((8960, 1536), (1536, 8960), (1536, 1536)):
+        wl = [torch.randn(*shape, dtype=torch.bfloat16) for _ in range(max(4, int(4e8 / (2 * shape[0] * shape[1]))))]
+        v = torch.randn(1, shape[1], dtype=torch.bfloat16)
+        t_sum = best(lambda: big.sum(), 3)
+        t_gemv = best(lambda: [cpu.linear(v, w) for w in wl], 3)
+        gb = 2 * len(wl) * shape[0] * shape[1]
+        print(f"1 row, {shape[0]}x{shape[1]} weights: kernel {gb / t_gemv / 1e9:.1f} GB/s, "
+              f"torch sum over 1 GiB {big.numel() * 4 / t_sum / 1e9:.1f} GB/s")
+    del big
     heads, dim = 16, 80
     for length in (1024, 3996):
         qkv = torch.randn(length, 3 * heads * dim, dtype=torch.bfloat16)
