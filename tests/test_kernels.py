@@ -223,3 +223,18 @@ def test_prepacked_linear_is_linear_and_follows_weight_changes():
     with torch.inference_mode():  # weights made under inference_mode have no version counter
         inf = PrepackedLinear(64, 48).to(torch.bfloat16)
         assert torch.equal(inf(x), torch.nn.functional.linear(x, inf.weight, inf.bias))
+
+
+@needs_kernel
+def test_rms_norm_kernel_matches_reference_ops():
+    """The decoder RMSNorm kernel reproduces the reference's bf16 ops (fp32 statistics, bf16 cast, weight multiply)
+    — bit for bit except where a different fp32 summation order flips a rounding."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 70, 160) * 3).bfloat16()
+    w = torch.randn(160).bfloat16()
+    got = cpu.rms_norm(x, w, 1e-6)
+    x32 = x.float()
+    ref = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and (got == ref).float().mean().item() >= 0.999
+    assert ((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7).all()
+    assert cpu.rms_norm(x.float(), w, 1e-6) is None and cpu.rms_norm(x[..., :150].contiguous(), w[:150], 1e-6) is None

@@ -82,10 +82,14 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        if name.endswith("_dp"):  # + bf16 bias (or NULL) and bf16 output flag
+            fn.argtypes += [ctypes.c_void_p, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
     lib.decode_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 13 + [ctypes.c_float, ctypes.c_int])
     lib.prefill_attention.restype = ctypes.c_int
     lib.prefill_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 15 + [ctypes.c_float, ctypes.c_int])
+    lib.rms_norm.restype = ctypes.c_int
+    lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.bias_quick_gelu.restype = ctypes.c_int
     lib.bias_quick_gelu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.vision_attention.restype = ctypes.c_int
@@ -132,17 +136,28 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return library() is not None
 
 
-def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y (rows, N) = x @ W.T (* scale): bf16 with the bias fused on the BF16-dot-product path for bf16 x,
+    else fp32 (bias, if any, left to the caller)."""
     k = x.shape[-1]
     rows = _rows(x)
+    extra = ()
     if (rows > 1 or name == "gemv_bf16") and x.dtype == torch.bfloat16 and k % 32 == 0 and has_avx512bf16():
         name, xin = name + "_dp", x.reshape(-1, k).contiguous()   # bf16 activations, BF16 dot products
+        fused = bias is not None and bias.dtype == torch.bfloat16 and bias.is_contiguous()
+        out = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16 if name == "gemv_bf16_dp" else torch.float32)
+        extra = (bias.data_ptr() if fused else None, int(out.dtype == torch.bfloat16))
+        if bias is not None and not fused:
+            raise ValueError("bias must be a contiguous bf16 tensor here")
     else:
+        if bias is not None:
+            raise ValueError("bias is only fused on the bf16 dot-product path")
         xin = x.reshape(-1, k).to(torch.float32).contiguous()
-    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+        out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
     rc = getattr(library(), name)(xin.data_ptr(), weight.data_ptr(),
                                   None if scale is None else scale.data_ptr(), out.data_ptr(),
-                                  rows, weight.shape[0], k, torch.get_num_threads())
+                                  rows, weight.shape[0], k, torch.get_num_threads(), *extra)
     if rc != 0:
         raise RuntimeError(f"{name} failed with code {rc}")
     return out
@@ -151,10 +166,15 @@ def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with the bf16 few-rows case on the CPU kernel. x (..., K), weight (N, K)."""
     if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _usable(x, weight):
-        y = _call("gemv_bf16", x, weight, None)
-        if bias is not None:
-            y += bias.float()
-        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        if x.shape[-1] % 32 == 0 and has_avx512bf16() and (bias is None or (
+                bias.dtype == torch.bfloat16 and bias.is_contiguous())):
+            y = _call("gemv_bf16", x, weight, None, bias)     # bf16 out, bias fused: no extra torch ops
+        else:
+            y = _call("gemv_bf16", x, weight, None)
+            if bias is not None:
+                y += bias.float()
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -309,3 +329,21 @@ def bias_quick_gelu_(x: torch.Tensor, bias: torch.Tensor) -> bool:
         return False
     b = bias.detach().float().contiguous()
     return library().bias_quick_gelu(x.data_ptr(), b.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads()) == 0
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The decoder's RMSNorm for bf16 x (..., N) and bf16 weight on CPU in one kernel call (the reference's
+    roundings: fp32 statistics, bf16 before the weight multiply); None when the kernel cannot run."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return None
+    n = x.shape[-1]
+    if n % 16 or not x.is_contiguous() or not weight.is_contiguous() or weight.shape != (n,):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    if library() is None:
+        return None
+    out = torch.empty_like(x)
+    rc = library().rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, ctypes.c_float(eps),
+                            torch.get_num_threads())
+    return out if rc == 0 else None

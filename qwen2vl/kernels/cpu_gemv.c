@@ -6,8 +6,7 @@
  * GEMV on CPUs without AMX reads weights at a small fraction of memory bandwidth; this one reaches it.
  * Needs AVX512F; the Python side checks the CPU before loading it. K must be a multiple of 16.
  */
-#include <immintrin.h>
-#include <stdint.h>
+#include "cpu_common.h"
 
 static inline __m512 load_bf16(const uint16_t *p) {
     __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
@@ -102,7 +101,7 @@ static inline __m512bh i8x32_to_bf16(const int8_t *p) {
 #define DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, M, NR)                                                \
     __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))                                \
     static void NAME##_m##M(const uint16_t *x, const WTYPE *w, const float *scale, float *y,       \
-                            int64_t N, int64_t K, int nthreads) {                                   \
+                            int64_t N, int64_t K, int nthreads, const uint16_t *bias, int out_bf16) {  \
         int64_t blocks = (N + NR - 1) / NR;                                                         \
         _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                          \
         for (int64_t b = 0; b < blocks; b++) {                                                      \
@@ -125,8 +124,12 @@ static inline __m512bh i8x32_to_bf16(const int8_t *p) {
                 }                                                                                   \
             }                                                                                       \
             for (int r = 0; r < nr; r++) {                                                          \
-                float s = scale ? scale[n0 + r] : 1.0f;                                             \
-                for (int m = 0; m < M; m++) y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) * s; \
+                float s = scale ? scale[n0 + r] : 1.0f, b = bias ? bf16_to_f32(bias[n0 + r]) : 0.0f; \
+                for (int m = 0; m < M; m++) {                                                       \
+                    float v = _mm512_reduce_add_ps(acc[r][m]) * s + b;                              \
+                    if (out_bf16) ((uint16_t *)y)[m * N + n0 + r] = f32_to_bf16(v);                 \
+                    else y[m * N + n0 + r] = v;                                                     \
+                }                                                                                   \
             }                                                                                       \
         }                                                                                           \
     }
@@ -139,18 +142,19 @@ static inline __m512bh bf16x32(const uint16_t *p) { return (__m512bh)_mm512_load
     DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 3, 4) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 4, 4)          \
     DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 5, 3) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 6, 3)          \
     DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 7, 3) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 8, 3)          \
+    /* bias: bf16 (N) added in fp32, or NULL; out_bf16: y is bf16 (rounded once), else fp32. */      \
     int NAME(const uint16_t *x, const WTYPE *w, const float *scale, float *y, int64_t M, int64_t N, \
-             int64_t K, int nthreads) {                                                             \
+             int64_t K, int nthreads, const uint16_t *bias, int out_bf16) {                         \
         if (K % 32 != 0) return -1;                                                                 \
         switch (M) {                                                                                \
-            case 1: NAME##_m1(x, w, scale, y, N, K, nthreads); return 0;                            \
-            case 2: NAME##_m2(x, w, scale, y, N, K, nthreads); return 0;                            \
-            case 3: NAME##_m3(x, w, scale, y, N, K, nthreads); return 0;                            \
-            case 4: NAME##_m4(x, w, scale, y, N, K, nthreads); return 0;                            \
-            case 5: NAME##_m5(x, w, scale, y, N, K, nthreads); return 0;                            \
-            case 6: NAME##_m6(x, w, scale, y, N, K, nthreads); return 0;                            \
-            case 7: NAME##_m7(x, w, scale, y, N, K, nthreads); return 0;                            \
-            case 8: NAME##_m8(x, w, scale, y, N, K, nthreads); return 0;                            \
+            case 1: NAME##_m1(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
+            case 2: NAME##_m2(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
+            case 3: NAME##_m3(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
+            case 4: NAME##_m4(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
+            case 5: NAME##_m5(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
+            case 6: NAME##_m6(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
+            case 7: NAME##_m7(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
+            case 8: NAME##_m8(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
             default: return -2;                                                                     \
         }                                                                                           \
     }
