@@ -48,17 +48,25 @@ def _entry(rank, world, port, num_threads, fn, args, queue):
     _set_env(rank, world, port)
     if num_threads:
         torch.set_num_threads(num_threads)
+    ok = False
     try:
         result = fn(*args)
         if rank == 0:
             queue.put((True, result))
+        ok = True
     except BaseException:
+        tb = traceback.format_exc()
+        sys.stderr.write(tb)
         if rank == 0:
-            queue.put((False, traceback.format_exc()))
-        raise
+            queue.put((False, tb))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Leave without interpreter teardown: destroying gloo's / torch's background threads there occasionally
+    # aborts the process ("terminate called without an active exception") after all the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if ok else 1)
 
 
 def launch(fn, tp_size: int, args: tuple = (), *, master_port: int | None = None, num_threads: int | None = None,
