@@ -136,25 +136,31 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return library() is not None
 
 
+def _dot_products(name: str, x: torch.Tensor) -> bool:
+    """Whether `name` runs on the BF16-dot-product kernels: bf16 activations with K % 32 == 0 on an AVX512-BF16
+    CPU, for every row count with bf16 weights and for 2+ rows with int8 weights."""
+    return ((_rows(x) > 1 or name == "gemv_bf16") and x.dtype == torch.bfloat16 and x.shape[-1] % 32 == 0
+            and has_avx512bf16())
+
+
 def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y (rows, N) = x @ W.T (* scale): bf16 with the bias fused on the BF16-dot-product path for bf16 x,
-    else fp32 (bias, if any, left to the caller)."""
+    """y (rows, N) = x @ W.T (* scale). gemv_bf16 on the dot-product path returns bf16 with `bias` (contiguous
+    bf16) fused; everything else returns fp32 and leaves the bias to the caller."""
     k = x.shape[-1]
     rows = _rows(x)
-    extra = ()
-    if (rows > 1 or name == "gemv_bf16") and x.dtype == torch.bfloat16 and k % 32 == 0 and has_avx512bf16():
-        name, xin = name + "_dp", x.reshape(-1, k).contiguous()   # bf16 activations, BF16 dot products
-        fused = bias is not None and bias.dtype == torch.bfloat16 and bias.is_contiguous()
-        out = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16 if name == "gemv_bf16_dp" else torch.float32)
-        extra = (bias.data_ptr() if fused else None, int(out.dtype == torch.bfloat16))
-        if bias is not None and not fused:
-            raise ValueError("bias must be a contiguous bf16 tensor here")
+    if _dot_products(name, x):
+        xin = x.reshape(-1, k).contiguous()   # bf16 activations, BF16 dot products
+        bf16_out = name == "gemv_bf16"
+        out = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16 if bf16_out else torch.float32)
+        extra = (None if bias is None else bias.data_ptr(), int(bf16_out))
+        name += "_dp"
     else:
-        if bias is not None:
-            raise ValueError("bias is only fused on the bf16 dot-product path")
         xin = x.reshape(-1, k).to(torch.float32).contiguous()
         out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+        extra = ()
+    if bias is not None and not (extra and extra[1] and bias.dtype == torch.bfloat16 and bias.is_contiguous()):
+        raise ValueError(f"{name}: a bias is only fused for bf16 outputs, as a contiguous bf16 tensor")
     rc = getattr(library(), name)(xin.data_ptr(), weight.data_ptr(),
                                   None if scale is None else scale.data_ptr(), out.data_ptr(),
                                   rows, weight.shape[0], k, torch.get_num_threads(), *extra)
@@ -166,8 +172,8 @@ def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with the bf16 few-rows case on the CPU kernel. x (..., K), weight (N, K)."""
     if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _usable(x, weight):
-        if x.shape[-1] % 32 == 0 and has_avx512bf16() and (bias is None or (
-                bias.dtype == torch.bfloat16 and bias.is_contiguous())):
+        fusable_bias = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
+        if _dot_products("gemv_bf16", x) and fusable_bias:
             y = _call("gemv_bf16", x, weight, None, bias)     # bf16 out, bias fused: no extra torch ops
         else:
             y = _call("gemv_bf16", x, weight, None)
@@ -265,6 +271,19 @@ def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nu
     return out
 
 
+def _bf16_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """q (B, Hq, S, D), k/v (B, Hkv, K, D) the text attention kernels take: bf16 on CPU, D % 16 == 0 and <= 128,
+    Hq a multiple of Hkv, D contiguous, no autograd, kernels built."""
+    d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+    if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
+        return False
+    if d % 16 or d > 128 or hq % hkv or any(t.stride(-1) != 1 for t in (q, k, v)):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return library() is not None
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float) -> torch.Tensor | None:
     """Attention of one new token per row over the KV cache (bf16, CPU), or None when the kernel cannot run.
@@ -273,13 +292,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     boolean (True = attend) or None (all K keys). Returns (B, Hq, 1, D) bf16."""
     b, hq, s, d = q.shape
     hkv, klen = k.shape[1], k.shape[2]
-    if s != 1 or q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
-        return None
-    if d % 16 or d > 128 or hq % hkv or klen == 0 or any(t.stride(-1) != 1 for t in (q, k, v)):
-        return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None
-    if library() is None:
+    if s != 1 or klen == 0 or not _bf16_attention_inputs(q, k, v):
         return None
     m = None
     if mask is not None:
@@ -302,13 +315,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     transposed view of a (B, S, Hq, D) buffer, so the output projection needs no copy)."""
     b, hq, s, d = q.shape
     hkv, klen = k.shape[1], k.shape[2]
-    if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.bfloat16) or not has_avx512bf16():
-        return None
-    if s < 1 or klen < s or d % 16 or d > 128 or hq % hkv or any(t.stride(-1) != 1 for t in (q, k, v)):
-        return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None
-    if library() is None:
+    if s < 1 or klen < s or not has_avx512bf16() or not _bf16_attention_inputs(q, k, v):
         return None
     out = torch.empty(b, s, hq, d, dtype=torch.bfloat16)
     rc = library().prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, hq, hkv, s, klen, d,
