@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from test_generation import model, one_thread  # noqa: F401  (fixtures: one thread, the scaled tiny model)
 from tiny import PAD, left_pad, pixels, sample, tiny_model
 
 from qwen2vl.generation import GenerationConfig
@@ -21,25 +22,6 @@ generate_module = importlib.import_module("qwen2vl.generation.generate")
 MERGE = 2
 NEW = 16
 NO_EOS = 1000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    m = tiny_model(seed=0, merge_size=MERGE, mrope_section=(4, 2, 2), tie=False)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
 
 
 @pytest.fixture
