@@ -81,12 +81,8 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     config = bench_all.small_config() if args.config == "small" else Qwen2VLConfig.from_pretrained(args.config)
     config.dtype = "bfloat16"
-    rows = []
-
-    def row(name, ours, theirs, unit, ratio, goal, extra=""):
-        rows.append((name, ours, theirs, unit, ratio, goal, extra))
-        print(f"  {name}: ours {ours:.4f} {unit}, transformers {theirs:.4f} {unit}, ratio {ratio:.2f}x "
-              f"(goal {goal}) {extra}", flush=True)
+    table = bench_all.Table(digits=4)
+    row = table.row
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, cuda {torch.version.cuda}", flush=True)
@@ -154,11 +150,7 @@ def main(argv=None) -> int:
                 qc = decode_tps(q, inp, new, args.repeats, False, compile=True)
                 row("decode b1 int8 compiled vs hf bf16", qc, hf_b1, "tok/s", qc / hf_b1, ">= 1.7x")
 
-    print(f"\n| target ({torch.cuda.get_device_name()}) | qwen2vl | transformers | unit | ratio | goal | pass | notes |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, a, b, unit, ratio, goal, extra in rows:
-        ok = ("PASS" if ratio >= float(goal.split()[1].rstrip("x")) else "FAIL") if goal.startswith(">=") else ""
-        print(f"| {name} | {a:.4f} | {b:.4f} | {unit} | {ratio:.2f}x | {goal} | {ok} | {extra} |")
+    table.print(f"target ({torch.cuda.get_device_name()})")
     print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
           f"QWEN2VL_DISABLE_KERNELS={os.environ.get('QWEN2VL_DISABLE_KERNELS', '0')}")
     return 0
