@@ -228,21 +228,6 @@ def accuracy_by_kind(examples: list[dict], answers: list[str]) -> dict:
     return out
 
 
-class _Concat:
-    def __init__(self, *parts):
-        self.parts = parts
-
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.parts)
-
-    def __getitem__(self, i: int) -> dict:
-        for part in self.parts:
-            if i < len(part):
-                return part[i]
-            i -= len(part)
-        raise IndexError(i)
-
-
 def build(out: Path, *, steps: int, batch_size: int, lr: float, warmup: int, max_turns: int, seed: int,
           eval_every: int, eval_size: int, test_size: int, dtype: str, text_only_prob: float, align_weight: float,
           focus_steps: int, focus_kinds: list[str], focus_frac: float, focus_lr: float, **model_kw) -> dict:
@@ -279,8 +264,9 @@ def build(out: Path, *, steps: int, batch_size: int, lr: float, warmup: int, max
         # Finishing stage: binding a position to what is there ("What is in the top left?") is learnt last and
         # slowest; half of these batches ask it (measured: shape_at 47 % -> 100 % held-out, others unchanged).
         n_focus = int(focus_steps * batch_size * focus_frac)
-        focus_set = _Concat(DemoDataset(n_focus, FOCUS_SEED, max_turns, kinds=focus_kinds),
-                            DemoDataset(focus_steps * batch_size - n_focus, FOCUS_SEED + 1, max_turns))
+        focus_set = torch.utils.data.ConcatDataset([
+            DemoDataset(n_focus, FOCUS_SEED, max_turns, kinds=focus_kinds),
+            DemoDataset(focus_steps * batch_size - n_focus, FOCUS_SEED + 1, max_turns)])
         args2 = TrainingArguments(
             max_steps=focus_steps, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
             learning_rate=focus_lr, warmup_steps=20, lr_scheduler_type="cosine", min_lr_ratio=0.1, weight_decay=0.0,
