@@ -7,6 +7,7 @@ segments: equal-length segments are stacked into one batched call (no dense N x 
 from __future__ import annotations
 
 import importlib.util
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +24,58 @@ def check_backend(name: str, device: torch.device | None = None, dtype: torch.dt
         raise ValueError(f"attn_implementation must be one of {BACKENDS}, got {name!r}")
     if name != "flash_attention_2":
         return
-    if importlib.util.find_spec("flash_attn") is None:
-        raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package "
-                         "(pip install flash-attn); use 'sdpa' otherwise.")
+    if _flash_varlen() is None:
+        raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package (pip install "
+                         "flash-attn) or a PyTorch with torch.nn.attention.varlen (>= 2.9); use 'sdpa' otherwise.")
     if device is not None and torch.device(device).type != "cuda":
         raise ValueError(f"attn_implementation='flash_attention_2' runs on CUDA devices only, got {device}; "
                          "use 'sdpa' on CPU.")
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"attn_implementation='flash_attention_2' needs float16 or bfloat16, got {dtype}.")
+
+
+def _flash_varlen():
+    """The FlashAttention-2 varlen function to use, or None: flash-attn's `flash_attn_varlen_func` when that
+    package is installed, else PyTorch's own `torch.nn.attention.varlen.varlen_attn` (>= 2.9), which runs the
+    same FlashAttention-2 kernels shipped inside PyTorch's CUDA build."""
+    if importlib.util.find_spec("flash_attn") is not None:
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return _torch_varlen_adapter(varlen_attn)
+
+
+def _torch_varlen_adapter(varlen_attn):
+    """flash-attn's calling convention on top of torch's varlen_attn, whose keyword arguments changed between
+    releases: 2.9/2.10 take `is_causal` (and no scale), later ones `window_size=(-1, 0)` for causal and `scale`;
+    `enable_gqa` arrived later still (before it, K/V heads are repeated here)."""
+    import inspect
+
+    params = inspect.signature(varlen_attn).parameters
+
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False):
+        kw = {}
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" in params:
+                kw["enable_gqa"] = True
+            else:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if "scale" in params:
+            kw["scale"] = softmax_scale
+        elif softmax_scale is not None:
+            q = q * (softmax_scale * q.shape[-1] ** 0.5)  # the default scale is 1/sqrt(D)
+        if "window_size" in params:
+            kw["window_size"] = (-1, 0) if causal else (-1, -1)
+        else:
+            kw["is_causal"] = causal
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+    return run
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -78,56 +123,109 @@ def sdpa_attention(q, k, v, mask, scale, causal_if_no_mask=True):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def flash_text_attention(q, k, v, mask, scale, key_valid, query_valid):
-    """flash-attn varlen path: drop pads from queries and keys, bottom-right aligned causal mask.
+class VarlenBatch(NamedTuple):
+    """Where the real tokens of a padded query block (B,S) and key block (B,K) sit, for the FlashAttention-2
+    varlen path; built once per forward (`varlen_batch`) and reused by every layer, so layers never sync.
 
-    key_valid (B,K), query_valid (B,S) booleans. Returns (B,Hq,S,D) with zeros at pad queries.
-    """
-    from flash_attn import flash_attn_varlen_func  # optional dependency, checked by check_backend
+    q_index (Tq,) / k_index (Tk,): flat indices into B*S / B*K of the real queries / keys (None = all of them);
+    cu_q, cu_k (B+1,) int32 cumulative lengths on the device; max_q, max_k host ints."""
+    q_index: torch.Tensor | None
+    k_index: torch.Tensor | None
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
 
+
+def varlen_batch(key_valid: torch.Tensor, query_valid: torch.Tensor, all_valid: bool = False) -> VarlenBatch:
+    """key_valid (B,K), query_valid (B,S) booleans. `all_valid` (no pads, every row's past alike) skips the
+    index computation and its host syncs."""
+    (b, s), kl, dev = query_valid.shape, key_valid.shape[1], query_valid.device
+    if all_valid:
+        rows = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        return VarlenBatch(None, None, rows * s, rows * kl, s, kl)
+    q_lens, k_lens = query_valid.sum(-1), key_valid.sum(-1)
+    max_q, max_k = torch.stack([q_lens.max(), k_lens.max()]).tolist()
+    return VarlenBatch(query_valid.reshape(-1).nonzero().squeeze(1), key_valid.reshape(-1).nonzero().squeeze(1),
+                       F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0)),
+                       F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0)), max_q, max_k)
+
+
+def flash_text_attention(q, k, v, scale, varlen: VarlenBatch):
+    """FlashAttention-2 varlen path: pads dropped from queries and keys, causal mask aligned to each row's last
+    key (query i of a row with Sq real queries and Sk real keys sees keys up to Sk - Sq + i).
+
+    q (B,Hq,S,D), k/v (B,Hkv,K,D). Returns (B,Hq,S,D) with zeros at pad queries."""
+    flash_attn_varlen_func = _flash_varlen()  # checked by check_backend
     b, hq, s, d = q.shape
-    qt = q.transpose(1, 2)[query_valid]                       # (Tq, Hq, D)
-    kt = k.transpose(1, 2)[key_valid]                         # (Tk, Hkv, D)
-    vt = v.transpose(1, 2)[key_valid]
-    cu_q = F.pad(query_valid.sum(-1).cumsum(0, dtype=torch.int32), (1, 0))
-    cu_k = F.pad(key_valid.sum(-1).cumsum(0, dtype=torch.int32), (1, 0))
-    out = flash_attn_varlen_func(qt, kt, vt, cu_q, cu_k, int(query_valid.sum(-1).max()),
-                                 int(key_valid.sum(-1).max()), softmax_scale=scale, causal=True)
-    full = q.new_zeros(b, s, hq, d)
-    full[query_valid] = out
-    return full.transpose(1, 2)
+    hkv, kl = k.shape[1], k.shape[2]
+    qt = q.transpose(1, 2).reshape(b * s, hq, d)
+    kt, vt = (t.transpose(1, 2).reshape(b * kl, hkv, d) for t in (k, v))
+    if varlen.q_index is not None:
+        qt = qt.index_select(0, varlen.q_index)
+    if varlen.k_index is not None:
+        kt, vt = kt.index_select(0, varlen.k_index), vt.index_select(0, varlen.k_index)
+    out = flash_attn_varlen_func(qt, kt, vt, varlen.cu_q, varlen.cu_k, varlen.max_q, varlen.max_k,
+                                 softmax_scale=scale, causal=True)
+    if varlen.q_index is not None:
+        out = q.new_zeros(b * s, hq, d).index_copy_(0, varlen.q_index, out)
+    return out.view(b, s, hq, d).transpose(1, 2)
 
 
-def text_attention(impl: str, q, k, v, mask, scale, key_valid=None, query_valid=None):
+def text_attention(impl: str, q, k, v, mask, scale, key_valid=None, query_valid=None,
+                   varlen: VarlenBatch | None = None):
+    """q (B,Hq,S,D), k/v (B,Hkv,K,D), mask (B,1,S,K) bool or None (causal). flash_attention_2 on CUDA uses
+    `varlen`, else builds it from key_valid (B,K) / query_valid (B,S) (None = all real)."""
     if impl == "flash_attention_2" and q.is_cuda:
-        if key_valid is None:
-            key_valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=q.device)
-        if query_valid is None:
-            query_valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
-        return flash_text_attention(q, k, v, mask, scale, key_valid, query_valid)
+        if varlen is None:
+            b, s, kl = q.shape[0], q.shape[2], k.shape[2]
+            all_valid = key_valid is None and query_valid is None
+            if key_valid is None:
+                key_valid = torch.ones(b, kl, dtype=torch.bool, device=q.device)
+            if query_valid is None:
+                query_valid = torch.ones(b, s, dtype=torch.bool, device=q.device)
+            varlen = varlen_batch(key_valid, query_valid, all_valid)
+        return flash_text_attention(q, k, v, scale, varlen)
     if impl == "eager":
         return eager_attention(q, k, v, mask, scale)
     return sdpa_attention(q, k, v, mask, scale)
 
 
-def vision_attention(impl: str, q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Block-diagonal attention. q/k/v (N, H, D); cu_seqlens int32 (num_segments+1,). Returns (N, H, D)."""
-    n, h, d = q.shape
-    if impl == "flash_attention_2" and q.is_cuda:
-        from flash_attn import flash_attn_varlen_func
+class VisionSegments(NamedTuple):
+    """The block-diagonal segments of a vision sequence, computed once per tower forward: `bounds` the
+    num_segments+1 offsets and `max_len` on the host, `cu_seqlens` int32 on the activations' device (so no
+    layer copies or syncs)."""
+    bounds: list[int]
+    max_len: int
+    cu_seqlens: torch.Tensor
 
-        lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        max_len = int(lens.max())
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=False)
+
+def vision_segments(cu_seqlens, device) -> VisionSegments:
+    """VisionSegments from int32 offsets (num_segments+1,) (normally a CPU tensor); passes one through."""
+    if isinstance(cu_seqlens, VisionSegments):
+        return cu_seqlens
+    bounds = cu_seqlens.tolist()
+    max_len = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+    return VisionSegments(bounds, max_len, cu_seqlens.to(device=device, dtype=torch.int32))
+
+
+def vision_attention(impl: str, q, k, v, cu_seqlens, scale: float) -> torch.Tensor:
+    """Block-diagonal attention. q/k/v (N, H, D); cu_seqlens: VisionSegments, or int32 offsets
+    (num_segments+1,). Returns (N, H, D)."""
+    n, h, d = q.shape
+    seg = vision_segments(cu_seqlens, q.device)
+    if impl == "flash_attention_2" and q.is_cuda:
+        flash_attn_varlen_func = _flash_varlen()
+        return flash_attn_varlen_func(q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len,
+                                      softmax_scale=scale, causal=False)
 
     attend = eager_attention if impl == "eager" else sdpa_attention
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    starts = seg.bounds[:-1]
+    lens = [b - a for a, b in zip(starts, seg.bounds[1:])]
     out = torch.empty_like(q)
     by_len: dict[int, list[int]] = {}
     for i, length in enumerate(lens):
         by_len.setdefault(length, []).append(i)
-    starts = cu_seqlens[:-1].tolist()
     for length, segs in by_len.items():
         if len(segs) == len(lens):
             # One length for everything (one image, or all frames of videos of one size): a pure view.
