@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -42,6 +43,16 @@ def hbm_bandwidth_gbs() -> float:
     y = torch.empty_like(x)
     t = cuda_time(lambda: y.copy_(x), 10)
     return 2 * x.numel() / t / 1e9
+
+
+def section(name: str, fn) -> None:
+    """Run one group of rows; a failure is printed and the remaining groups still run."""
+    t = time.perf_counter()
+    try:
+        fn()
+    except Exception:
+        print(f"  section {name} failed:\n{traceback.format_exc()}", flush=True)
+    print(f"  [{name}: {time.perf_counter() - t:.0f} s]", flush=True)
 
 
 def to_cuda(inputs: dict) -> dict:
@@ -76,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--image", default="1024x768", help="WxH of the TTFT image")
+    ap.add_argument("--attn", default="flash_attention_2", help="our attention backend (transformers: sdpa)")
     ap.add_argument("--skip", default="", help="comma list to skip: ttft,decode,compiled,batch8,int8,hf_static")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -95,42 +107,54 @@ def main(argv=None) -> int:
         print("building random-weight model ...", flush=True)
         Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).eval().save_pretrained(tmp)
         ours = Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype="bfloat16", device_map="cuda",
-                                                               progress=False)
+                                                               attn_implementation=args.attn, progress=False)
         theirs = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.bfloat16,
                                                                               device_map="cuda")
         theirs.config._attn_implementation = "sdpa"
         roof = bw * 1e9 / bench_all.decode_bytes_per_token(ours)
 
-        if "ttft" not in skip:
+        hf_b1 = c = None
+        inp = to_cuda(bench_all.text_inputs(1))
+        hf_inp = to_cuda(bench_all.hf_kwargs(inp, config))
+        note = f"[roofline {roof:.0f} tok/s]"
+
+        def ttft():
             w, h = map(int, args.image.split("x"))
-            inp = to_cuda(bench_all.image_inputs(config, h, w))
-            t_ours = cuda_time(lambda: gen(ours, inp, 1, False), args.repeats)
-            t_hf = cuda_time(lambda: gen(theirs, to_cuda(bench_all.hf_kwargs(inp, config)), 1, True), args.repeats)
+            img = to_cuda(bench_all.image_inputs(config, h, w))
+            t_ours = cuda_time(lambda: gen(ours, img, 1, False), args.repeats)
+            t_hf = cuda_time(lambda: gen(theirs, to_cuda(bench_all.hf_kwargs(img, config)), 1, True), args.repeats)
             row(f"TTFT {args.image} image", t_ours, t_hf, "s", t_hf / t_ours, ">= 2.0x")
-            pv, grid = inp["pixel_values"].to(torch.bfloat16), inp["image_grid_thw"]
+            pv, grid = img["pixel_values"].to(torch.bfloat16), img["image_grid_thw"]
             with torch.inference_mode():
                 tv = cuda_time(lambda: ours.model.visual(pv, grid), args.repeats)
                 tvh = cuda_time(lambda: theirs.model.visual(pv, grid_thw=grid), args.repeats)
             row("vision tower", tv, tvh, "s", tvh / tv, "info")
+            if args.attn != "sdpa":
+                ours.set_attn_implementation("sdpa")
+                with torch.inference_mode():
+                    ts = cuda_time(lambda: ours.model.visual(pv, grid), args.repeats)
+                ours.set_attn_implementation(args.attn)
+                row("vision tower, ours with sdpa", ts, tvh, "s", tvh / ts, "info")
 
-        inp = to_cuda(bench_all.text_inputs(1))
-        hf_inp = to_cuda(bench_all.hf_kwargs(inp, config))
-        hf_b1 = decode_tps(theirs, hf_inp, new, args.repeats, True)
-        note = f"[roofline {roof:.0f} tok/s]"
-        if "decode" not in skip:
+        def hf_decode():
+            nonlocal hf_b1
+            hf_b1 = decode_tps(theirs, hf_inp, new, args.repeats, True)
+
+        def eager():
             e = decode_tps(ours, inp, new, args.repeats, False)
             row("decode b1 bf16 eager", e, hf_b1, "tok/s", e / hf_b1, ">= 1.1x", f"{note} {100 * e / roof:.0f}%")
-        if "compiled" not in skip:
+
+        def compiled():
+            nonlocal c
             c = decode_tps(ours, inp, new, args.repeats, False, compile=True)
             row("decode b1 bf16 compiled", c, hf_b1, "tok/s", c / hf_b1, ">= 1.1x", f"{note} {100 * c / roof:.0f}%")
-        if "hf_static" not in skip:
-            try:  # transformers' own compiled path (static cache + torch.compile), for reference
-                hs = decode_tps(theirs, hf_inp, new, args.repeats, True, cache_implementation="static")
-                if "compiled" not in skip:
-                    row("decode b1 compiled vs transformers static", c, hs, "tok/s", c / hs, "info")
-            except Exception as exc:  # not every transformers version supports it for this model
-                print(f"  transformers static-cache decode skipped: {type(exc).__name__}: {exc}", flush=True)
-        if "batch8" not in skip:
+
+        def hf_static():  # transformers' own compiled path (static cache + torch.compile), for reference
+            hs = decode_tps(theirs, hf_inp, new, args.repeats, True, cache_implementation="static")
+            if c is not None:
+                row("decode b1 compiled vs transformers static", c, hs, "tok/s", c / hs, "info")
+
+        def batch8():
             inp8 = to_cuda(bench_all.text_inputs(8))
             h8 = decode_tps(theirs, to_cuda(bench_all.hf_kwargs(inp8, config)), new, args.repeats, True)
             e8 = decode_tps(ours, inp8, new, args.repeats, False)
@@ -138,17 +162,26 @@ def main(argv=None) -> int:
             if "compiled" not in skip:
                 c8 = decode_tps(ours, inp8, new, args.repeats, False, compile=True)
                 row("decode batch 8 compiled", c8, h8, "tok/s", c8 / h8, ">= 1.5x")
+
+        for name, fn in (("ttft", ttft), ("hf_decode", hf_decode), ("decode", eager), ("compiled", compiled),
+                         ("hf_static", hf_static), ("batch8", batch8)):
+            if name not in skip:
+                section(name, fn)
         del theirs
         if "int8" not in skip:
             del ours
             torch.cuda.empty_cache()
-            q = Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype="bfloat16", device_map="cuda",
-                                                                quantization="int8", progress=False)
-            qe = decode_tps(q, inp, new, args.repeats, False)
-            row("decode b1 int8 eager vs hf bf16", qe, hf_b1, "tok/s", qe / hf_b1, ">= 1.7x")
-            if "compiled" not in skip:
-                qc = decode_tps(q, inp, new, args.repeats, False, compile=True)
-                row("decode b1 int8 compiled vs hf bf16", qc, hf_b1, "tok/s", qc / hf_b1, ">= 1.7x")
+
+            def int8():
+                q = Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype="bfloat16", device_map="cuda",
+                                                                    quantization="int8", progress=False)
+                qe = decode_tps(q, inp, new, args.repeats, False)
+                row("decode b1 int8 eager vs hf bf16", qe, hf_b1, "tok/s", qe / hf_b1, ">= 1.7x")
+                if "compiled" not in skip:
+                    qc = decode_tps(q, inp, new, args.repeats, False, compile=True)
+                    row("decode b1 int8 compiled vs hf bf16", qc, hf_b1, "tok/s", qc / hf_b1, ">= 1.7x")
+
+            section("int8", int8)
 
     table.print(f"target ({torch.cuda.get_device_name()})")
     print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "

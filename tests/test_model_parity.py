@@ -221,3 +221,29 @@ def test_bf16_vision_mlp_fused_activation_matches_torch_ops(monkeypatch):
         plain = model.model.visual(pv, grid).float()
     assert calls or cpu.library() is None
     assert (fused - plain).abs().max().item() <= 0.05 * plain.abs().max().item()
+
+
+def test_torch_varlen_adapter_follows_each_signature():
+    """flash_attention_2 without the flash-attn package runs PyTorch's varlen_attn, whose keywords changed across
+    releases (is_causal / window_size, scale, enable_gqa): the adapter passes each form the same meaning."""
+    from qwen2vl.model.attention import _torch_varlen_adapter
+
+    calls = []
+
+    def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        calls.append(("old", key.shape[1], is_causal, query.clone()))
+
+    def new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+            window_size=(-1, -1), enable_gqa=False):
+        calls.append(("new", key.shape[1], window_size, scale, enable_gqa))
+
+    q, k = torch.ones(5, 4, 16), torch.ones(5, 2, 16)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    _torch_varlen_adapter(old)(q, k, k, cu, cu, 5, 5, softmax_scale=0.5, causal=True)
+    _torch_varlen_adapter(new)(q, k, k, cu, cu, 5, 5, softmax_scale=0.5, causal=True)
+    _torch_varlen_adapter(new)(q, q, q, cu, cu, 5, 5, softmax_scale=0.25, causal=False)
+    kind, heads, causal, q_seen = calls[0]
+    assert (kind, heads, causal) == ("old", 4, True)           # K/V repeated to the query heads
+    assert torch.allclose(q_seen, torch.full_like(q, 0.5 * 4))  # scale folded into q (default 1/sqrt(16))
+    assert calls[1] == ("new", 2, (-1, 0), 0.5, True)
+    assert calls[2] == ("new", 4, (-1, -1), 0.25, False)

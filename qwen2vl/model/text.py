@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..kernels.cpu import Linear
 from ..kernels.cpu import rms_norm as rms_norm_kernel
-from .attention import text_attention
+from .attention import VarlenBatch, text_attention, varlen_batch
 from .cache import KVCache
 from .outputs import ModelOutput
 from .rope_index import text_positions_from_cache
@@ -70,7 +70,7 @@ class Qwen2VLAttention(nn.Module):
         self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False)
         self.attn_implementation = getattr(config, "attn_implementation", None) or "sdpa"
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, key_valid=None, query_valid=None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, varlen: VarlenBatch | None = None):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
@@ -80,7 +80,7 @@ class Qwen2VLAttention(nn.Module):
         k = k * c + rotate_half(k) * sn
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        o = text_attention(self.attn_implementation, q, k, v, mask, self.scale, key_valid, query_valid)
+        o = text_attention(self.attn_implementation, q, k, v, mask, self.scale, varlen=varlen)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -109,8 +109,8 @@ class Qwen2VLDecoderLayer(nn.Module):
         self.input_layernorm = Qwen2VLRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2VLRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, key_valid=None, query_valid=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, key_valid, query_valid)
+    def forward(self, x, cos, sin, mask, cache, varlen=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, varlen)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -137,7 +137,7 @@ def build_attention_mask(attention_mask: torch.Tensor | None, past: list[int], s
     query_valid = torch.ones(b, s, dtype=torch.bool, device=device) if attention_mask is None \
         else attention_mask[:, -s:].bool()
     uniform = len(set(past)) <= 1
-    if uniform and bool(key_valid.all()):
+    if uniform and (attention_mask is None or bool(key_valid.all())):  # no pads: no mask (and no sync)
         return None, key_valid, query_valid
     q_slot = past_t + torch.arange(s, device=device)[None, :]          # (B,S)
     mask = slots[None, None, :] <= q_slot[..., None]                    # causal (B,S,K)
@@ -195,15 +195,19 @@ class Qwen2VLTextModel(nn.Module):
             raise ValueError(f"position_ids must be (3, {b}, {s}), got {tuple(position_ids.shape)}")
 
         mask, key_valid, query_valid = build_attention_mask(attention_mask, past, s, device)
+        varlen = None
+        if device.type == "cuda" and self.layers and \
+                self.layers[0].self_attn.attn_implementation == "flash_attention_2":
+            # Where the real tokens sit, once for all layers (no host sync per layer).
+            varlen = varlen_batch(key_valid, query_valid, all_valid=mask is None)
         cos, sin = mrope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
                                  self.config.mrope_section, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, key_valid, query_valid,
-                                                      use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, varlen, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, key_valid, query_valid)
+                x = layer(x, cos, sin, mask, cache, varlen)
         x = self.norm(x)
         if cache is not None:
             added = [s] * b if new_mask is None else new_mask.sum(-1).tolist()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..kernels import cpu as cpu_kernels
 from ..kernels.cpu import PrepackedLinear
-from .attention import vision_attention
+from .attention import vision_attention, vision_segments
 from .rope_index import vision_cu_seqlens, vision_position_ids
 
 
@@ -71,7 +71,8 @@ class VisionAttention(nn.Module):
         if self.attn_implementation == "sdpa" and x.device.type == "cpu" and n >= 256:
             # Long segments on CPU: fused rotary + flash attention kernel, several times faster than
             # torch's CPU SDPA (which runs far below matmul speed without AMX).
-            o = cpu_kernels.vision_attention(qkv, cos, sin, self.num_heads, self.scale, cu_seqlens.tolist())
+            o = cpu_kernels.vision_attention(qkv, cos, sin, self.num_heads, self.scale,
+                                             vision_segments(cu_seqlens, x.device).bounds)
             if o is not None:
                 return self.proj(o)
         q, k, v = qkv.view(n, 3, self.num_heads, self.head_dim).unbind(1)
@@ -87,7 +88,7 @@ class VisionAttention(nn.Module):
 class VisionMlp(nn.Module):
     # Inference runs the MLP over row chunks: the (rows, 4*dim) hidden state of a whole large image is > 32 MB,
     # which glibc maps fresh (and the kernel zero-fills) on every call; 1024-row chunks are reused from the heap
-    # and stay in cache between fc1, the activation and fc2.
+    # and stay in cache between fc1, the activation and fc2. (CPU only: on a GPU they would only add launches.)
     CHUNK = 1024
 
     def __init__(self, dim: int, hidden: int, act: str):
@@ -98,7 +99,8 @@ class VisionMlp(nn.Module):
 
     def forward(self, x):
         n = x.shape[0]
-        if n <= self.CHUNK or (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 2:
+        if (n <= self.CHUNK or (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 2
+                or x.device.type != "cpu"):
             return self.fc2(self.act(self.fc1(x)))
         out = x.new_empty(n, self.fc2.out_features)
         fused = self.act is quick_gelu and x.dtype == torch.bfloat16 and self.fc1.bias is not None
@@ -182,7 +184,7 @@ class Qwen2VisionTransformerPretrainedModel(nn.Module):
         x = self.patch_embed(pixel_values)
         pos = vision_position_ids(grid_cpu, self.spatial_merge_size).to(x.device)
         cos, sin = vision_rotary(pos, self.config.embed_dim // self.config.num_heads)
-        cu_seqlens = vision_cu_seqlens(grid_cpu)
+        cu_seqlens = vision_segments(vision_cu_seqlens(grid_cpu), x.device)  # once, not per layer
         for blk in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, cu_seqlens, cos, sin, use_reentrant=False)
