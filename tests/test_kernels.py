@@ -9,11 +9,12 @@ needs_kernel = pytest.mark.skipif(cpu.library() is None, reason="no AVX512F CPU 
 
 
 @needs_kernel
+@pytest.mark.parametrize("k", [96, 416])  # 416 = 3 x 128 + 32: the one-row kernel's unrolled loop and its tail
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
-def test_bf16_gemv_matches_fp32_reference(rows):
+def test_bf16_gemv_matches_fp32_reference(rows, k):
     torch.manual_seed(0)
-    lin = cpu.Linear(96, 40, bias=True).to(torch.bfloat16)
-    x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
+    lin = cpu.Linear(k, 40, bias=True).to(torch.bfloat16)
+    x = torch.randn(rows, 1, k, dtype=torch.bfloat16)
     with torch.no_grad():
         got = lin(x)
     ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
@@ -238,3 +239,27 @@ def test_rms_norm_kernel_matches_reference_ops():
     assert got.dtype == torch.bfloat16 and (got == ref).float().mean().item() >= 0.999
     assert ((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7).all()
     assert cpu.rms_norm(x.float(), w, 1e-6) is None and cpu.rms_norm(x[..., :150].contiguous(), w[:150], 1e-6) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("b, s, h, d", [(1, 1, 12, 128), (2, 70, 3, 16), (1, 300, 12, 128)])
+def test_rope_kernel_is_bit_identical_to_reference_ops(b, s, h, d):
+    """Decoder rotary embedding in one call per tensor: bf16 x*cos + rotate_half(x)*sin, bit for bit (the kernel
+    rounds after each of the three ops as torch does); other dtypes / layouts fall back (None)."""
+    from qwen2vl.model.vision import rotate_half
+
+    torch.manual_seed(0)
+    x = torch.randn(b, s, h * d, dtype=torch.bfloat16) * 3
+    f = torch.randn(b, s, d // 2) * 50
+    f = torch.cat([f, f], -1)
+    cos, sin = f.cos().bfloat16(), f.sin().bfloat16()
+    got = cpu.rope(x, cos, sin, d)
+    xv = x.view(b, s, h, d).transpose(1, 2)
+    ref = (xv * cos.unsqueeze(1) + rotate_half(xv) * sin.unsqueeze(1)).transpose(1, 2).reshape(b, s, h * d)
+    assert torch.equal(got, ref)
+    assert cpu.rope(x.float(), cos, sin, d) is None
+    assert cpu.rope(x, cos.float(), sin.float(), d) is None
+    wide = torch.randn(2, 3, 2 * h * d, dtype=torch.bfloat16)
+    c3 = torch.ones(2, 3, d, dtype=torch.bfloat16)
+    assert cpu.rope(wide[..., :h * d], c3, c3, d) is None  # not contiguous
+    assert cpu.rope(wide[..., :h * d].contiguous(), c3, c3, d) is not None

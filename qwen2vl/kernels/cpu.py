@@ -90,6 +90,8 @@ def _build() -> ctypes.CDLL | None:
     lib.prefill_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 15 + [ctypes.c_float, ctypes.c_int])
     lib.rms_norm.restype = ctypes.c_int
     lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+    lib.rope_bf16.restype = ctypes.c_int
+    lib.rope_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.bias_quick_gelu.restype = ctypes.c_int
     lib.bias_quick_gelu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.vision_attention.restype = ctypes.c_int
@@ -169,8 +171,48 @@ def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
     return out
 
 
+_DP_GEMV: list = []  # [lib.gemv_bf16_dp or None], resolved on first use
+
+
+def _dp_gemv():
+    if not _DP_GEMV:
+        lib = library()
+        _DP_GEMV.append(lib.gemv_bf16_dp if lib is not None and has_avx512bf16() else None)
+    return _DP_GEMV[0]
+
+
+def _decode_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The common decoding case of `linear` with the fewest Python steps (a decode step makes ~200 of these
+    calls): bf16 x of 1..MAX_ROWS rows on an AVX512-BF16 CPU, contiguous bf16 weight and bias, no autograd.
+    Same kernel and result as the general path below; None when any condition fails."""
+    if x.dtype is not torch.bfloat16 or weight.dtype is not torch.bfloat16 or x.device.type != "cpu":
+        return None
+    fn = _dp_gemv()
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if (fn is None or not 0 < rows <= MAX_ROWS or k % 32 or weight.device.type != "cpu"
+            or not weight.is_contiguous() or weight.shape[1] != k):
+        return None
+    if bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_contiguous()):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    xin = x.reshape(rows, k)
+    if not xin.is_contiguous():
+        xin = xin.contiguous()
+    n = weight.shape[0]
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    if fn(xin.data_ptr(), weight.data_ptr(), None, out.data_ptr(), rows, n, k, torch.get_num_threads(),
+          None if bias is None else bias.data_ptr(), 1) != 0:
+        return None
+    return out.view(*x.shape[:-1], n)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with the bf16 few-rows case on the CPU kernel. x (..., K), weight (N, K)."""
+    y = _decode_gemv(x, weight, bias)
+    if y is not None:
+        return y
     if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _usable(x, weight):
         fusable_bias = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
         if _dot_products("gemv_bf16", x) and fusable_bias:
@@ -196,7 +238,8 @@ class Linear(torch.nn.Linear):
     """nn.Linear (same parameters and state-dict keys) whose inference forward uses the decode kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        y = _decode_gemv(x, self.weight, self.bias)
+        return y if y is not None else linear(x, self.weight, self.bias)
 
 
 PREPACK_MIN_ROWS = 64
@@ -353,4 +396,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     out = torch.empty_like(x)
     rc = library().rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, ctypes.c_float(eps),
                             torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor | None:
+    """The decoder's rotary embedding in one kernel call: x (B,S,H*D) bf16 projection output, cos/sin (B,S,D)
+    bf16 → per head x*cos + rotate_half(x)*sin, bit-identical to those bf16 torch ops; None when it cannot run."""
+    if x.dtype is not torch.bfloat16 or cos.dtype is not torch.bfloat16 or sin.dtype is not torch.bfloat16:
+        return None
+    if x.device.type != "cpu" or x.dim() != 3 or cos.shape != (*x.shape[:2], head_dim) or sin.shape != cos.shape:
+        return None
+    if x.shape[-1] % head_dim or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    out = torch.empty_like(x)
+    rows = x.shape[0] * x.shape[1]
+    rc = lib.rope_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), rows, x.shape[-1] // head_dim,
+                       head_dim, torch.get_num_threads())
     return out if rc == 0 else None

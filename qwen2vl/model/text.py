@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..kernels.cpu import Linear
 from ..kernels.cpu import rms_norm as rms_norm_kernel
+from ..kernels.cpu import rope as rope_kernel
 from .attention import VarlenBatch, text_attention, varlen_batch
 from .cache import KVCache
 from .outputs import ModelOutput
@@ -72,12 +73,17 @@ class Qwen2VLAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, varlen: VarlenBatch | None = None):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * c + rotate_half(q) * sn
-        k = k * c + rotate_half(k) * sn
+        d = self.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        qr = rope_kernel(q, cos, sin, d) if x.device.type == "cpu" else None  # bf16 on CPU: one call each
+        kr = rope_kernel(k, cos, sin, d) if qr is not None else None
+        q, k, v = (t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
+        if kr is not None:
+            q, k = qr.view(b, s, -1, d).transpose(1, 2), kr.view(b, s, -1, d).transpose(1, 2)
+        else:
+            c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
+            q = q * c + rotate_half(q) * sn
+            k = k * c + rotate_half(k) * sn
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         o = text_attention(self.attn_implementation, q, k, v, mask, self.scale, varlen=varlen)
