@@ -10,6 +10,7 @@ Set QWEN2VL_DISABLE_KERNELS=1 to always use torch.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -145,24 +146,21 @@ def _dot_products(name: str, x: torch.Tensor) -> bool:
             and has_avx512bf16())
 
 
-def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y (rows, N) = x @ W.T (* scale). gemv_bf16 on the dot-product path returns bf16 with `bias` (contiguous
-    bf16) fused; everything else returns fp32 and leaves the bias to the caller."""
+def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """y (rows, N) = x @ W.T (* scale), no bias. gemv_bf16 on the dot-product path returns bf16, everything else
+    fp32. (`_decode_gemv` is the bf16 path with the bias fused.)"""
     k = x.shape[-1]
     rows = _rows(x)
     if _dot_products(name, x):
         xin = x.reshape(-1, k).contiguous()   # bf16 activations, BF16 dot products
         bf16_out = name == "gemv_bf16"
         out = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16 if bf16_out else torch.float32)
-        extra = (None if bias is None else bias.data_ptr(), int(bf16_out))
+        extra = (None, int(bf16_out))
         name += "_dp"
     else:
         xin = x.reshape(-1, k).to(torch.float32).contiguous()
         out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
         extra = ()
-    if bias is not None and not (extra and extra[1] and bias.dtype == torch.bfloat16 and bias.is_contiguous()):
-        raise ValueError(f"{name}: a bias is only fused for bf16 outputs, as a contiguous bf16 tensor")
     rc = getattr(library(), name)(xin.data_ptr(), weight.data_ptr(),
                                   None if scale is None else scale.data_ptr(), out.data_ptr(),
                                   rows, weight.shape[0], k, torch.get_num_threads(), *extra)
@@ -171,20 +169,17 @@ def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
     return out
 
 
-_DP_GEMV: list = []  # [lib.gemv_bf16_dp or None], resolved on first use
-
-
+@functools.cache
 def _dp_gemv():
-    if not _DP_GEMV:
-        lib = library()
-        _DP_GEMV.append(lib.gemv_bf16_dp if lib is not None and has_avx512bf16() else None)
-    return _DP_GEMV[0]
+    """lib.gemv_bf16_dp, or None without the library or AVX512-BF16 (resolved once)."""
+    lib = library()
+    return lib.gemv_bf16_dp if lib is not None and has_avx512bf16() else None
 
 
 def _decode_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The common decoding case of `linear` with the fewest Python steps (a decode step makes ~200 of these
-    calls): bf16 x of 1..MAX_ROWS rows on an AVX512-BF16 CPU, contiguous bf16 weight and bias, no autograd.
-    Same kernel and result as the general path below; None when any condition fails."""
+    """The decoding case of `linear` with the fewest Python steps (a decode step makes ~200 of these calls):
+    bf16 x of 1..MAX_ROWS rows on an AVX512-BF16 CPU, contiguous bf16 weight and bias, no autograd; bias added
+    and bf16 written in the kernel's epilogue. None when any condition fails."""
     if x.dtype is not torch.bfloat16 or weight.dtype is not torch.bfloat16 or x.device.type != "cpu":
         return None
     fn = _dp_gemv()
@@ -214,15 +209,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if y is not None:
         return y
     if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _usable(x, weight):
-        fusable_bias = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
-        if _dot_products("gemv_bf16", x) and fusable_bias:
-            y = _call("gemv_bf16", x, weight, None, bias)     # bf16 out, bias fused: no extra torch ops
-        else:
-            y = _call("gemv_bf16", x, weight, None)
-            if bias is not None:
-                y += bias.float()
-            y = y.to(x.dtype)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        # No BF16 dot products, K % 32 != 0 or a bias that cannot be fused: the bias is added here.
+        y = _call("gemv_bf16", x, weight, None)
+        if bias is not None:
+            y += bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -238,8 +229,7 @@ class Linear(torch.nn.Linear):
     """nn.Linear (same parameters and state-dict keys) whose inference forward uses the decode kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _decode_gemv(x, self.weight, self.bias)
-        return y if y is not None else linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 PREPACK_MIN_ROWS = 64

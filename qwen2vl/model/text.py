@@ -28,10 +28,9 @@ class Qwen2VLRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            y = rms_norm_kernel(x, self.weight, self.variance_epsilon)  # one call instead of eight ops
-            if y is not None:
-                return y
+        y = rms_norm_kernel(x, self.weight, self.variance_epsilon)  # bf16 on CPU: one call instead of eight ops
+        if y is not None:
+            return y
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -75,12 +74,12 @@ class Qwen2VLAttention(nn.Module):
         b, s, _ = x.shape
         d = self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        qr = rope_kernel(q, cos, sin, d) if x.device.type == "cpu" else None  # bf16 on CPU: one call each
+        qr = rope_kernel(q, cos, sin, d)  # bf16 on CPU: one kernel call each, else None
         kr = rope_kernel(k, cos, sin, d) if qr is not None else None
-        q, k, v = (t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
         if kr is not None:
-            q, k = qr.view(b, s, -1, d).transpose(1, 2), kr.view(b, s, -1, d).transpose(1, 2)
-        else:
+            q, k = qr, kr
+        q, k, v = (t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
+        if kr is None:
             c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
             q = q * c + rotate_half(q) * sn
             k = k * c + rotate_half(k) * sn
