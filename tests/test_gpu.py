@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from test_generation import model  # noqa: F401  (fixture: the tiny model with std-0.2 weights, on the CPU)
 from tiny import IMG, PAD, left_pad, mm_token_type_ids, oracle_from, pixels, sample, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -29,17 +30,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def scaled_model(seed=0):
-    """The tiny model with std-0.2 weights (diverse greedy continuations, as in test_generation)."""
-    m = tiny_model(seed=seed, merge_size=MERGE, mrope_section=(4, 2, 2), tie=False)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
 
 
 def mixed_batch():
@@ -148,10 +138,9 @@ def test_flash_attention_2_model_matches_sdpa_prefill_and_decode(padded):
         assert err_fa <= 2 * err_sd + 2e-3, (j, err_fa, err_sd)
 
 
-def test_load_on_cuda_with_flash_attention_2(tmp_path):
+def test_load_on_cuda_with_flash_attention_2(model, tmp_path):
     from qwen2vl import Qwen2VLForConditionalGeneration
 
-    model = scaled_model()
     model.save_pretrained(tmp_path)
     m = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, device_map="cuda", dtype="bfloat16",
                                                         attn_implementation="flash_attention_2", progress=False)
@@ -167,9 +156,8 @@ def test_load_on_cuda_with_flash_attention_2(tmp_path):
 
 # --------------------------------------------------------------------------------------------- oracle parity
 @pytest.fixture(scope="module")
-def pair():
-    model = scaled_model()
-    return model.cuda(), oracle_from(model, attn="eager").cuda()
+def pair(model):
+    return copy.deepcopy(model).cuda(), oracle_from(model, attn="eager").cuda()
 
 
 def test_cuda_forward_matches_oracle_on_cuda(pair):
