@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qwen2vl.kernels import cpu  # noqa: E402
+from qwen2vl.kernels import cpu, cpu_ops  # noqa: E402
 from qwen2vl.model.vision import rotate_half, vision_rotary  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def main():
             return F.scaled_dot_product_attention(q.transpose(0, 1), kk.transpose(0, 1), v.transpose(0, 1))
 
         t_ref = best(reference, 3)
-        t_ker = best(lambda: cpu.vision_attention(qkv, cos, sin, heads, dim ** -0.5, [0, length]), 3)
+        t_ker = best(lambda: cpu_ops.vision_attention(qkv, cos, sin, heads, dim ** -0.5, [0, length]), 3)
         print(f"vision attention, {length} tokens: torch (rotary + SDPA) {t_ref * 1e3:.0f} ms, "
               f"kernel {t_ker * 1e3:.0f} ms, {t_ref / t_ker:.2f}x")
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from qwen2vl.kernels import cpu
+from qwen2vl.kernels import cpu, cpu_ops
 from qwen2vl.quantization import Int8WeightOnlyLinear
 
 needs_kernel = pytest.mark.skipif(cpu.library() is None, reason="no AVX512F CPU or no C compiler")
@@ -67,7 +67,7 @@ def test_vision_attention_kernel_matches_reference(dtype, d):
     qkv = torch.randn(n, 3 * h * d).to(dtype)
     pos = torch.randint(0, 20, (n, 2))
     cos, sin = vision_rotary(pos, d)
-    got = cpu.vision_attention(qkv, cos, sin, h, d ** -0.5, cu)
+    got = cpu_ops.vision_attention(qkv, cos, sin, h, d ** -0.5, cu)
     q, k, v = qkv.view(n, 3, h, d).unbind(1)
     q = (q.float() * cos[:, None] + rotate_half(q.float()) * sin[:, None]).to(dtype)
     k = (k.float() * cos[:, None] + rotate_half(k.float()) * sin[:, None]).to(dtype)
@@ -93,18 +93,18 @@ def test_vision_tower_with_kernel_matches_oracle():
     grid = torch.tensor([[2, 16, 18]])
     pv = pixels(grid.tolist())
     calls = []
-    original = cpu.vision_attention
+    original = cpu_ops.vision_attention
 
     def spy(*a, **kw):
         calls.append(a[-1])
         return original(*a, **kw)
 
-    cpu.vision_attention = spy
+    cpu_ops.vision_attention = spy
     try:
         with torch.no_grad():
             ours = model.model.visual(pv, grid)
     finally:
-        cpu.vision_attention = original
+        cpu_ops.vision_attention = original
     with torch.no_grad():
         ref = hf.model.visual(pv, grid_thw=grid).pooler_output
     assert len(calls) == 2 and calls[0] == [0, 288, 576]
@@ -129,14 +129,14 @@ def test_decode_attention_kernel_matches_reference(b, hq, hkv, klen, d, masked):
     if masked:
         mask = torch.rand(b, 1, 1, klen) > 0.3
         mask[..., 0] = True
-    got = cpu.decode_attention(q, k, v, mask, d ** -0.5)
+    got = cpu_ops.decode_attention(q, k, v, mask, d ** -0.5)
     rep = hq // hkv
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1), attn_mask=mask,
         scale=d ** -0.5)
     assert got.shape == (b, hq, 1, d) and got.dtype == torch.bfloat16
     assert (got.float() - ref).abs().max().item() <= 1e-2
-    assert cpu.decode_attention(q.float(), k.float(), v.float(), mask, d ** -0.5) is None  # fp32: SDPA instead
+    assert cpu_ops.decode_attention(q.float(), k.float(), v.float(), mask, d ** -0.5) is None  # fp32: SDPA instead
 
 
 @needs_kernel
@@ -148,14 +148,17 @@ def test_bf16_generation_with_decode_kernel_equals_sdpa_path(monkeypatch):
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import left_pad, tiny_model
 
+    from qwen2vl.model import text
+
     model = tiny_model(mrope_section=(4, 2, 2)).to(torch.bfloat16)
     ids, mask = left_pad([[15, 17, 33, 8, 61, 12, 9], [44, 13, 70]])
     calls = []
-    original = cpu.decode_attention
-    monkeypatch.setattr(cpu, "decode_attention", lambda *a: calls.append(1) or original(*a))
+    original = cpu_ops.decode_attention
+    monkeypatch.setattr(text, "fused_decode_step", lambda *a: None)  # the per-op path (the fused one: own test)
+    monkeypatch.setattr(cpu_ops, "decode_attention", lambda *a: calls.append(1) or original(*a))
     with torch.no_grad():
         fast = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
-    monkeypatch.setattr(cpu, "decode_attention", lambda *a: None)
+    monkeypatch.setattr(cpu_ops, "decode_attention", lambda *a: None)
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     assert calls and torch.equal(fast, ref)
@@ -176,7 +179,7 @@ def test_prefill_attention_kernel_matches_reference(b, hq, hkv, s, past, d):
     k = torch.randn(b, hkv, past + s + 10, d).bfloat16()[:, :, :past + s]
     v = torch.randn(b, hkv, past + s + 10, d).bfloat16()[:, :, :past + s]
     q = torch.randn(b, s, hq, d).bfloat16().transpose(1, 2)
-    got = cpu.prefill_attention(q, k, v, d ** -0.5)
+    got = cpu_ops.prefill_attention(q, k, v, d ** -0.5)
     rep = hq // hkv
     mask = torch.ones(s, past + s, dtype=torch.bool).tril(past)
     ref = torch.nn.functional.scaled_dot_product_attention(
@@ -195,10 +198,10 @@ def test_bias_quick_gelu_kernel_matches_reference():
     bias = torch.randn(160).bfloat16()
     ref = quick_gelu(x.float() + bias.float())
     y = x.clone()
-    assert cpu.bias_quick_gelu_(y, bias)
+    assert cpu_ops.bias_quick_gelu_(y, bias)
     assert ((y.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6).all()
-    assert not cpu.bias_quick_gelu_(x.float(), bias)  # fp32: the torch path instead
-    assert not cpu.bias_quick_gelu_(x[:, :150].contiguous(), bias[:150])  # width not a multiple of 16
+    assert not cpu_ops.bias_quick_gelu_(x.float(), bias)  # fp32: the torch path instead
+    assert not cpu_ops.bias_quick_gelu_(x[:, :150].contiguous(), bias[:150])  # width not a multiple of 16
 
 
 def test_prepacked_linear_is_linear_and_follows_weight_changes():
@@ -233,12 +236,12 @@ def test_rms_norm_kernel_matches_reference_ops():
     torch.manual_seed(0)
     x = (torch.randn(3, 70, 160) * 3).bfloat16()
     w = torch.randn(160).bfloat16()
-    got = cpu.rms_norm(x, w, 1e-6)
+    got = cpu_ops.rms_norm(x, w, 1e-6)
     x32 = x.float()
     ref = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and (got == ref).float().mean().item() >= 0.999
     assert ((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7).all()
-    assert cpu.rms_norm(x.float(), w, 1e-6) is None and cpu.rms_norm(x[..., :150].contiguous(), w[:150], 1e-6) is None
+    assert cpu_ops.rms_norm(x.float(), w, 1e-6) is None and cpu_ops.rms_norm(x[..., :150].contiguous(), w[:150], 1e-6) is None
 
 
 @needs_kernel
@@ -253,13 +256,37 @@ def test_rope_kernel_is_bit_identical_to_reference_ops(b, s, h, d):
     f = torch.randn(b, s, d // 2) * 50
     f = torch.cat([f, f], -1)
     cos, sin = f.cos().bfloat16(), f.sin().bfloat16()
-    got = cpu.rope(x, cos, sin, d)
+    got = cpu_ops.rope(x, cos, sin, d)
     xv = x.view(b, s, h, d).transpose(1, 2)
     ref = (xv * cos.unsqueeze(1) + rotate_half(xv) * sin.unsqueeze(1)).transpose(1, 2).reshape(b, s, h * d)
     assert torch.equal(got, ref)
-    assert cpu.rope(x.float(), cos, sin, d) is None
-    assert cpu.rope(x, cos.float(), sin.float(), d) is None
+    assert cpu_ops.rope(x.float(), cos, sin, d) is None
+    assert cpu_ops.rope(x, cos.float(), sin.float(), d) is None
     wide = torch.randn(2, 3, 2 * h * d, dtype=torch.bfloat16)
     c3 = torch.ones(2, 3, d, dtype=torch.bfloat16)
-    assert cpu.rope(wide[..., :h * d], c3, c3, d) is None  # not contiguous
-    assert cpu.rope(wide[..., :h * d].contiguous(), c3, c3, d) is not None
+    assert cpu_ops.rope(wide[..., :h * d], c3, c3, d) is None  # not contiguous
+    assert cpu_ops.rope(wide[..., :h * d].contiguous(), c3, c3, d) is not None
+
+
+@needs_kernel
+def test_silu_mul_kernel_is_bit_identical_to_torch():
+    """The decoder MLP's activation in one pass: bf16(bf16(silu(gate)) * up) equals torch's bf16
+    F.silu(gate).mul_(up) bit for bit, over normal values at several scales and the edges (inf, nan, -0,
+    gates below -87 where silu underflows to zero)."""
+    torch.manual_seed(0)
+    for scale in (1.0, 6.0, 60.0):
+        gate = (torch.randn(3, 8192) * scale).bfloat16()
+        up = torch.randn(3, 8192).bfloat16()
+        ref = torch.nn.functional.silu(gate).mul_(up)
+        got = gate.clone()
+        assert cpu_ops.silu_mul_(got, up)
+        assert torch.equal(got, ref)
+    edge = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, -87.5, -88.8, -200.0, 88.8,
+                         1e-30, -1e-30, 3.0, -3.0, 20.0, -20.0, 0.5]).bfloat16()
+    got = edge.clone()
+    assert cpu_ops.silu_mul_(got, torch.ones_like(edge))
+    ref = torch.nn.functional.silu(edge)
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[~ref.isnan()], ref[~ref.isnan()])
+    assert not cpu_ops.silu_mul_(gate.float(), up.float())                 # fp32: the torch ops instead
+    assert not cpu_ops.silu_mul_(gate[:, :8], up[:, :8])                   # not contiguous
+    assert not cpu_ops.silu_mul_(gate[:1, :40].contiguous(), up[:1, :40].contiguous())  # 40 % 16 != 0

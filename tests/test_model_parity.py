@@ -204,7 +204,7 @@ def test_vision_mlp_row_chunks_match_oracle(monkeypatch):
 def test_bf16_vision_mlp_fused_activation_matches_torch_ops(monkeypatch):
     """bf16 inference: fc1 without bias + the fused bias/quick_gelu kernel gives the tower of the plain torch ops
     (fc1 with bias, quick_gelu) up to bf16 rounding."""
-    from qwen2vl.kernels import cpu
+    from qwen2vl.kernels import cpu, cpu_ops
     from qwen2vl.model.vision import VisionMlp
 
     monkeypatch.setattr(VisionMlp, "CHUNK", 100)
@@ -212,11 +212,11 @@ def test_bf16_vision_mlp_fused_activation_matches_torch_ops(monkeypatch):
     grid = torch.tensor([[2, 16, 18]])
     pv = pixels(grid.tolist()).to(torch.bfloat16)
     calls = []
-    original = cpu.bias_quick_gelu_
-    monkeypatch.setattr(cpu, "bias_quick_gelu_", lambda *a: calls.append(1) or original(*a))
+    original = cpu_ops.bias_quick_gelu_
+    monkeypatch.setattr(cpu_ops, "bias_quick_gelu_", lambda *a: calls.append(1) or original(*a))
     with torch.no_grad():
         fused = model.model.visual(pv, grid).float()
-    monkeypatch.setattr(cpu, "bias_quick_gelu_", lambda *a: False)
+    monkeypatch.setattr(cpu_ops, "bias_quick_gelu_", lambda *a: False)
     with torch.no_grad():
         plain = model.model.visual(pv, grid).float()
     assert calls or cpu.library() is None

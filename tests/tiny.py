@@ -11,10 +11,10 @@ PAD, VS, IMG, VID, VE = 0, 3, 4, 5, 6
 
 
 def tiny_config(merge_size: int = 2, mrope_section=(2, 1, 1), tie: bool = True, vocab: int = 99,
-                layers: int = 2, attn: str = "sdpa") -> Qwen2VLConfig:
+                layers: int = 2, attn: str = "sdpa", intermediate: int = 37) -> Qwen2VLConfig:
     head_dim = 2 * sum(mrope_section)
     return Qwen2VLConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=4 * head_dim, intermediate_size=37,
+        text_config=dict(vocab_size=vocab, hidden_size=4 * head_dim, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
                          rope_scaling={"type": "mrope", "mrope_section": list(mrope_section)},

@@ -1,5 +1,5 @@
-"""CPU kernels via a small C library: bf16 / int8 weight GEMV for the few-rows case (decoding), attention
-(vision tower, text prefill, decoding) and the vision MLP activation.
+"""CPU kernels via a small C library: building it, and the bf16 / int8 weight GEMV for the few-rows case
+(decoding) behind `linear` / `Linear`. The attention and elementwise kernels' wrappers are in `cpu_ops.py`.
 
 PyTorch's bf16 matmul with 1-8 activation rows reads weights at a fraction of memory bandwidth on CPUs without
 AMX (measured here: 3-5 GB/s vs ~20 GB/s), and decoding is nothing but such matmuls. `cpu_gemv.c` is compiled
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-_SRCS = [Path(__file__).with_name(n) for n in ("cpu_gemv.c", "cpu_attention.c", "cpu_decode.c")]
+_SRCS = [Path(__file__).with_name(n) for n in ("cpu_gemv.c", "cpu_attention.c", "cpu_decode.c", "cpu_layer.c")]
 _HEADERS = [Path(__file__).with_name("cpu_common.h")]
 _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-shared", "-fPIC"]
 MAX_ROWS = 8
@@ -95,6 +95,11 @@ def _build() -> ctypes.CDLL | None:
     lib.rope_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.bias_quick_gelu.restype = ctypes.c_int
     lib.bias_quick_gelu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.silu_mul.restype = ctypes.c_int
+    lib.silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.decode_layers.restype = ctypes.c_int
+    lib.decode_layers.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] +
+                                  [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_float] * 2 + [ctypes.c_int])
     lib.vision_attention.restype = ctypes.c_int
     lib.vision_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 +
                                      [ctypes.c_float, ctypes.c_int, ctypes.c_int])
@@ -269,142 +274,3 @@ class PrepackedLinear(torch.nn.Linear):
         if packed is None:
             return F.linear(x, self.weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-
-def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, scale: float,
-                     cu_seqlens: list[int]) -> torch.Tensor | None:
-    """Fused 2-D rotary + block-diagonal attention of the vision tower.
-
-    qkv (N, 3*H*D) raw projection output (bf16 or fp32), cos/sin (N, D) fp32, cu_seqlens segment offsets.
-    Returns (N, H*D) in qkv's dtype, or None when the kernel cannot run (the caller then uses SDPA).
-    """
-    n = qkv.shape[0]
-    d = qkv.shape[1] // (3 * num_heads)
-    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or d % 16 or d > 128:
-        return None
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        return None
-    if library() is None:
-        return None
-    is_bf16 = qkv.dtype == torch.bfloat16
-    if is_bf16 and not has_avx512bf16():
-        return None
-    qkv = qkv.contiguous()
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    out = torch.empty(n, num_heads * d, dtype=qkv.dtype)
-    row_q, row_o = qkv.shape[1] * qkv.element_size(), out.shape[1] * out.element_size()
-    for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        rc = library().vision_attention(qkv.data_ptr() + a * row_q, cos.data_ptr() + a * d * 4,
-                                        sin.data_ptr() + a * d * 4, out.data_ptr() + a * row_o,
-                                        b - a, num_heads, d, ctypes.c_float(scale), int(is_bf16),
-                                        torch.get_num_threads())
-        if rc != 0:
-            return None
-    return out
-
-
-def _bf16_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """q (B, Hq, S, D), k/v (B, Hkv, K, D) the text attention kernels take: bf16 on CPU, D % 16 == 0 and <= 128,
-    Hq a multiple of Hkv, D contiguous, no autograd, kernels built."""
-    d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
-    if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
-        return False
-    if d % 16 or d > 128 or hq % hkv or any(t.stride(-1) != 1 for t in (q, k, v)):
-        return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False
-    return library() is not None
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor | None:
-    """Attention of one new token per row over the KV cache (bf16, CPU), or None when the kernel cannot run.
-
-    q (B, Hq, 1, D); k/v (B, Hkv, K, D), views of the cache (strided rows are fine, D contiguous); mask (B, 1, 1, K)
-    boolean (True = attend) or None (all K keys). Returns (B, Hq, 1, D) bf16."""
-    b, hq, s, d = q.shape
-    hkv, klen = k.shape[1], k.shape[2]
-    if s != 1 or klen == 0 or not _bf16_attention_inputs(q, k, v):
-        return None
-    m = None
-    if mask is not None:
-        if mask.dtype != torch.bool or mask.numel() != b * klen:
-            return None
-        m = mask.reshape(b, klen).to(torch.uint8).contiguous()
-    out = torch.empty(b, hq, 1, d, dtype=torch.bfloat16)
-    rc = library().decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
-                                    out.data_ptr(), b, hq, hkv, klen, d, q.stride(0), q.stride(1),
-                                    k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                                    ctypes.c_float(scale), torch.get_num_threads())
-    return out if rc == 0 else None
-
-
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """Causal attention of S new tokens per row over past + S cached keys, every row alike (no padding), bf16 on
-    CPU; None when the kernel cannot run.
-
-    q (B, Hq, S, D); k/v (B, Hkv, K, D) with K >= S, any strides with D contiguous. Returns (B, Hq, S, D) bf16 (a
-    transposed view of a (B, S, Hq, D) buffer, so the output projection needs no copy)."""
-    b, hq, s, d = q.shape
-    hkv, klen = k.shape[1], k.shape[2]
-    if s < 1 or klen < s or not has_avx512bf16() or not _bf16_attention_inputs(q, k, v):
-        return None
-    out = torch.empty(b, s, hq, d, dtype=torch.bfloat16)
-    rc = library().prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, hq, hkv, s, klen, d,
-                                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                                     v.stride(0), v.stride(1), v.stride(2), ctypes.c_float(scale),
-                                     torch.get_num_threads())
-    return out.transpose(1, 2) if rc == 0 else None
-
-
-def bias_quick_gelu_(x: torch.Tensor, bias: torch.Tensor) -> bool:
-    """In place x = quick_gelu(x + bias) for a contiguous bf16 CPU x (rows, N); False (x untouched) when the
-    kernel cannot run."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
-        return False
-    if x.shape[1] % 16 or bias.shape != (x.shape[1],) or (torch.is_grad_enabled() and x.requires_grad):
-        return False
-    if library() is None:
-        return False
-    b = bias.detach().float().contiguous()
-    return library().bias_quick_gelu(x.data_ptr(), b.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads()) == 0
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """The decoder's RMSNorm for bf16 x (..., N) and bf16 weight on CPU in one kernel call (the reference's
-    roundings: fp32 statistics, bf16 before the weight multiply); None when the kernel cannot run."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
-        return None
-    n = x.shape[-1]
-    if n % 16 or not x.is_contiguous() or not weight.is_contiguous() or weight.shape != (n,):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return None
-    if library() is None:
-        return None
-    out = torch.empty_like(x)
-    rc = library().rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, ctypes.c_float(eps),
-                            torch.get_num_threads())
-    return out if rc == 0 else None
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor | None:
-    """The decoder's rotary embedding in one kernel call: x (B,S,H*D) bf16 projection output, cos/sin (B,S,D)
-    bf16 → per head x*cos + rotate_half(x)*sin, bit-identical to those bf16 torch ops; None when it cannot run."""
-    if x.dtype is not torch.bfloat16 or cos.dtype is not torch.bfloat16 or sin.dtype is not torch.bfloat16:
-        return None
-    if x.device.type != "cpu" or x.dim() != 3 or cos.shape != (*x.shape[:2], head_dim) or sin.shape != cos.shape:
-        return None
-    if x.shape[-1] % head_dim or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
-        return None
-    if torch.is_grad_enabled() and x.requires_grad:
-        return None
-    lib = library()
-    if lib is None:
-        return None
-    out = torch.empty_like(x)
-    rows = x.shape[0] * x.shape[1]
-    rc = lib.rope_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), rows, x.shape[-1] // head_dim,
-                       head_dim, torch.get_num_threads())
-    return out if rc == 0 else None

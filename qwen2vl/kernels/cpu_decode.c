@@ -154,3 +154,28 @@ int rope_bf16(const uint16_t *x, const uint16_t *cs, const uint16_t *sn, uint16_
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------ decoder MLP activation
+ * In place on bf16 gate (n): gate = bf16(bf16(silu(gate)) * up), the two roundings of torch's bf16
+ * F.silu(gate).mul_(up); silu in fp32 as x / (1 + exp(-x)). n % 16 == 0. */
+int silu_mul(uint16_t *gate, const uint16_t *up, int64_t n, int nthreads) {
+    if (n % 16 != 0) return -1;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n >= 65536)
+    for (int64_t c = 0; c < n; c += 16) {
+        __m512 g = bf16x16(gate + c);
+        __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));   /* exp(-|g|) */
+        __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+        /* g >= 0: g / (1 + e); g < 0: g * e / (1 + e) (exp(-g) would overflow) */
+        __m512 num = _mm512_mask_mul_ps(g, neg, g, e);
+        __m512 s = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        float t[16];
+        _mm512_storeu_ps(t, s);
+        if (_mm512_cmp_ps_mask(g, _mm512_set1_ps(-87.0f), _CMP_LT_OQ))  /* beyond exp_nonpos's range: as torch */
+            for (int i = 0; i < 16; i++) {
+                float x = bf16_to_f32(gate[c + i]);
+                if (x < -87.0f) t[i] = x / (1.0f + expf(-x));
+            }
+        for (int i = 0; i < 16; i++) gate[c + i] = f32_to_bf16(round_bf16(t[i]) * bf16_to_f32(up[c + i]));
+    }
+    return 0;
+}

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..kernels import cpu as cpu_kernels
+from ..kernels import cpu_ops as cpu_kernels
 
 
 BACKENDS = ("sdpa", "eager", "flash_attention_2")

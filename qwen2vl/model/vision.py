@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import cpu as cpu_kernels
+from ..kernels import cpu_ops as cpu_kernels
 from ..kernels.cpu import PrepackedLinear
 from .attention import vision_attention, vision_segments
 from .rope_index import vision_cu_seqlens, vision_position_ids

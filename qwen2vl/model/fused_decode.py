@@ -1,0 +1,91 @@
+"""The CPU decoding fast path: one kernel call runs a whole decoding step through the decoder stack
+(`cpu_ops.decode_layers`), instead of ~7 Python-level module calls per layer. Same kernels, same order as the
+per-op path, so the output is bit-identical to it (tests/test_fused_decode.py); it only applies where the per-op
+path would itself run on those kernels, and anything else (autograd, hooks, int8 or tensor-parallel layers,
+eager / flash attention, fp32, more than 8 rows, a CPU without AVX512-BF16) takes the per-op path.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..kernels import cpu_ops
+from ..kernels.cpu import Linear
+from .cache import KVCache
+
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _LayerPlan:
+    """One decoder layer's modules, found once; `tensors()` re-reads and re-checks its weights every step (cheap:
+    plain dict reads), and `intact()` sees hooks added or submodules replaced since."""
+
+    def __init__(self, layer):
+        self.layer, self.attn, self.mlp = layer, layer.self_attn, layer.mlp
+        self.projs = [getattr(self.attn, n) for n in _PROJ[:4]] + [getattr(self.mlp, n) for n in _PROJ[4:]]
+        self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.modules = list(layer.modules())
+        self.children = self._children()
+
+    def _children(self) -> tuple:
+        return (*self.layer._modules.values(), *self.attn._modules.values(), *self.mlp._modules.values())
+
+    def intact(self) -> bool:
+        return (self.children == self._children() and self.attn.attn_implementation == "sdpa"
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules))
+
+    def tensors(self) -> list[torch.Tensor] | None:
+        """The layer's tensors in `cpu_ops.DECODE_LAYER_WEIGHTS` order (checked by the kernel wrapper), or None
+        when a projection is not the plain kernel Linear (int8 / tensor-parallel layers) or a bias differs."""
+        if any(type(p) is not Linear for p in self.projs):
+            return None
+        q, k, v, o, g, u, d = (p._parameters for p in self.projs)
+        if q["bias"] is None or k["bias"] is None or v["bias"] is None or \
+                any(p["bias"] is not None for p in (o, g, u, d)):
+            return None
+        return [self.norms[0]._parameters["weight"], q["weight"], q["bias"], k["weight"], k["bias"], v["weight"],
+                v["bias"], o["weight"], self.norms[1]._parameters["weight"], g["weight"], u["weight"], d["weight"]]
+
+
+_plans: "weakref.WeakKeyDictionary[torch.nn.ModuleList, list[_LayerPlan]]" = weakref.WeakKeyDictionary()
+
+
+def _weights(layers) -> list[torch.Tensor] | None:
+    plans = _plans.get(layers)
+    if plans is None or len(plans) != len(layers) or any(p.layer is not m for p, m in zip(plans, layers)):
+        plans = _plans[layers] = [_LayerPlan(m) for m in layers]
+    weights = []
+    for plan in plans:
+        w = plan.tensors() if plan.intact() else None
+        if w is None:
+            return None
+        weights += w
+    return weights
+
+
+def fused_decode_step(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                      cache: KVCache | None) -> torch.Tensor | None:
+    """x (B,1,H) bf16 → the last layer's output (B,1,H), with every layer's new key/value written to `cache`
+    (whose lengths the caller advances as usual); None (nothing written) where the per-op path must run.
+    cos/sin (B,1,D); mask (B,1,1,K) bool or None as `build_attention_mask` returns it."""
+    if (cache is None or x.device.type != "cpu" or x.dtype is not torch.bfloat16 or x.dim() != 3
+            or x.shape[1] != 1 or not 0 < x.shape[0] <= 8 or torch.is_grad_enabled() or not layers):
+        return None
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return None
+    weights = _weights(layers)
+    if weights is None:
+        return None
+    attn0 = layers[0].self_attn
+    cache._ensure_capacity(max(cache.lengths) + 1)  # what the per-op path's layer-0 cache.update does
+    kv_len = max(cache.lengths) + 1
+    if mask is not None:
+        if mask.shape != (x.shape[0], 1, 1, kv_len):
+            return None
+        mask = mask.reshape(x.shape[0], kv_len).to(torch.uint8)
+    out = x.reshape(x.shape[0], x.shape[2]).clone()
+    ok = cpu_ops.decode_layers(out, weights, cache.keys, cache.values, list(cache.lengths), kv_len, mask,
+                               cos.reshape(cos.shape[0], -1).contiguous(), sin.reshape(sin.shape[0], -1).contiguous(),
+                               attn0.num_heads, layers[0].input_layernorm.variance_epsilon, attn0.scale)
+    return out.view_as(x) if ok else None
