@@ -63,9 +63,11 @@ def per_op(monkeypatch, fn, *args):
 
 @needs_bf16_kernels
 @pytest.mark.parametrize("rows", [[[15, 17, 33, 8, 61, 12, 9]],
-                                  [[15, 17, 33, 8, 61, 12, 9], [44, 13, 70], [7, 7, 21, 90, 51]]])
+                                  [[15, 17, 33, 8, 61, 12, 9], [44, 13, 70], [7, 7, 21, 90, 51]],
+                                  [[15, 17, 33], [44, 13, 70, 9], [7, 21], [90, 51, 8, 8], [12], [30, 31]]],
+                         ids=["1 row", "3 rows (4-row kernel blocks)", "6 rows (3-row kernel blocks)"])
 def test_fused_step_is_bit_identical_to_per_op_path(model, spy, monkeypatch, rows):
-    ids, mask = left_pad(rows)  # the 3-row batch is left-padded: the step's attention mask is used
+    ids, mask = left_pad(rows)  # the batches are left-padded: the step's attention mask is used
     fused, cache_f = decode(model, ids, mask, steps=6)
     assert spy == [True] * 6
     ref, cache_r = per_op(monkeypatch, decode, model, ids, mask, 6)

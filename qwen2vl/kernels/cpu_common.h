@@ -2,12 +2,22 @@
 #ifndef QWEN2VL_CPU_COMMON_H
 #define QWEN2VL_CPU_COMMON_H
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAXD 128
+
+/* Thread t's contiguous share [lo, hi) of n items split among nt threads, boundaries multiples of `align`. */
+static inline void share(int64_t n, int64_t align, int t, int nt, int64_t *lo, int64_t *hi) {
+    int64_t blocks = (n + align - 1) / align;
+    *lo = blocks * t / nt * align;
+    *hi = blocks * (t + 1) / nt * align;
+    if (*lo > n) *lo = n;
+    if (*hi > n) *hi = n;
+}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;

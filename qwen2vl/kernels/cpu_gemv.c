@@ -91,7 +91,9 @@ static inline __m512bh i8x32_to_bf16(const int8_t *p) {
 }
 
 /* NR weight rows at a time: every activation vector loaded from L1 feeds NR dot products and every weight
- * vector M, so loads stay below the dot-product rate (NR x M accumulators + NR + 1 registers <= 32). */
+ * vector M, so loads stay below the dot-product rate (NR x M accumulators + NR + 1 registers <= 32).
+ * Each kernel computes the row blocks [b0, b1) on the calling thread; rows are independent, so how a call is
+ * split between threads never changes a result. */
 #ifndef PF
 #define PF 2048 /* elements ahead: software prefetch keeps enough weight lines in flight while computing */
 #endif
@@ -101,10 +103,8 @@ static inline __m512bh i8x32_to_bf16(const int8_t *p) {
 #define DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, M, NR)                                                \
     __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))                                \
     static void NAME##_m##M(const uint16_t *x, const WTYPE *w, const float *scale, float *y,       \
-                            int64_t N, int64_t K, int nthreads, const uint16_t *bias, int out_bf16) {  \
-        int64_t blocks = (N + NR - 1) / NR;                                                         \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                          \
-        for (int64_t b = 0; b < blocks; b++) {                                                      \
+                            int64_t N, int64_t K, const uint16_t *bias, int out_bf16, int64_t b0, int64_t b1) { \
+        for (int64_t b = b0; b < b1; b++) {                                                         \
             int64_t n0 = b * NR;                                                                    \
             int nr = N - n0 < NR ? (int)(N - n0) : NR;                                              \
             const WTYPE *wr[NR];                                                                    \
@@ -142,10 +142,9 @@ static inline __m512bh bf16x32(const uint16_t *p) { return (__m512bh)_mm512_load
  * NR rows (several streams per thread) read 10-45 % slower here, most on the short rows of k/v_proj. */
 #define DEFINE_DP_SEQ1(NAME, WTYPE, LOADW)                                                         \
     __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))                                \
-    static void NAME##_seq1(const uint16_t *x, const WTYPE *w, const float *scale, float *y,       \
-                            int64_t N, int64_t K, int nthreads, const uint16_t *bias, int out_bf16) {  \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                          \
-        for (int64_t n = 0; n < N; n++) {                                                           \
+    static void NAME##_m1(const uint16_t *x, const WTYPE *w, const float *scale, float *y,         \
+                          int64_t N, int64_t K, const uint16_t *bias, int out_bf16, int64_t n0, int64_t n1) { \
+        for (int64_t n = n0; n < n1; n++) {                                                         \
             const WTYPE *wr = w + n * K;                                                            \
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
             int64_t k = 0;                                                                          \
@@ -163,27 +162,41 @@ static inline __m512bh bf16x32(const uint16_t *p) { return (__m512bh)_mm512_load
         }                                                                                           \
     }
 
+/* NAME##_rows: output rows [n0, n1) on the calling thread (n0 a multiple of NAME##_align(M) unless it is N);
+ * NAME: the whole product on nthreads threads, each taking one contiguous aligned share (one read stream). */
 #define DEFINE_DP_ALL(NAME, WTYPE, LOADW)                                                          \
     DEFINE_DP_SEQ1(NAME, WTYPE, LOADW)                                                             \
     DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 2, 4)                                                     \
     DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 3, 4) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 4, 4)          \
     DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 5, 3) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 6, 3)          \
     DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 7, 3) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 8, 3)          \
+    int64_t NAME##_align(int64_t M) { return M <= 1 ? 1 : M <= 4 ? 4 : 3; }                      \
+    void NAME##_rows(const uint16_t *x, const WTYPE *w, const float *scale, float *y, int64_t M, int64_t N, \
+                     int64_t K, const uint16_t *bias, int out_bf16, int64_t n0, int64_t n1) {       \
+        int64_t nr = NAME##_align(M), b0 = n0 / nr, b1 = (n1 + nr - 1) / nr;                        \
+        switch (M) {                                                                                \
+            case 1: NAME##_m1(x, w, scale, y, N, K, bias, out_bf16, n0, n1); break;                 \
+            case 2: NAME##_m2(x, w, scale, y, N, K, bias, out_bf16, b0, b1); break;                 \
+            case 3: NAME##_m3(x, w, scale, y, N, K, bias, out_bf16, b0, b1); break;                 \
+            case 4: NAME##_m4(x, w, scale, y, N, K, bias, out_bf16, b0, b1); break;                 \
+            case 5: NAME##_m5(x, w, scale, y, N, K, bias, out_bf16, b0, b1); break;                 \
+            case 6: NAME##_m6(x, w, scale, y, N, K, bias, out_bf16, b0, b1); break;                 \
+            case 7: NAME##_m7(x, w, scale, y, N, K, bias, out_bf16, b0, b1); break;                 \
+            default: NAME##_m8(x, w, scale, y, N, K, bias, out_bf16, b0, b1); break;                \
+        }                                                                                           \
+    }                                                                                               \
     /* bias: bf16 (N) added in fp32, or NULL; out_bf16: y is bf16 (rounded once), else fp32. */      \
     int NAME(const uint16_t *x, const WTYPE *w, const float *scale, float *y, int64_t M, int64_t N, \
              int64_t K, int nthreads, const uint16_t *bias, int out_bf16) {                         \
         if (K % 32 != 0) return -1;                                                                 \
-        switch (M) {                                                                                \
-            case 1: NAME##_seq1(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;          \
-            case 2: NAME##_m2(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
-            case 3: NAME##_m3(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
-            case 4: NAME##_m4(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
-            case 5: NAME##_m5(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
-            case 6: NAME##_m6(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
-            case 7: NAME##_m7(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
-            case 8: NAME##_m8(x, w, scale, y, N, K, nthreads, bias, out_bf16); return 0;            \
-            default: return -2;                                                                     \
+        if (M < 1 || M > 8) return -2;                                                              \
+        _Pragma("omp parallel num_threads(nthreads)")                                               \
+        {                                                                                           \
+            int64_t lo, hi;                                                                         \
+            share(N, NAME##_align(M), omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);       \
+            NAME##_rows(x, w, scale, y, M, N, K, bias, out_bf16, lo, hi);                           \
         }                                                                                           \
+        return 0;                                                                                   \
     }
 
 DEFINE_DP_ALL(gemv_bf16_dp, uint16_t, bf16x32)
