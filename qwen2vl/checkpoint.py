@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration import hub_offline
+from .own_memory import to_own_memory
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -291,7 +292,10 @@ def _install(tensors, aliases, mkey, t: torch.Tensor, dtype, device) -> None:
         target = old.dtype if dtype is None else (t.dtype if dtype == "auto" else dtype)
     else:
         target = old.dtype
+    src = t
     t = t.to(device=device, dtype=target)
+    if t.device.type == "cpu" and t.data_ptr() == src.data_ptr():
+        t = to_own_memory(t)  # still the mapped file's memory: decoding reads it faster as our own (own_memory.py)
     if is_param:
         t = nn.Parameter(t, requires_grad=old.requires_grad and t.is_floating_point())
     for name in aliases[id(old)]:   # names sharing one tensor get the very same new one

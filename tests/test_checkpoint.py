@@ -346,3 +346,42 @@ def test_non_strict_initializes_only_missing(tmp_path):
     assert res.missing_keys == ["model.language_model.layers.0.self_attn.q_proj.bias"]
     q, q2 = m.model.language_model.layers[0].self_attn.q_proj, m2.model.language_model.layers[0].self_attn.q_proj
     assert torch.equal(q.weight, q2.weight) and torch.equal(q2.bias, torch.zeros_like(q2.bias))
+
+
+# ------------------------------------------------------------------------------------------------ own memory
+def _mapping_of(ptr: int) -> str:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+        if lo <= ptr < hi:
+            return line
+    return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_cpu_load_copies_weights_out_of_the_mapped_file(tmp_path):
+    """safetensors hands out views of the memory-mapped file; the loader keeps copies in the process's own memory
+    (decoding reads them faster there, see qwen2vl/own_memory.py) with the same values, also when copied in
+    several chunks."""
+    from qwen2vl.own_memory import to_own_memory
+
+    m = random_model(tied=False)
+    save_checkpoint(m, tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
+        src = f.get_tensor("model.layers.0.mlp.up_proj.weight")
+        assert WEIGHTS_NAME in _mapping_of(src.data_ptr())  # the premise: a view of the file
+        expect = src.clone()
+        own = to_own_memory(src)
+    assert torch.equal(own, expect) and WEIGHTS_NAME not in _mapping_of(own.data_ptr())
+    m2 = meta_model(m.config)
+    load_checkpoint_into(m2, tmp_path)
+    assert_same_state(m, m2)
+    assert not any(WEIGHTS_NAME in _mapping_of(p.data_ptr()) for p in m2.parameters())
+    big = torch.randn(3 * 2 ** 20 // 4 + 5, dtype=torch.float32)  # several chunks, odd tail
+    save_file({"w": big}, str(tmp_path / "big.safetensors"))
+    with safe_open(str(tmp_path / "big.safetensors"), "pt") as f:
+        from qwen2vl import own_memory
+        chunk, own_memory.CHUNK_BYTES = own_memory.CHUNK_BYTES, 2 ** 20
+        try:
+            assert torch.equal(to_own_memory(f.get_tensor("w")), big)
+        finally:
+            own_memory.CHUNK_BYTES = chunk

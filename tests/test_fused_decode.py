@@ -158,6 +158,27 @@ def test_fused_step_declines_what_it_cannot_do(case, spy, monkeypatch):
 
 
 @needs_bf16_kernels
+def test_fused_step_follows_a_swapped_projection(spy):
+    """A projection replaced by another kernel Linear (e.g. merged adapter weights) is picked up: the fused step
+    uses the new weights (its output changes like the per-op path's) instead of the planned module's."""
+    model = kernel_friendly_model()
+    ids, mask = left_pad([[15, 17, 33, 8, 61, 12, 9]])
+    before, _ = decode(model, ids, mask, 2)
+    layer = model.model.language_model.layers[1]
+    new = cpu.Linear(layer.mlp.down_proj.in_features, layer.mlp.down_proj.out_features, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(-layer.mlp.down_proj.weight)
+    layer.mlp.down_proj = new.to(torch.bfloat16)
+    spy.clear()
+    after, _ = decode(model, ids, mask, 2)
+    assert spy == [True, True] and not torch.equal(before, after)
+    with torch.no_grad():
+        model.model.language_model.layers[1].mlp.down_proj.weight.neg_()  # back to the original values
+    again, _ = decode(model, ids, mask, 2)
+    assert torch.equal(again, before)
+
+
+@needs_bf16_kernels
 def test_decode_layers_kernel_refuses_bad_shapes_without_writing():
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     before = x.clone()

@@ -18,8 +18,9 @@ _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 
 class _LayerPlan:
-    """One decoder layer's modules, found once; `tensors()` re-reads and re-checks its weights every step (cheap:
-    plain dict reads), and `intact()` sees hooks added or submodules replaced since."""
+    """One decoder layer's modules, found once; `current()` sees a submodule replaced since (the layer is then
+    planned again), `usable()` hooks or another attention backend, and `tensors()` re-reads its weights every step
+    (plain dict reads; the kernel wrapper checks them)."""
 
     def __init__(self, layer):
         self.layer, self.attn, self.mlp = layer, layer.self_attn, layer.mlp
@@ -31,9 +32,13 @@ class _LayerPlan:
     def _children(self) -> tuple:
         return (*self.layer._modules.values(), *self.attn._modules.values(), *self.mlp._modules.values())
 
-    def intact(self) -> bool:
-        return (self.children == self._children() and self.attn.attn_implementation == "sdpa"
-                and not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules))
+    def current(self) -> bool:
+        """Whether no submodule was replaced since the plan was made."""
+        return self.children == self._children()
+
+    def usable(self) -> bool:
+        return self.attn.attn_implementation == "sdpa" and \
+            not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
 
     def tensors(self) -> list[torch.Tensor] | None:
         """The layer's tensors in `cpu_ops.DECODE_LAYER_WEIGHTS` order (checked by the kernel wrapper), or None
@@ -53,11 +58,14 @@ _plans: "weakref.WeakKeyDictionary[torch.nn.ModuleList, list[_LayerPlan]]" = wea
 
 def _weights(layers) -> list[torch.Tensor] | None:
     plans = _plans.get(layers)
-    if plans is None or len(plans) != len(layers) or any(p.layer is not m for p, m in zip(plans, layers)):
+    if plans is None or len(plans) != len(layers):
         plans = _plans[layers] = [_LayerPlan(m) for m in layers]
     weights = []
-    for plan in plans:
-        w = plan.tensors() if plan.intact() else None
+    for i, m in enumerate(layers):
+        if plans[i].layer is not m or not plans[i].current():  # a layer or a submodule was swapped: re-plan it
+            plans[i] = _LayerPlan(m)
+        plan = plans[i]
+        w = plan.tensors() if plan.usable() else None
         if w is None:
             return None
         weights += w
