@@ -35,14 +35,19 @@ def _madvise():
     return fn
 
 
-def _release(ptr: int, nbytes: int) -> None:
-    """Drop the whole pages inside [ptr, ptr + nbytes) from this process (pages shared with neighbouring bytes are
-    kept); read-only file-backed pages come back from the page cache if ever touched again."""
+def _advise(ptr: int, nbytes: int, align: int, advice: int) -> None:
+    """madvise the `align`-aligned blocks lying wholly inside [ptr, ptr + nbytes) (blocks shared with neighbouring
+    bytes are left alone)."""
     fn = _madvise()
-    page = mmap.PAGESIZE
-    start, end = -(-ptr // page) * page, (ptr + nbytes) // page * page
+    start, end = -(-ptr // align) * align, (ptr + nbytes) // align * align
     if fn is not None and end > start:
-        fn(start, end - start, mmap.MADV_DONTNEED)
+        fn(start, end - start, advice)
+
+
+def _release(ptr: int, nbytes: int) -> None:
+    """Drop the whole pages inside [ptr, ptr + nbytes) from this process; read-only file-backed pages come back
+    from the page cache if ever touched again."""
+    _advise(ptr, nbytes, mmap.PAGESIZE, mmap.MADV_DONTNEED)
 
 
 def advise_huge_pages(t: torch.Tensor) -> None:
@@ -50,15 +55,10 @@ def advise_huge_pages(t: torch.Tensor) -> None:
     touched yet. Fewer TLB misses while streaming the weights: ~6 % faster decoding on the 2B shape here
     (43.5 vs 46.5 ms per token at ~78 GB/s, 66.5 vs 69.5 ms at ~47 GB/s). A no-op where THP is off or absent;
     QWEN2VL_HUGEPAGES=0 turns it off."""
-    fn = _madvise()
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if fn is None or advice is None or os.environ.get("QWEN2VL_HUGEPAGES", "1") == "0" or t.device.type != "cpu":
+    if advice is None or os.environ.get("QWEN2VL_HUGEPAGES", "1") == "0" or t.device.type != "cpu":
         return
-    huge = 2 ** 21
-    ptr = t.data_ptr()
-    start, end = -(-ptr // huge) * huge, (ptr + t.numel() * t.element_size()) // huge * huge
-    if end > start:
-        fn(start, end - start, advice)
+    _advise(t.data_ptr(), t.numel() * t.element_size(), 2 ** 21, advice)
 
 
 def to_own_memory(src: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,8 @@ static inline __m512bh i8x32_to_bf16(const int8_t *p) {
 #ifndef PF_MIN_M
 #define PF_MIN_M 4
 #endif
+/* rows per block for M activation rows (1: the one-stream kernel below); used by the kernels and their splits */
+#define DP_NR(M) ((M) <= 1 ? 1 : (M) <= 4 ? 4 : 3)
 #define DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, M, NR)                                                \
     __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))                                \
     static void NAME##_m##M(const uint16_t *x, const WTYPE *w, const float *scale, float *y,       \
@@ -166,11 +168,11 @@ static inline __m512bh bf16x32(const uint16_t *p) { return (__m512bh)_mm512_load
  * NAME: the whole product on nthreads threads, each taking one contiguous aligned share (one read stream). */
 #define DEFINE_DP_ALL(NAME, WTYPE, LOADW)                                                          \
     DEFINE_DP_SEQ1(NAME, WTYPE, LOADW)                                                             \
-    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 2, 4)                                                     \
-    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 3, 4) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 4, 4)          \
-    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 5, 3) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 6, 3)          \
-    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 7, 3) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 8, 3)          \
-    int64_t NAME##_align(int64_t M) { return M <= 1 ? 1 : M <= 4 ? 4 : 3; }                      \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 2, DP_NR(2))                                              \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 3, DP_NR(3)) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 4, DP_NR(4)) \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 5, DP_NR(5)) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 6, DP_NR(6)) \
+    DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 7, DP_NR(7)) DEFINE_DP_KERNEL(NAME, WTYPE, LOADW, 8, DP_NR(8)) \
+    int64_t NAME##_align(int64_t M) { return DP_NR(M); }                                         \
     void NAME##_rows(const uint16_t *x, const WTYPE *w, const float *scale, float *y, int64_t M, int64_t N, \
                      int64_t K, const uint16_t *bias, int out_bf16, int64_t n0, int64_t n1) {       \
         int64_t nr = NAME##_align(M), b0 = n0 / nr, b1 = (n1 + nr - 1) / nr;                        \

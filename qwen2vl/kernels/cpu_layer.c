@@ -47,11 +47,11 @@ static void gemv_group(const uint16_t *h, const proj *p, int cnt, int64_t M, int
     }
 }
 
-/* gate and up rows of one share, then silu(gate) * up on that share (shares are multiples of 16 and of the
- * kernel's row block): no barrier and no separate pass. */
+/* gate and up rows of one share, then silu(gate) * up on that share (shares are multiples of the kernel's row
+ * block and of the 16 lanes silu_mul_span takes: their least common multiple): no barrier and no separate pass. */
 static void gate_up_silu(const uint16_t *h, const void *wg, const void *wu, uint16_t *g, uint16_t *u, int64_t M,
                          int64_t I, int64_t K, int nt) {
-    int64_t align = gemv_bf16_dp_align(M) == 3 ? 48 : 16;
+    int64_t nr = gemv_bf16_dp_align(M), align = 16 % nr == 0 ? 16 : 16 * nr;  /* nr is 1, 3 or 4 */
 #pragma omp parallel num_threads(nt)
     {
         int64_t lo, hi;

@@ -211,6 +211,6 @@ def decode_layers(x: torch.Tensor, weights: list[torch.Tensor], keys: list[torch
                            b, h, inter, num_heads, hkv, d, eps, scale, torch.get_num_threads())
     if rc == -1:  # a kernel's shape precondition (checked before anything is written)
         return False
-    if rc != 0:  # failed after x / the cache were written: no way to fall back
+    if rc != 0:  # -3 out of memory, -2 a kernel failed after x / the cache were written: no way to fall back
         raise RuntimeError(f"decode_layers kernel failed with code {rc}")
     return True

@@ -86,8 +86,8 @@ def fused_decode_step(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     if weights is None:
         return None
     attn0 = layers[0].self_attn
-    cache._ensure_capacity(max(cache.lengths) + 1)  # what the per-op path's layer-0 cache.update does
     kv_len = max(cache.lengths) + 1
+    cache._ensure_capacity(kv_len)  # what the per-op path's layer-0 cache.update does
     if mask is not None:
         if mask.shape != (x.shape[0], 1, 1, kv_len):
             return None

@@ -213,12 +213,15 @@ class Qwen2VLTextModel(nn.Module):
                                  self.config.mrope_section, inputs_embeds.dtype)
         x = inputs_embeds
         fused = fused_decode_step(self.layers, x, cos, sin, mask, cache) if s == 1 else None
-        for layer in self.layers if fused is None else ():
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, varlen, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache, varlen)
-        x = self.norm(x if fused is None else fused)
+        if fused is not None:  # CPU decoding: all layers in one kernel call (model/fused_decode.py)
+            x = fused
+        else:
+            for layer in self.layers:
+                if self.gradient_checkpointing and self.training and cache is None:
+                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, varlen, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, mask, cache, varlen)
+        x = self.norm(x)
         if cache is not None:
             added = [s] * b if new_mask is None else new_mask.sum(-1).tolist()
             cache.advance(s, added)
