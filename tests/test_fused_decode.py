@@ -10,8 +10,8 @@ from qwen2vl.quantization import quantize_model
 
 from tiny import left_pad, tiny_model
 
-needs_bf16_kernels = pytest.mark.skipif(cpu.library() is None or not cpu.has_avx512bf16(),
-                                        reason="needs the CPU kernels with AVX512-BF16")
+needs_bf16_kernels = pytest.mark.skipif(not cpu.has_bf16_gemv(),
+                                        reason="needs the CPU kernels' bf16 GEMV (AVX512-BF16 or the AVX2 build)")
 
 
 def kernel_friendly_model(seed: int = 0):

@@ -2,9 +2,10 @@
 (decoding) behind `linear` / `Linear`. The attention and elementwise kernels' wrappers are in `cpu_ops.py`.
 
 PyTorch's bf16 matmul with 1-8 activation rows reads weights at a fraction of memory bandwidth on CPUs without
-AMX (measured here: 3-5 GB/s vs ~20 GB/s), and decoding is nothing but such matmuls. `cpu_gemv.c` is compiled
-once with the system C compiler into a per-user cache and called through ctypes (no torch headers, ~1 s
-build). Anything it cannot do (no AVX512F, no compiler, autograd, odd shapes, > 8 rows) falls back to torch.
+AMX (measured: 3-5 GB/s vs ~20 GB/s on AVX512, ~20 of ~40 GB/s on AVX2), and decoding is nothing but such
+matmuls. The C sources are compiled once with the system C compiler into a per-user cache, as the AVX512 or the
+AVX2 build (`flavour`), and called through ctypes (no torch headers, ~1 s build). Anything they cannot do (no
+AVX2, no compiler, autograd, odd shapes, > 8 rows) falls back to torch.
 Set QWEN2VL_DISABLE_KERNELS=1 to always use torch.
 """
 from __future__ import annotations
@@ -25,37 +26,77 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-_SRCS = [Path(__file__).with_name(n) for n in ("cpu_gemv.c", "cpu_attention.c", "cpu_decode.c", "cpu_layer.c")]
-_HEADERS = [Path(__file__).with_name("cpu_common.h")]
-_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-shared", "-fPIC"]
+_DIR = Path(__file__).parent
+# Two builds of the library: AVX512 (the bf16 dot-product kernels need AVX512-BF16 too; `has_avx512bf16`) and
+# AVX2 + FMA (cpu_avx2.c: the decoding kernels only, the same entry points). cpu_rope.c / cpu_layer.c go in both.
+_FLAVOURS = {
+    "avx512": (["cpu_gemv.c", "cpu_attention.c", "cpu_decode.c"], ["-mavx512f", "-mavx512bw", "-mavx512vl"]),
+    "avx2": (["cpu_avx2.c"], ["-mavx2", "-mfma", "-mf16c"]),
+}
+_SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c"]
+_HEADERS = ["cpu_common.h"]
+_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 8
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_GEMV = [_P] * 4 + [_I] * 3 + [ctypes.c_int]
+# name: argument types (every function returns an int status; 0 = done). A library has a subset of these.
+_SIGNATURES = {
+    "gemv_bf16": _GEMV, "gemv_i8": _GEMV,
+    "gemv_bf16_dp": _GEMV + [_P, ctypes.c_int], "gemv_i8_dp": _GEMV + [_P, ctypes.c_int],  # + bias, bf16 output
+    "decode_attention": [_P] * 5 + [_I] * 13 + [_F, ctypes.c_int],
+    "prefill_attention": [_P] * 4 + [_I] * 15 + [_F, ctypes.c_int],
+    "rms_norm": [_P] * 3 + [_I] * 2 + [_F, ctypes.c_int],
+    "rope_bf16": [_P] * 4 + [_I] * 3 + [ctypes.c_int],
+    "bias_quick_gelu": [_P, _P, _I, _I, ctypes.c_int],
+    "silu_mul": [_P, _P, _I, ctypes.c_int],
+    "decode_layers": [_P, _I] + [_P] * 5 + [_I] + [_P] * 3 + [_I] * 6 + [_F] * 2 + [ctypes.c_int],
+    "vision_attention": [_P] * 4 + [_I] * 3 + [_F, ctypes.c_int, ctypes.c_int],
+}
 
-def _cpu_has_avx512f() -> bool:
+
+def _cpu_flags() -> set[str]:
     if platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return set()
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return " avx512f" in flags and " avx512bw" in flags
+        pass
+    return set()
 
 
-_HAS_BF16: bool | None = None
+@functools.cache
+def flavour() -> str | None:
+    """Which build of the library this CPU runs: "avx512", "avx2", or None (no kernels). QWEN2VL_KERNEL_ISA=avx2
+    picks the AVX2 build on an AVX512 CPU (to test it there)."""
+    flags = _cpu_flags()
+    avx512 = {"avx512f", "avx512bw", "avx512vl"} <= flags
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    if os.environ.get("QWEN2VL_KERNEL_ISA", "") == "avx2":
+        return "avx2" if avx2 else None
+    return "avx512" if avx512 else "avx2" if avx2 else None
 
 
 def has_avx512bf16() -> bool:
-    """AVX512-BF16 dot products (Zen 4+, Cooper Lake / Sapphire Rapids+)."""
-    global _HAS_BF16
-    if _HAS_BF16 is None:
-        try:
-            _HAS_BF16 = _cpu_has_avx512f() and " avx512_bf16" in Path("/proc/cpuinfo").read_text()
-        except OSError:
-            _HAS_BF16 = False
-    return _HAS_BF16
+    """AVX512-BF16 dot products (Zen 4+, Cooper Lake / Sapphire Rapids+) in the library this CPU runs."""
+    return flavour() == "avx512" and "avx512_bf16" in _cpu_flags()
+
+
+def has_bf16_gemv() -> bool:
+    """Whether the library has the bf16-activation kernels (`*_dp`, decode attention, the fused decoding step):
+    the AVX512 build on an AVX512-BF16 CPU, or the AVX2 build."""
+    return library() is not None and (flavour() == "avx2" or has_avx512bf16())
+
+
+def kernel(name: str):
+    """The library's function `name`, or None without the library or where its build lacks it."""
+    lib = library()
+    return getattr(lib, name, None) if lib is not None else None
 
 
 def _cache_dir() -> Path:
@@ -65,44 +106,29 @@ def _cache_dir() -> Path:
 
 def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None or not _cpu_has_avx512f():
+    isa = flavour()
+    if cc is None or isa is None:
         return None
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS + _HEADERS) + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_gemv-{digest}.so"
+    srcs, isa_flags = _FLAVOURS[isa]
+    paths = [_DIR / n for n in srcs + _SHARED_SRCS]
+    flags = _FLAGS + isa_flags
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in paths + [_DIR / n for n in _HEADERS])
+                            + " ".join(flags).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_{isa}-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            proc = subprocess.run([cc, *_FLAGS, "-o", str(out), *map(str, _SRCS)], capture_output=True, text=True)
+            proc = subprocess.run([cc, *flags, "-o", str(out), *map(str, paths)], capture_output=True, text=True)
             if proc.returncode != 0:
                 log.warning("qwen2vl: CPU kernels not built (%s); using torch matmuls", proc.stderr.strip()[:300])
                 return None
             os.replace(out, target)  # atomic: concurrent builders never see a partial file
     lib = ctypes.CDLL(str(target))
-    for name in ("gemv_bf16", "gemv_i8", "gemv_bf16_dp", "gemv_i8_dp"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-        if name.endswith("_dp"):  # + bf16 bias (or NULL) and bf16 output flag
-            fn.argtypes += [ctypes.c_void_p, ctypes.c_int]
-    lib.decode_attention.restype = ctypes.c_int
-    lib.decode_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 13 + [ctypes.c_float, ctypes.c_int])
-    lib.prefill_attention.restype = ctypes.c_int
-    lib.prefill_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 15 + [ctypes.c_float, ctypes.c_int])
-    lib.rms_norm.restype = ctypes.c_int
-    lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
-    lib.rope_bf16.restype = ctypes.c_int
-    lib.rope_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.bias_quick_gelu.restype = ctypes.c_int
-    lib.bias_quick_gelu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    lib.silu_mul.restype = ctypes.c_int
-    lib.silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    lib.decode_layers.restype = ctypes.c_int
-    lib.decode_layers.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] +
-                                  [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_float] * 2 + [ctypes.c_int])
-    lib.vision_attention.restype = ctypes.c_int
-    lib.vision_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 +
-                                     [ctypes.c_float, ctypes.c_int, ctypes.c_int])
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype, fn.argtypes = ctypes.c_int, argtypes
     return lib
 
 
@@ -129,26 +155,29 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _dot_products(name: str, x: torch.Tensor) -> bool:
+    """Whether `name` runs on the bf16-activation kernels (`*_dp`): bf16 activations with K % 32 == 0, on an
+    AVX512-BF16 CPU for every row count with bf16 weights and for 2+ rows with int8 weights, on the AVX2 build
+    always (it has no other GEMV)."""
+    if x.dtype != torch.bfloat16 or x.shape[-1] % 32 or not has_bf16_gemv():
+        return False
+    return _rows(x) > 1 or name == "gemv_bf16" or flavour() == "avx2"
+
+
+def _usable(name: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type != "cpu" or weight.device.type != "cpu":
         return False
     rows = _rows(x)
     if not 0 < rows <= MAX_ROWS or x.shape[-1] % 16 != 0 or not weight.is_contiguous():
         return False
-    if rows > 1 and not (x.dtype == torch.bfloat16 and x.shape[-1] % 32 == 0 and has_avx512bf16()):
-        # Without BF16 dot products the fp32 kernel only beats torch for a single row or a few.
-        if rows > 4:
+    if not _dot_products(name, x):
+        if flavour() != "avx512":  # the fp32-activation kernels are in the AVX512 build only
+            return False
+        if rows > 4:  # without BF16 dot products the fp32 kernel only beats torch for a single row or a few
             return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     return library() is not None
-
-
-def _dot_products(name: str, x: torch.Tensor) -> bool:
-    """Whether `name` runs on the BF16-dot-product kernels: bf16 activations with K % 32 == 0 on an AVX512-BF16
-    CPU, for every row count with bf16 weights and for 2+ rows with int8 weights."""
-    return ((_rows(x) > 1 or name == "gemv_bf16") and x.dtype == torch.bfloat16 and x.shape[-1] % 32 == 0
-            and has_avx512bf16())
 
 
 def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -176,9 +205,8 @@ def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
 
 @functools.cache
 def _dp_gemv():
-    """lib.gemv_bf16_dp, or None without the library or AVX512-BF16 (resolved once)."""
-    lib = library()
-    return lib.gemv_bf16_dp if lib is not None and has_avx512bf16() else None
+    """lib.gemv_bf16_dp, or None without the library or its bf16-activation kernels (resolved once)."""
+    return library().gemv_bf16_dp if has_bf16_gemv() else None
 
 
 def _decode_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -213,7 +241,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = _decode_gemv(x, weight, bias)
     if y is not None:
         return y
-    if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _usable(x, weight):
+    if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _usable("gemv_bf16", x, weight):
         # No BF16 dot products, K % 32 != 0 or a bias that cannot be fused: the bias is added here.
         y = _call("gemv_bf16", x, weight, None)
         if bias is not None:
@@ -224,7 +252,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_int8(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """x (..., K) @ (weight_int8 * scales[:, None]).T with the CPU kernel, or None when it cannot run."""
-    if _rows(x) > 4 or not _usable(x, weight_int8):  # int8 widening costs more than it saves beyond 4 rows
+    # On AVX512 widening int8 costs more than it saves beyond 4 rows; on AVX2 it costs what bf16 widening does.
+    if (_rows(x) > 4 and flavour() != "avx2") or not _usable("gemv_i8", x, weight_int8):
         return None
     y = _call("gemv_i8", x, weight_int8, scales.float().contiguous())
     return y.to(x.dtype).view(*x.shape[:-1], weight_int8.shape[0])

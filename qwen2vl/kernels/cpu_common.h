@@ -35,6 +35,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+#ifdef __AVX512F__ /* the AVX2 library (cpu_avx2.c) has its own 8-lane versions */
 /* exp(x) for x <= 0 (scores minus the running max): 2^n * p(r), |rel err| < 2e-7. */
 static inline __m512 exp_nonpos(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -71,5 +72,7 @@ static inline __m512 exp2_nonpos(__m512 x) {
 static inline __m512 bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+
+#endif /* __AVX512F__ */
 
 #endif

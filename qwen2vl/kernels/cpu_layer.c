@@ -51,7 +51,7 @@ static void gemv_group(const uint16_t *h, const proj *p, int cnt, int64_t M, int
  * block and of the 16 lanes silu_mul_span takes: their least common multiple): no barrier and no separate pass. */
 static void gate_up_silu(const uint16_t *h, const void *wg, const void *wu, uint16_t *g, uint16_t *u, int64_t M,
                          int64_t I, int64_t K, int nt) {
-    int64_t nr = gemv_bf16_dp_align(M), align = 16 % nr == 0 ? 16 : 16 * nr;  /* nr is 1, 3 or 4 */
+    int64_t nr = gemv_bf16_dp_align(M), align = 16 % nr == 0 ? 16 : 16 * nr;  /* nr is 1..4 */
 #pragma omp parallel num_threads(nt)
     {
         int64_t lo, hi;

@@ -1,4 +1,5 @@
-"""Attention and elementwise CPU kernels (bf16 on AVX512; the C library that `cpu.library()` builds): the vision
+"""Attention and elementwise CPU kernels (bf16; the C library that `cpu.library()` builds, whose AVX2 build lacks
+the vision and prefill attention kernels): the vision
 tower's fused rotary + attention, text prefill / decoding attention, the decoder's RMSNorm, rotary, SiLU * up, and
 one whole decoding step through the decoder stack (`decode_layers`). Each returns None / False where its kernel
 cannot run, and the caller then uses torch ops."""
@@ -8,7 +9,7 @@ import ctypes
 
 import torch
 
-from .cpu import has_avx512bf16, library
+from .cpu import has_avx512bf16, has_bf16_gemv, kernel, library
 
 
 def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, scale: float,
@@ -24,7 +25,7 @@ def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nu
         return None
     if torch.is_grad_enabled() and qkv.requires_grad:
         return None
-    if library() is None:
+    if kernel("vision_attention") is None:  # AVX512 build only
         return None
     is_bf16 = qkv.dtype == torch.bfloat16
     if is_bf16 and not has_avx512bf16():
@@ -104,7 +105,7 @@ def bias_quick_gelu_(x: torch.Tensor, bias: torch.Tensor) -> bool:
         return False
     if x.shape[1] % 16 or bias.shape != (x.shape[1],) or (torch.is_grad_enabled() and x.requires_grad):
         return False
-    if library() is None:
+    if kernel("bias_quick_gelu") is None:
         return False
     b = bias.detach().float().contiguous()
     return library().bias_quick_gelu(x.data_ptr(), b.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads()) == 0
@@ -178,7 +179,7 @@ def decode_layers(x: torch.Tensor, weights: list[torch.Tensor], keys: list[torch
     (B, Hkv, Smax, D) cache tensors, the new token of row b written at slot slots[b]; attention over slots
     [0, kv_len) where mask (B, kv_len) uint8 (1 = attend; None = all); cos/sin (B, D) bf16 contiguous."""
     lib = library()
-    if lib is None or not has_avx512bf16() or not keys or len(values) != len(keys):
+    if not has_bf16_gemv() or not keys or len(values) != len(keys):
         return False
     b, h = x.shape
     kc = keys[0]
