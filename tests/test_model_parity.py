@@ -247,3 +247,40 @@ def test_torch_varlen_adapter_follows_each_signature():
     assert torch.allclose(q_seen, torch.full_like(q, 0.5 * 4))  # scale folded into q (default 1/sqrt(16))
     assert calls[1] == ("new", 2, (-1, 0), 0.5, True)
     assert calls[2] == ("new", 4, (-1, -1), 0.25, False)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_vision_tower_and_prefill_on_cpus_without_bf16_matmuls(monkeypatch, native):
+    """Where the CPU has no native bf16 matmul, many-row bf16 linears (vision tower, prefill) and the vision
+    attention run in fp32 on widened operands, rounded once to bf16 — a bf16 matmul's own arithmetic, so the
+    bf16 tower and the bf16 prefill logits match transformers' bf16 (same weights) as closely as the native path
+    does (both within bf16 rounding of the fp32 oracle: 3 % of the largest value)."""
+    from qwen2vl.kernels import cpu
+
+    monkeypatch.setattr(cpu, "has_native_bf16_matmul", lambda: native)
+    widened = []
+    original = cpu.widened_linear
+    monkeypatch.setattr(cpu, "widened_linear", lambda *a: widened.append(1) or original(*a))
+    model = tiny_model(mrope_section=(4, 2, 2))
+    hf = oracle_from(model)  # fp32 oracle
+    model = model.to(torch.bfloat16)
+    grid = torch.tensor([[2, 16, 18]])
+    pv = pixels(grid.tolist())
+    ids = torch.randint(5, 90, (1, 40))
+    with torch.no_grad():
+        tower = model.model.visual(pv.bfloat16(), grid).float()
+        ref_tower = hf.model.visual(pv, grid_thw=grid).pooler_output
+        logits = model(input_ids=ids).logits.float()
+        ref_logits = hf(input_ids=ids).logits
+    assert (tower - ref_tower).abs().max().item() <= 0.03 * ref_tower.abs().max().item()
+    assert (logits - ref_logits).abs().max().item() <= 0.03 * ref_logits.abs().max().item()
+    x = torch.randn(40, 64).bfloat16()
+    w, b = torch.randn(48, 64).bfloat16(), torch.randn(48).bfloat16()
+    got = cpu.widened_linear(x, w, b)
+    if native:
+        assert got is None
+    else:  # exact bf16 products, fp32 sums, one rounding: what torch's bf16 matmul computes, to fp32 sum order
+        ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        assert got.dtype == torch.bfloat16 and ((got.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6).all()
+        assert cpu.widened_linear(x[:8], w, b) is None  # few rows: the GEMV kernels / torch
+        assert len(widened) > 0

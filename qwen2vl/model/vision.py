@@ -34,7 +34,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_features: int, embed_dim: int):
         super().__init__()
-        self.proj = nn.Linear(in_features, embed_dim, bias=False)
+        self.proj = PrepackedLinear(in_features, embed_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x.to(self.proj.weight.dtype))
