@@ -11,14 +11,22 @@ needs_kernel = pytest.mark.skipif(cpu.library() is None, reason="no AVX2 / AVX51
 @needs_kernel
 @pytest.mark.parametrize("k", [96, 416])  # 416 = 3 x 128 + 32: the one-row kernel's unrolled loop and its tail
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
-def test_bf16_gemv_matches_fp32_reference(rows, k):
+@pytest.mark.parametrize("n", [40, 43])  # 43: odd shares, so the one-row kernel's lone last row runs too
+def test_bf16_gemv_matches_fp32_reference(rows, k, n):
     torch.manual_seed(0)
-    lin = cpu.Linear(k, 40, bias=True).to(torch.bfloat16)
+    lin = cpu.Linear(k, n, bias=True).to(torch.bfloat16)
     x = torch.randn(rows, 1, k, dtype=torch.bfloat16)
     with torch.no_grad():
         got = lin(x)
+        threads = torch.get_num_threads()
+        try:  # other splits of the rows among threads (other pairings of the two streams): the same bits
+            for t in (1, 3):
+                torch.set_num_threads(t)
+                assert torch.equal(lin(x), got)
+        finally:
+            torch.set_num_threads(threads)
     ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, 1, 40)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 1, n)
     # fp32 accumulation, one bf16 rounding of the output: relative error <= 2^-8.
     assert ((got.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-3).all()
 

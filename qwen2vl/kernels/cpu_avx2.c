@@ -51,9 +51,8 @@ static inline __m256 exp8_nonpos(__m256 x) {
  * elements 0-3 + 8-11 and 4-7 + 12-15, and the activations are widened once per call into a per-thread fp32
  * buffer in that same order (half the load / widen instructions of 8-element loads; 3-5 % more read bandwidth
  * here). If the buffer cannot be allocated they are widened in registers the same way: same values, same order,
- * same result. One activation row: each thread reads its rows as one sequential stream, eight accumulators along
- * K. More rows: NR weight rows at a time (NR x M accumulators + 2 NR weight halves + 1 in 16 registers). Per-row
- * results never depend on how a call is split. K % 32 == 0. */
+ * same result. One activation row: two streams per thread (below). More rows: NR weight rows at a time (NR x M
+ * accumulators + 2 NR weight halves + 1 in 16 registers). Per-row results never depend on how a call is split. K % 32 == 0. */
 #define DP_NR(M) ((M) <= 1 ? 1 : (M) == 2 ? 3 : (M) <= 5 ? 2 : 1)
 
 /* 16 bf16 -> the two permuted fp32 halves */
@@ -102,30 +101,45 @@ static inline void store_out(float *y, int64_t idx, float v, float s, const uint
     else y[idx] = v;
 }
 
-#define SEQ1_STEP(HALVES, i)                                                                                \
+/* one row's 32 elements at k into its four accumulators a[0..3] */
+#define SEQ1_STEP(HALVES, wr, a)                                                                      \
     do {                                                                                              \
-        __m256 wl, wh, xl, xh;                                                                        \
-        HALVES(wr + k + 16 * (i), &wl, &wh);                                                          \
-        X_HALVES(0, k + 16 * (i), xl, xh);                                                            \
-        a[2 * (i)] = _mm256_fmadd_ps(wl, xl, a[2 * (i)]);                                             \
-        a[2 * (i) + 1] = _mm256_fmadd_ps(wh, xh, a[2 * (i) + 1]);                                     \
+        for (int i = 0; i < 2; i++) {                                                                 \
+            __m256 wl, wh, xl, xh;                                                                    \
+            HALVES((wr) + k + 16 * i, &wl, &wh);                                                      \
+            X_HALVES(0, k + 16 * i, xl, xh);                                                          \
+            (a)[2 * i] = _mm256_fmadd_ps(wl, xl, (a)[2 * i]);                                         \
+            (a)[2 * i + 1] = _mm256_fmadd_ps(wh, xh, (a)[2 * i + 1]);                                 \
+        }                                                                                             \
     } while (0)
 
+#define SEQ1_SUM(a) hsum8(_mm256_add_ps(_mm256_add_ps((a)[0], (a)[1]), _mm256_add_ps((a)[2], (a)[3])))
+
+/* One activation row: the share's rows [n0, n1) as two streams read side by side, row n0 + i with row mid + i
+ * (a lone last row by itself). A 2-core Zen 3 reads ~20 % more per second from two distant sequential streams
+ * than from one (more lines in flight from the L2 prefetcher): 40 vs 33 GB/s, above torch's one-stream sum.
+ * Each row's sum runs in the same order however the rows pair up. */
 #define DEFINE_SEQ1(NAME, WTYPE, HALVES)                                                             \
     static void NAME##_m1(const uint16_t *x, const float *xf, const WTYPE *w, const float *scale, float *y, \
                           int64_t N, int64_t K, const uint16_t *bias, int out_bf16, int64_t n0, int64_t n1) { \
-        for (int64_t n = n0; n < n1; n++) {                                                           \
+        int64_t half = (n1 - n0) / 2, mid = n0 + half;                                                \
+        for (int64_t n = n0; n < mid; n++) {                                                          \
+            const WTYPE *wr = w + n * K, *wq = w + (n + half) * K;                                    \
+            __m256 a[4], b[4];                                                                        \
+            for (int i = 0; i < 4; i++) a[i] = b[i] = _mm256_setzero_ps();                            \
+            for (int64_t k = 0; k < K; k += 32) {                                                     \
+                SEQ1_STEP(HALVES, wr, a);                                                             \
+                SEQ1_STEP(HALVES, wq, b);                                                             \
+            }                                                                                         \
+            store_out(y, n, SEQ1_SUM(a), scale ? scale[n] : 1.0f, bias, n, out_bf16);                 \
+            store_out(y, n + half, SEQ1_SUM(b), scale ? scale[n + half] : 1.0f, bias, n + half, out_bf16); \
+        }                                                                                             \
+        for (int64_t n = mid + half; n < n1; n++) {                                                   \
             const WTYPE *wr = w + n * K;                                                              \
-            __m256 a[8];                                                                              \
-            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();                                   \
-            int64_t k = 0;                                                                            \
-            for (; k + 64 <= K; k += 64)                                                              \
-                for (int i = 0; i < 4; i++) SEQ1_STEP(HALVES, i);                                             \
-            for (; k < K; k += 32)                                                                    \
-                for (int i = 0; i < 2; i++) SEQ1_STEP(HALVES, i);                                             \
-            __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])), \
-                                     _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7]))); \
-            store_out(y, n, hsum8(t), scale ? scale[n] : 1.0f, bias, n, out_bf16);                    \
+            __m256 a[4];                                                                              \
+            for (int i = 0; i < 4; i++) a[i] = _mm256_setzero_ps();                                   \
+            for (int64_t k = 0; k < K; k += 32) SEQ1_STEP(HALVES, wr, a);                             \
+            store_out(y, n, SEQ1_SUM(a), scale ? scale[n] : 1.0f, bias, n, out_bf16);                 \
         }                                                                                             \
     }
 
