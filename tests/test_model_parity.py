@@ -274,13 +274,21 @@ def test_bf16_vision_tower_and_prefill_on_cpus_without_bf16_matmuls(monkeypatch,
         ref_logits = hf(input_ids=ids).logits
     assert (tower - ref_tower).abs().max().item() <= 0.03 * ref_tower.abs().max().item()
     assert (logits - ref_logits).abs().max().item() <= 0.03 * ref_logits.abs().max().item()
-    x = torch.randn(40, 64).bfloat16()
+    x = torch.randn(80, 64).bfloat16()
     w, b = torch.randn(48, 64).bfloat16(), torch.randn(48).bfloat16()
     got = cpu.widened_linear(x, w, b)
+    ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+
+    def rounded_once(y, ref):  # exact bf16 products, fp32 sums (in some order), one rounding
+        return y.dtype == torch.bfloat16 and ((y.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6).all()
+
     if native:
         assert got is None
-    else:  # exact bf16 products, fp32 sums, one rounding: what torch's bf16 matmul computes, to fp32 sum order
-        ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
-        assert got.dtype == torch.bfloat16 and ((got.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6).all()
-        assert cpu.widened_linear(x[:8], w, b) is None  # few rows: the GEMV kernels / torch
+    else:  # what torch's bf16 matmul computes, to fp32 sum order
+        assert rounded_once(got, ref)
+        monkeypatch.setattr(cpu, "WIDEN_TILE", 20 * 64)  # the weight widened 20 rows at a time: three tiles
+        assert rounded_once(cpu.widened_linear(x, w, b), ref)
+        assert cpu.widened_linear(x[:40], w, b) is None  # fewer rows: the GEMV kernel in 8-row chunks / torch
+        if cpu.has_bf16_gemv():
+            assert cpu._chunked_gemv(x[:40], w, b) is not None and rounded_once(cpu.linear(x[:40], w, b), ref[:40])
         assert len(widened) > 0
