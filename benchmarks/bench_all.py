@@ -172,6 +172,17 @@ class StepClock:
 
 
 def decode_tps(model, inputs, new_tokens, repeats, hf):
+    """Decoded tokens per second. One sequence: clocked inside each generate() call from the first to the last new
+    token (a streamer; median of runs), so no prefill time is subtracted. Batches (streamers take one sequence):
+    the difference of the median times for new_tokens + 1 and for 1 new token."""
+    if inputs["input_ids"].shape[0] == 1:
+        gen(model, inputs, new_tokens + 1, hf)  # warm-up
+        rates = []
+        for _ in range(repeats):
+            clock = StepClock()
+            gen(model, inputs, new_tokens + 1, hf, streamer=clock)
+            rates.append((len(clock.times) - 2) / (clock.times[-1] - clock.times[1]))
+        return statistics.median(rates)
     t1 = median_time(lambda: gen(model, inputs, 1, hf), repeats)
     tn = median_time(lambda: gen(model, inputs, new_tokens + 1, hf), repeats)
     return inputs["input_ids"].shape[0] * new_tokens / max(tn - t1, 1e-9)
