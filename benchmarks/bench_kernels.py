@@ -29,20 +29,22 @@ def best(fn, n=7):
 def main():
     torch.set_num_threads(2)
     if cpu.library() is None:
-        print("CPU kernels unavailable here (no AVX512F or no C compiler): nothing to compare")
+        print("CPU kernels unavailable here (no AVX2 / AVX512 or no C compiler): nothing to compare")
         return
     k, n, count = 1536, 8960, 24
     ws = [torch.randn(n, k, dtype=torch.bfloat16) for _ in range(count)]
     wq = [torch.randint(-127, 127, (n, k), dtype=torch.int8) for _ in range(count)]
     s = torch.rand(n, dtype=torch.bfloat16)
     size = count * n * k
+    print(f"library build: {cpu.flavour()}")
+    int8_rows = 8 if cpu.flavour() == "avx2" else 4  # as cpu.linear_int8 takes them
     print("rows | torch bf16 | kernel bf16 | torch int8pack | kernel int8   (GB/s of weights read)")
     for rows in (1, 2, 4, 8):
         x = torch.randn(rows, k, dtype=torch.bfloat16)
         a = best(lambda: [F.linear(x, w) for w in ws])
         b = best(lambda: [cpu.linear(x, w) for w in ws])
         c = best(lambda: [torch._weight_int8pack_mm(x, w, s) for w in wq])
-        d = best(lambda: [cpu.linear_int8(x, w, s) for w in wq]) if rows <= 4 else float("nan")
+        d = best(lambda: [cpu.linear_int8(x, w, s) for w in wq]) if rows <= int8_rows else float("nan")
         print(f"{rows:4d} | {2 * size / a / 1e9:10.1f} | {2 * size / b / 1e9:11.1f} | {size / c / 1e9:14.1f} | "
               f"{size / d / 1e9:12.1f}")
     # one activation row vs the machine's read bandwidth, interleaved (a shared VM's bandwidth drifts)
@@ -56,6 +58,9 @@ def main():
         print(f"1 row, {shape[0]}x{shape[1]} weights: kernel {gb / t_gemv / 1e9:.1f} GB/s, "
               f"torch sum over 1 GiB {big.numel() * 4 / t_sum / 1e9:.1f} GB/s")
     del big
+    if cpu.kernel("vision_attention") is None:
+        print(f"vision attention: no kernel in the {cpu.flavour()} build (torch SDPA runs)")
+        return
     heads, dim = 16, 80
     for length in (1024, 3996):
         qkv = torch.randn(length, 3 * heads * dim, dtype=torch.bfloat16)
