@@ -357,14 +357,3 @@ void silu_mul_span(uint16_t *gate, const uint16_t *up, int64_t n) {
         for (int i = 0; i < 8; i++) gate[c + i] = f32_to_bf16(round_bf16(t[i]) * bf16_to_f32(up[c + i]));
     }
 }
-
-int silu_mul(uint16_t *gate, const uint16_t *up, int64_t n, int nthreads) {
-    if (n % 16 != 0) return -1;
-#pragma omp parallel num_threads(nthreads) if (n >= 65536)
-    {
-        int64_t lo, hi;
-        share(n, 16, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        silu_mul_span(gate + lo, up + lo, hi - lo);
-    }
-    return 0;
-}

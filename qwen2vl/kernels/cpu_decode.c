@@ -135,7 +135,7 @@ int rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, 
 /* ------------------------------------------------------------------------------------ decoder MLP activation
  * In place on bf16 gate (n): gate = bf16(bf16(silu(gate)) * up), the two roundings of torch's bf16
  * F.silu(gate).mul_(up); silu in fp32 as x / (1 + exp(-x)), as torch computes it. n % 16 == 0.
- * silu_mul_span: on the calling thread (also used inside the fused decoding step). */
+ * silu_mul_span: on the calling thread (cpu_layer.c runs it per thread share: silu_mul, the fused step). */
 void silu_mul_span(uint16_t *gate, const uint16_t *up, int64_t n) {
     for (int64_t c = 0; c < n; c += 16) {
         __m512 g = bf16x16(gate + c);
@@ -153,15 +153,4 @@ void silu_mul_span(uint16_t *gate, const uint16_t *up, int64_t n) {
             }
         for (int i = 0; i < 16; i++) gate[c + i] = f32_to_bf16(round_bf16(t[i]) * bf16_to_f32(up[c + i]));
     }
-}
-
-int silu_mul(uint16_t *gate, const uint16_t *up, int64_t n, int nthreads) {
-    if (n % 16 != 0) return -1;
-#pragma omp parallel num_threads(nthreads) if (n >= 65536)
-    {
-        int64_t lo, hi;
-        share(n, 16, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        silu_mul_span(gate + lo, up + lo, hi - lo);
-    }
-    return 0;
 }

@@ -62,6 +62,19 @@ static void gate_up_silu(const uint16_t *h, const void *wg, const void *wu, uint
     }
 }
 
+/* The per-op path's SiLU * up over bf16 (n), n % 16 == 0: each thread runs its build's silu_mul_span on its share
+ * (shares are multiples of the 16 lanes it takes), as gate_up_silu does inside the fused step. */
+int silu_mul(uint16_t *gate, const uint16_t *up, int64_t n, int nthreads) {
+    if (n % 16 != 0) return -1;
+#pragma omp parallel num_threads(nthreads) if (n >= 65536)
+    {
+        int64_t lo, hi;
+        share(n, 16, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        silu_mul_span(gate + lo, up + lo, hi - lo);
+    }
+    return 0;
+}
+
 /* x += y in bf16 (fp32 sum rounded once, as torch's bf16 add) */
 static void add_bf16(uint16_t *x, const uint16_t *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
