@@ -171,38 +171,37 @@ class StepClock:
         pass
 
 
+def clocked_tps(model, inputs, new_tokens: int, hf: bool) -> float:
+    """One generate() call's decoding rate for one sequence, clocked inside it by a streamer from the first to the
+    last new token (no prefill time in it)."""
+    clock = StepClock()
+    gen(model, inputs, new_tokens + 1, hf, streamer=clock)
+    t = clock.times  # [prompt, token 1 (after the prefill), ..., token new_tokens + 1]
+    return (len(t) - 2) / (t[-1] - t[1])
+
+
 def decode_tps(model, inputs, new_tokens, repeats, hf):
-    """Decoded tokens per second. One sequence: clocked inside each generate() call from the first to the last new
-    token (a streamer; median of runs), so no prefill time is subtracted. Batches (streamers take one sequence):
-    the difference of the median times for new_tokens + 1 and for 1 new token."""
+    """Decoded tokens per second. One sequence: the median of `clocked_tps` runs. Batches (streamers take one
+    sequence): the difference of the median times for new_tokens + 1 and for 1 new token."""
     if inputs["input_ids"].shape[0] == 1:
         gen(model, inputs, new_tokens + 1, hf)  # warm-up
-        rates = []
-        for _ in range(repeats):
-            clock = StepClock()
-            gen(model, inputs, new_tokens + 1, hf, streamer=clock)
-            rates.append((len(clock.times) - 2) / (clock.times[-1] - clock.times[1]))
-        return statistics.median(rates)
+        return statistics.median(clocked_tps(model, inputs, new_tokens, hf) for _ in range(repeats))
     t1 = median_time(lambda: gen(model, inputs, 1, hf), repeats)
     tn = median_time(lambda: gen(model, inputs, new_tokens + 1, hf), repeats)
     return inputs["input_ids"].shape[0] * new_tokens / max(tn - t1, 1e-9)
 
 
 def decode_vs_roofline(model, inputs, new_tokens: int, repeats: int, nbytes: int):
-    """Our batch-1 decode speed against the memory-read roofline, run by run: each run's decoding time is clocked
-    inside one generate() call (first to last new token, so no prefill is subtracted) and sits between two
-    read-bandwidth probes; its roofline is bytes per token / the probes' mean and the ratio is taken per run (a
+    """Our batch-1 decode speed against the memory-read roofline, run by run: each run (`clocked_tps`) sits between
+    two read-bandwidth probes; its roofline is bytes per token / the probes' mean and the ratio is taken per run (a
     shared VM's bandwidth flips between levels within seconds, so one probe for all runs can belong to another
     level). Returns medians of tok/s, roofline tok/s and ratio, and each run's ratio with its probes as text."""
     gen(model, inputs, new_tokens + 1, False)  # warm-up
     tps, roofs, ratios, probes = [], [], [], []
     for _ in range(repeats):
         before = read_bandwidth_gbs()
-        clock = StepClock()
-        gen(model, inputs, new_tokens + 1, False, streamer=clock)
+        tps.append(clocked_tps(model, inputs, new_tokens, False))
         after = read_bandwidth_gbs()
-        t = clock.times  # [prompt, token 1 (after the prefill), ..., token new_tokens + 1]
-        tps.append((len(t) - 2) / (t[-1] - t[1]))
         roofs.append((before + after) / 2 * 1e9 / nbytes)
         ratios.append(tps[-1] / roofs[-1])
         probes += [before, after]
