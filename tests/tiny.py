@@ -79,3 +79,34 @@ def left_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, n - len(s):] = torch.tensor(s)
         mask[i, n - len(s):] = 1
     return ids, mask
+
+
+def spread(model: Qwen2VLForConditionalGeneration, std: float, seed: int = 1) -> Qwen2VLForConditionalGeneration:
+    """Redraw every weight matrix from N(0, std²). The default init (std 0.02) keeps attention nearly uniform, so
+    positions (M-RoPE axes, the vision rotary) barely move the logits; a larger spread makes them matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def real_heads_config(layers: int = 2, tie: bool = False, vocab: int = 99) -> Qwen2VLConfig:
+    """Few, narrow layers but the real checkpoints' head shapes: text head 128 with mrope_section [16, 24, 24]
+    (2 query heads, 1 KV head), vision head 80 (2 heads of embed_dim 160), merge 2."""
+    return Qwen2VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=256, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=10000.0,
+                         max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                         tie_word_embeddings=tie, pad_token_id=PAD, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(depth=2, embed_dim=160, hidden_size=256, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
+        tie_word_embeddings=tie, attn_implementation="sdpa")
+
+
+def real_heads_model(std: float = 0.1, seed: int = 0, **kw) -> Qwen2VLForConditionalGeneration:
+    torch.manual_seed(seed)
+    return spread(Qwen2VLForConditionalGeneration(real_heads_config(**kw)).eval(), std, seed + 1)

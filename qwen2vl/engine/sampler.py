@@ -1,10 +1,11 @@
 """Per-row sampling for a batch of sequences with different `SamplingParams`.
 
-`sample(logits (n, V), seqs) -> list[int]`, built on the processors of `qwen2vl.generation.logits` (transformers
-order: repetition penalty → min-tokens EOS ban → temperature → top-k → top-p → min-p). OpenAI presence /
-frequency penalties are applied with the repetition penalty. Rows with equal warper settings are filtered
-together; each sampled row then draws with its sequence's own `torch.Generator`, so a seeded request samples
-the same tokens whatever else is in the batch. Greedy rows (temperature 0) take the argmax.
+`sample(logits (n, V), seqs) -> list[int]` (`process` gives the scores it draws from), built on the processors
+of `qwen2vl.generation.logits` (transformers order: repetition penalty → min-tokens EOS ban → temperature →
+top-k → top-p → min-p). OpenAI presence / frequency penalties are applied with the repetition penalty. Rows
+with equal warper settings are filtered together; each sampled row then draws with its sequence's own
+`torch.Generator`, so a seeded request samples the same tokens whatever else is in the batch. Greedy rows
+(temperature 0) take the argmax.
 """
 from __future__ import annotations
 
@@ -55,23 +56,35 @@ def warp(scores: torch.Tensor, params) -> torch.Tensor:
     return scores
 
 
-def sample(logits: torch.Tensor, seqs) -> list[int]:
-    """logits (n, V) for the n sequences `seqs` (same order) → next token id per sequence."""
+def process(logits: torch.Tensor, seqs) -> tuple[torch.Tensor, list[list[int]]]:
+    """logits (n, V) for the n sequences `seqs` (same order) → (scores (n, V) float32, sampled row groups).
+
+    Greedy rows get the penalties only (their token is the argmax); sampled rows also the warpers of their
+    params. Each group lists the rows that share warper settings (they are filtered together)."""
     scores = logits.float()
     penalised = [i for i, s in enumerate(seqs) if _needs_penalties(s)]
     if penalised:
         scores = scores.clone()
         for i in penalised:
             _apply_penalties(scores, i, seqs[i])
-    out = scores.argmax(-1)
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(seqs):
         p = s.request.params
         if not p.greedy:
             groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
-    for rows in groups.values():
-        idx = torch.tensor(rows, device=scores.device)
-        warped = warp(scores.index_select(0, idx), seqs[rows[0]].request.params)
-        for j, i in enumerate(rows):
-            out[i] = sample_from_scores(warped[j:j + 1], seqs[i].generator)[0]
+    if groups:
+        scores = scores.clone() if not penalised else scores
+        for rows in groups.values():
+            idx = torch.tensor(rows, device=scores.device)
+            scores[idx] = warp(scores.index_select(0, idx), seqs[rows[0]].request.params)
+    return scores, list(groups.values())
+
+
+def sample(logits: torch.Tensor, seqs) -> list[int]:
+    """logits (n, V) for the n sequences `seqs` (same order) → next token id per sequence."""
+    scores, groups = process(logits, seqs)
+    out = scores.argmax(-1)
+    for rows in groups:
+        for i in rows:
+            out[i] = sample_from_scores(scores[i:i + 1], seqs[i].generator)[0]
     return out.tolist()
