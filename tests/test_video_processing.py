@@ -1,6 +1,7 @@
 """Video processor: frame sampling goldens, layout, input forms, pixel budgets, config loading, PyAV decoding.
 
-The oracle `transformers.Qwen2VLVideoProcessor` needs torchvision (not installed), so frames are checked against
+The oracle `transformers.Qwen2VLVideoProcessor` needs torchvision, which needs another torch than the suite's: it
+runs in a separate venv in tests/test_video_oracle.py. Here frames are checked against
 (a) our torch image processor applied per frame (same resize kernel: exact) and (b) the oracle PIL *image*
 processor per frame with the cross-backend tolerance (max |diff| <= 0.05, mean <= 1e-3 normalized units).
 """
