@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from tiny import IMG, PAD, left_pad, mm_token_type_ids, oracle_from, pixels, sample, tiny_model
+from tiny import IMG, PAD, left_pad, mm_token_type_ids, oracle_from, pixels, sample, spread, tiny_model
 
 from qwen2vl.generation import GenerationConfig, TextIteratorStreamer
 from qwen2vl.generation.stopping import FinishedFlags
@@ -41,13 +41,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_model(seed=0, merge_size=MERGE, mrope_section=(4, 2, 2), tie=False)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
+    return spread(tiny_model(seed=0, merge_size=MERGE, mrope_section=(4, 2, 2), tie=False), 0.2)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,14 @@
 """Parity of the core model with the transformers oracle (same weights, fp32).
 
-Tolerance: max |logits diff| <= 1e-4 over every non-pad position; losses equal within 1e-5.
+Weights are redrawn with std 0.2 (`pair`) so attention is far from uniform and positions move the logits (the
+default init left an h/w swap of the M-RoPE or vision rotary within tolerance). Tolerance: max |logits diff|
+<= 1e-4 x max |reference logit| over every non-pad position; losses equal within 1e-5 relative.
 Video cases keep t <= max(h, w)/merge, where our position rule equals transformers 5.x (see test_rope_index).
 """
 import pytest
 import torch
 
-from tiny import IMG, VID, left_pad, mm_token_type_ids, oracle_from, pixels, sample, tiny_model
+from tiny import IMG, VID, left_pad, mm_token_type_ids, oracle_from, pixels, sample, spread, tiny_model
 
 ATOL = 1e-4
 
@@ -40,8 +42,12 @@ def _inputs(items, merge, seed=0):
 def pair(request):
     merge = request.param
     mrope = (2, 1, 1) if merge == 1 else (4, 2, 2)
-    model = tiny_model(merge_size=merge, mrope_section=mrope, tie=(merge == 1))
+    model = spread(tiny_model(merge_size=merge, mrope_section=mrope, tie=(merge == 1)), 0.2)
     return merge, model, oracle_from(model, attn="eager")
+
+
+def close(ours, ref) -> bool:
+    return (ours - ref).abs().max().item() <= ATOL * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -53,8 +59,8 @@ def test_forward_and_loss_match_oracle(pair, case):
     with torch.no_grad():
         ours = model(input_ids=ids, labels=labels, use_cache=False, **kw)
         ref = hf(input_ids=ids, labels=labels, mm_token_type_ids=mm_token_type_ids(ids), **kw)
-    assert (ours.logits - ref.logits).abs().max().item() <= ATOL
-    assert abs(ours.loss.item() - ref.loss.item()) <= 1e-5
+    assert close(ours.logits, ref.logits)
+    assert abs(ours.loss.item() - ref.loss.item()) <= 1e-5 * max(1.0, ref.loss.item())
 
 
 def test_left_padded_mixed_batch_matches_oracle(pair):
@@ -70,11 +76,11 @@ def test_left_padded_mixed_batch_matches_oracle(pair):
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
                  mm_token_type_ids=mm_token_type_ids(ids))
     real = mask.bool()
-    assert (ours.logits[real] - ref.logits[real]).abs().max().item() <= ATOL
+    assert close(ours.logits[real], ref.logits[real])
     # Each sample alone gives the same logits as inside the padded batch.
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([s_txt]), use_cache=False).logits[0]
-    assert (ours.logits[1][real[1]] - alone).abs().max().item() <= ATOL
+    assert close(ours.logits[1][real[1]], alone)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

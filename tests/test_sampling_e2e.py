@@ -117,17 +117,19 @@ def test_presence_and_frequency_penalties_follow_the_openai_formula(presence, fr
 
 
 def test_min_tokens_bans_eos_and_stop_ids_like_transformers():
+    """EOS (and stop_token_ids) are banned while fewer than min_tokens tokens exist: 6 and 7 of 8, not at 8."""
     scores = logits_row(4)
     scores[0, EOS] = scores[0, 77] = 50.0
     params = SamplingParams(temperature=0, min_tokens=8, stop_token_ids=[77])
-    engine, _ = process(scores, request(params).seqs)          # 6 tokens so far < 8
-    ref = hf_processed(scores.clone(), PROMPT + OUTPUT, min_new_tokens=8, sampling=False)
-    assert engine[0, EOS] == ref[0, EOS] == float("-inf") and engine[0, 77] == float("-inf")
     keep = torch.ones(V, dtype=torch.bool)
     keep[[EOS, 77]] = False
-    assert torch.equal(engine[0, keep], ref[0, keep])
-    done, _ = process(scores, request(params, OUTPUT + [1, 2]).seqs)   # 8 tokens: nothing banned any more
-    assert torch.equal(done, scores)
+    for history in (OUTPUT, OUTPUT + [1], OUTPUT + [1, 2]):
+        engine, _ = process(scores, request(params, history).seqs)
+        ref = hf_processed(scores.clone(), PROMPT + history, min_new_tokens=8, sampling=False)
+        banned = len(history) < 8
+        assert (engine[0, EOS] == float("-inf")) == (ref[0, EOS] == float("-inf")) == banned
+        assert (engine[0, 77] == float("-inf")) == banned
+        assert torch.equal(engine[0, keep], ref[0, keep])
 
 
 DRAWS = 4000

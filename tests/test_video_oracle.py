@@ -61,6 +61,7 @@ def reference(tmp_path_factory):
     clip = frames(20, 90, 120)
     np.save(root / "clip.npy", clip)
     np.save(root / "odd.npy", frames(9, 150, 200, seed=1))
+    np.save(root / "odd_float.npy", frames(7, 150, 200, seed=3).astype(np.float32))  # the non-uint8 path
     write_video(root / "clip.mp4", frames(30, 48, 64, seed=2), fps=10)
     cases = [
         dict(name="fps", source="array", path=str(root / "clip.npy"), video_fps=10, fps=2, processor=PIXELS),
@@ -69,6 +70,8 @@ def reference(tmp_path_factory):
         dict(name="num_frames", source="array", path=str(root / "clip.npy"), video_fps=10, num_frames=7,
              processor=PIXELS),
         dict(name="odd_all_frames_downscaled", source="array", path=str(root / "odd.npy"), video_fps=10,
+             processor={"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 12}),
+        dict(name="odd_float_frames", source="array", path=str(root / "odd_float.npy"), video_fps=10,
              processor={"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 12}),
         dict(name="file_fps", source="file", path=str(root / "clip.mp4"), video_fps=10, fps=4, processor=PIXELS),
     ]
@@ -79,7 +82,8 @@ def reference(tmp_path_factory):
     return {c["name"]: (c, dict(np.load(root / f"{c['name']}.npz"))) for c in cases}
 
 
-@pytest.mark.parametrize("name", ["fps", "fps_above_min", "num_frames", "odd_all_frames_downscaled", "file_fps"])
+@pytest.mark.parametrize("name", ["fps", "fps_above_min", "num_frames", "odd_all_frames_downscaled",
+                                  "odd_float_frames", "file_fps"])
 def test_video_processor_matches_transformers(reference, name):
     case, ref = reference[name]
     sampling = {k: case[k] for k in ("fps", "num_frames") if case.get(k) is not None}
