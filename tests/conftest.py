@@ -1,4 +1,4 @@
-"""Suite-wide guard: a kernel test skipped on a CPU that CAN run its kernel path is turned into a failure.
+"""Shared fixtures, and a suite-wide guard: a kernel test skipped on a CPU that CAN run its kernel path is turned into a failure.
 
 The CPU kernels' tests skip where a build or an instruction set is missing (AVX2 vs AVX512 build, AVX512-BF16).
 A kernel source that stops compiling, or a capability check that regresses, would otherwise only show as more
@@ -15,6 +15,18 @@ import shutil
 import pytest
 
 from qwen2vl.kernels import cpu
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op thread is much faster than contended OpenMP threads on a shared machine
+    (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _compiler() -> bool:

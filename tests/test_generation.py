@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from tiny import IMG, PAD, left_pad, mm_token_type_ids, oracle_from, pixels, sample, spread, tiny_model
+from tiny import IMG, PAD, left_pad, media, mm_token_type_ids, oracle_from, pixels, sample, spread, tiny_model
 
 from qwen2vl.generation import GenerationConfig, TextIteratorStreamer
 from qwen2vl.generation.stopping import FinishedFlags
@@ -30,13 +30,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is much faster than contended OpenMP threads on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +41,6 @@ def model():
 @pytest.fixture(scope="module")
 def oracle(model):
     return oracle_from(model, attn="eager")
-
-
-def media(items, seed=0):
-    """Prefill kwargs for a list of (kind, grid) items (grids consumed in order)."""
-    kw = {}
-    img = [g for k, g in items if k == "image"]
-    vid = [g for k, g in items if k == "video"]
-    if img:
-        kw.update(pixel_values=pixels(img, seed=seed), image_grid_thw=torch.tensor(img))
-    if vid:
-        kw.update(pixel_values_videos=pixels(vid, seed=seed + 1), video_grid_thw=torch.tensor(vid))
-    return kw
 
 
 def single(case, seed=0):

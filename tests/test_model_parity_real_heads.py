@@ -10,7 +10,7 @@ AFTER them (README, "Deliberate deviation"), so those prompts are compared only 
 import pytest
 import torch
 
-from tiny import (IMG, VE, VID, left_pad, mm_token_type_ids, oracle_from, pixels, real_heads_model, sample)
+from tiny import IMG, VE, VID, left_pad, media, mm_token_type_ids, oracle_from, pixels, real_heads_model, sample
 
 REL = 1e-4
 MERGE = 2
@@ -22,29 +22,13 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def pair():
     model = real_heads_model()
     return model, oracle_from(model, attn="eager")
-
-
-def media(items, seed=0):
-    kw = {}
-    img = [g for k, g in items if k == "image"]
-    vid = [g for k, g in items if k == "video"]
-    if img:
-        kw.update(pixel_values=pixels(img, seed=seed), image_grid_thw=torch.tensor(img))
-    if vid:
-        kw.update(pixel_values_videos=pixels(vid, seed=seed + 1), video_grid_thw=torch.tensor(vid))
-    return kw
 
 
 def both(pair, ids, mask=None, **kw):

@@ -24,12 +24,7 @@ EOS = 13                                    # in the vocab, so min_tokens has so
 NO_EOS = 1000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def logits_row(seed=0, scale=3.0):

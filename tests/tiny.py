@@ -59,6 +59,18 @@ def pixels(grid: list[list[int]], seed: int = 0, patch: int = 14) -> torch.Tenso
     return torch.randn(n, 3 * 2 * patch * patch, generator=g)
 
 
+def media(items, seed=0):
+    """Prefill kwargs for a list of (kind, grid) items (grids consumed in order)."""
+    kw = {}
+    img = [g for k, g in items if k == "image"]
+    vid = [g for k, g in items if k == "video"]
+    if img:
+        kw.update(pixel_values=pixels(img, seed=seed), image_grid_thw=torch.tensor(img))
+    if vid:
+        kw.update(pixel_values_videos=pixels(vid, seed=seed + 1), video_grid_thw=torch.tensor(vid))
+    return kw
+
+
 def sample(text_before: int, grids: list[tuple[str, list[int]]], text_after: int, merge: int, seed: int = 0):
     """Token ids: text, then for each (kind, grid) <vs> placeholders <ve> text, ... (kind 'image'|'video')."""
     g = torch.Generator().manual_seed(seed)
