@@ -144,7 +144,7 @@ def test_chooser_times_picks_records_and_a_second_load_reads_it(monkeypatch, tmp
     assert set(decision.times_ms) == ({"kernel", "torch"} if cpu.has_bf16_gemv() else {"torch"})
     recorded = json.loads((tmp_path / "kernels" / "choices.json").read_text())
     assert recorded[choose.machine_key()] == {"decode_gemv|1,512,256,0": decision.choice}
-    assert choose.summary()["decode_gemv"] == [f"1x512x256x0: {decision.choice} (measured)"]
+    assert choose.summary()["decode_gemv"] == f"{decision.choice} (measured) 1x512x256x0"
 
     choose.reset()  # a second load: the record is read, nothing is timed
     monkeypatch.setattr(choose, "_measure", lambda trial: pytest.fail("timed again"))

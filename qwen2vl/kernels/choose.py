@@ -302,9 +302,14 @@ def _write_disk(name: str, choice: str) -> None:
         log.warning("qwen2vl kernels: could not record choices in %s (%s)", path, exc)
 
 
-def summary() -> dict[str, list[str]]:
-    """op -> 'key: choice (source)' for every decision this process made (for benchmark tables)."""
-    out: dict[str, list[str]] = {}
-    for (op, key), d in sorted(_memo.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        out.setdefault(op, []).append(f"{'x'.join(map(str, key))}: {d.choice or 'default rule'} ({d.source})")
-    return out
+TODAY = "today's rule"
+
+
+def summary() -> dict[str, str]:
+    """op -> its decisions in this process, grouped: 'choice (source): shape keys' (for benchmark tables)."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    for (op, key), d in sorted(_memo.items()):
+        label = f"{d.choice or TODAY} ({d.source})"
+        groups.setdefault(op, {}).setdefault(label, []).append("x".join(map(str, key)))
+    return {op: "; ".join(f"{label} {', '.join(keys) if len(keys) <= 6 else f'{len(keys)} shapes'}"
+                          for label, keys in labels.items()) for op, labels in groups.items()}

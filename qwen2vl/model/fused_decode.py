@@ -109,3 +109,30 @@ def fused_decode_step(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
                                cos.reshape(cos.shape[0], -1).contiguous(), sin.reshape(sin.shape[0], -1).contiguous(),
                                attn0.num_heads, layers[0].input_layernorm.variance_epsilon, attn0.scale)
     return out.view_as(x) if ok else None
+
+
+
+def choose_decoding_backends(model, rows: int = 1) -> None:
+    """At load: `choose`'s decisions for decoding `rows` rows (each distinct projection shape, the LM head, the
+    decode attention), so a bf16 CPU model's first generated tokens do not pay for the timing (within the chooser's
+    budget; the vision and prefill shapes are decided at their first use)."""
+    from ..quantization import Int8WeightOnlyLinear
+
+    text = model.model.language_model
+    if not text.layers:
+        return
+    seen = set()
+    with torch.inference_mode():
+        for mod in [*text.layers[0].modules(), model.lm_head]:
+            w = mod.weight if type(mod) is Linear else getattr(mod, "weight_int8", None)
+            key = (type(mod), None if w is None else tuple(w.shape), getattr(mod, "bias", None) is not None)
+            if w is None or w.device.type != "cpu" or key in seen:
+                continue
+            seen.add(key)
+            if isinstance(mod, Int8WeightOnlyLinear):
+                mod.choice(torch.zeros(rows, mod.in_features, dtype=mod.scales.dtype))
+            elif w.dtype is torch.bfloat16:
+                linear_choice(rows, w, mod.bias)
+        attn, emb = text.layers[0].self_attn, text.embed_tokens.weight
+        if emb.dtype is torch.bfloat16 and emb.device.type == "cpu":
+            attention_choice("decode_attention", rows, attn.num_heads, attn.num_kv_heads, attn.head_dim)
