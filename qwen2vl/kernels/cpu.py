@@ -350,24 +350,16 @@ def _linear_trial(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) ->
                         (today, "torch"))
 
 
-def _linear_routed(route: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """A chosen linear candidate's result, or None where it cannot run (today's rule then)."""
-    if route == "torch":
-        return F.linear(x, weight, bias)
-    if route == "widened" and weight.dim() == 2:
-        return _widened(x, weight, bias)
-    if route == "chunked" and _rows(x) > MAX_ROWS:
-        return _gemv_chunks(x, weight, bias)
-    return None
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, the bf16 case on the candidate `choose` picked for its shape (today's rule: the few-rows case on
     the CPU kernel). x (..., K), weight (N, K)."""
     if (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu" and weight.dim() == 2
             and x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         route = linear_choice(_rows(x), weight, bias)
-        y = None if route is None else _linear_routed(route, x, weight, bias)
+        if route == "torch":
+            return F.linear(x, weight, bias)
+        y = _widened(x, weight, bias) if route == "widened" else \
+            _gemv_chunks(x, weight, bias) if route == "chunked" and _rows(x) > MAX_ROWS else None
         if y is not None:
             return y
     return _linear_today(x, weight, bias)
