@@ -189,8 +189,7 @@ def _decide(op: str, key: tuple, build: Callable[[], Trial], timed: bool) -> Dec
     today = next((n for n in trial.today if n in times), None)
     if today is not None and times[today][0] <= MARGIN * times[best][0]:
         best = today
-    if today is not None and best != today and any(len(times[n]) > 1 and times[n][1] > STEADY * times[n][0]
-                                                   for n in (best, today)):
+    if any(len(times[n]) > 1 and times[n][1] > STEADY * times[n][0] for n in {best, today} - {None}):
         # the two best runs disagree: a busy machine; keep today's rule and time again on a later load
         log.info("qwen2vl kernels: %s %s: timings unsteady (%s); today's rule", op, key, _fmt(times))
         return Decision(None, "unsteady", {n: t[0] for n, t in times.items()})
