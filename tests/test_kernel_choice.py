@@ -183,3 +183,17 @@ def test_test_sized_models_are_never_timed(monkeypatch):
         model.model.visual(pixels(grid.tolist()).bfloat16(), grid)
         model.generate(input_ids=torch.randint(7, 90, (2, 70)), max_new_tokens=2, do_sample=False)
     assert choose._memo and all(d.source == "untimed" for d in choose._memo.values())
+
+
+def test_chooser_times_the_widened_and_chunked_products_where_bf16_is_emulated(monkeypatch):
+    monkeypatch.setattr(cpu, "has_native_bf16_matmul", lambda: False)
+    monkeypatch.setattr(choose, "MIN_WEIGHT", 0)
+    monkeypatch.setattr(choose, "STEADY", math.inf)
+    w, b = torch.randn(512, 256).bfloat16(), torch.randn(512).bfloat16()
+    for rows, want in ((20, {"chunked", "widened", "torch"}), (100, {"widened", "torch"})):
+        x = torch.randn(rows, 256).bfloat16()
+        with torch.inference_mode():
+            assert close(cpu.linear(x, w, b), F.linear(x.float(), w.float(), b.float()))
+        d = choose._memo[("prefill_linear", (choose.rows_class("prefill_linear", rows), 512, 256, 1))]
+        assert d.source == "measured" and d.choice in want
+        assert set(d.times_ms) == (want if cpu.has_bf16_gemv() else want - {"chunked"})
