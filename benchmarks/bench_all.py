@@ -4,7 +4,9 @@
     python benchmarks/bench_all.py --config small       # a quick smoke run on a small shape
 
 Each figure is the median of --repeats runs. Ratios > 1 mean qwen2vl is faster (or, for memory, smaller).
-Not a test: timings depend on the machine; the printed table states the machine.
+Not a test: timings depend on the machine; the printed table states the machine (CPU vendor, model, flags) and,
+after it, which backend each op ran (qwen2vl/kernels/choose.py: measured on this machine in the warm-up runs, or
+read from its record; QWEN2VL_BACKEND=torch / kernels / op=choice forces them).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 CONFIG_2B = Path(os.environ.get("QWEN2VL_SHARED", ROOT.parent / "shared")) / "qwen2-vl/Qwen2-VL-2B-Instruct/config.json"
 
 from qwen2vl.configuration import Qwen2VLConfig  # noqa: E402
+from qwen2vl.kernels import choose  # noqa: E402
 from qwen2vl.model import Qwen2VLForConditionalGeneration  # noqa: E402
 
 
@@ -246,8 +249,12 @@ def main(argv=None) -> None:
     table = Table()
     row = table.row
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
-          f"{torch.__version__}, transformers {transformers.__version__}, threads {args.threads}", flush=True)
+    # every backend decision made in this run's warm-ups (not cut short by the 2 s a model load allows)
+    os.environ.setdefault(choose.BUDGET_ENV, "120")
+    c = choose.cpu_description()
+    print(f"machine: {c['vendor']} {c['model']} [{c['flags']}] ({platform.machine()}), {os.cpu_count()} cpus, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
+          f"{choose.ENV}={os.environ.get(choose.ENV, '') or 'auto'}", flush=True)
     mm_bf16, mm_fp32 = matmul_tflops(torch.bfloat16), matmul_tflops(torch.float32)
     # The vision tower's reference: the machine's best matmul for bf16 work. Where bf16 is emulated (no
     # AVX512-BF16 / AMX) that is fp32 on widened operands, which is what qwen2vl runs there.
@@ -292,6 +299,7 @@ def main(argv=None) -> None:
                 f"[{nbytes / 1e9:.2f} GB/token; ratio per run @ GB/s read before/after it: {runs}]")
         if "batch8" not in skip:
             inp8 = text_inputs(8)
+            gen(ours, inp8, 2, False)  # warm-up: 8-row decoding's backend decisions, out of the timed runs
             o8 = decode_tps(ours, inp8, args.new_tokens, args.repeats, False)
             h8 = decode_tps(theirs, hf_kwargs(inp8, config), args.new_tokens, args.repeats, True)
             row("decode batch 8", o8, h8, "tok/s", o8 / h8, ">= 1.5x")
@@ -327,6 +335,9 @@ def main(argv=None) -> None:
         row(f"preprocess 1920x1080 (oracle {label})", t_mine, t_or, "s", t_or / t_mine, ">= 1.0x")
 
     table.print()
+    print(f"\nbackends ({choose.machine_key()}; record: {choose.choices_path()}):")
+    for op, line in choose.summary().items():
+        print(f"  {op}: {line}")
     print(json.dumps({"rss_maxrss_kb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 

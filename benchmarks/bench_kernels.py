@@ -3,7 +3,10 @@
 rotary + flash) vs torch SDPA.
 
     python benchmarks/bench_kernels.py            # best of 7, interleaved; GB/s of weight bytes read
+
+The kernel columns force the kernels (QWEN2VL_BACKEND=kernels), whatever `choose` picked on this machine.
 """
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ def best(fn, n=7):
 
 def main():
     torch.set_num_threads(2)
+    os.environ["QWEN2VL_BACKEND"] = "kernels"  # cpu.linear / linear_int8 = the kernels (today's rule), not a choice
     if cpu.library() is None:
         print("CPU kernels unavailable here (no AVX2 / AVX512 or no C compiler): nothing to compare")
         return

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import choose
 from .kernels import cpu as cpu_kernels
 
 SUPPORTED = ("int8",)
@@ -39,9 +40,25 @@ class Int8WeightOnlyLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.to(self.scales.dtype) * self.scales[:, None]
 
+    def choice(self, x: torch.Tensor) -> str | None:
+        """`choose`'s "int8_gemv" pick for few rows of x (kernel / torch._weight_int8pack_mm), None: today's rule."""
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if x.device.type != "cpu" or x.dtype != self.scales.dtype or not 0 < rows <= 8 or self.in_features % 16:
+            return None
+        n, k = self.out_features, self.in_features
+        return choose.decide("int8_gemv", (rows, n, k), lambda: self._trial(rows), timed=n * k >= choose.MIN_WEIGHT)
+
+    def _trial(self, rows: int) -> choose.Trial:
+        x = torch.randn(rows, self.in_features, dtype=self.scales.dtype)
+        w, s, c = self.weight_int8, self.scales, min(self.out_features, 1024)
+        cands = {"kernel": lambda: cpu_kernels.linear_int8(x, w, s),
+                 "torch": lambda: torch._weight_int8pack_mm(x, w, s)}
+        ref = lambda: F.linear(x[:8].float(), w[:c].float() * s[:c].float()[:, None])  # noqa: E731
+        return choose.Trial(cands, ref, lambda y: y[:8, :c].float(), ("kernel", "torch"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = cpu_kernels.linear_int8(x, self.weight_int8, self.scales)
+        y = None if self.choice(x) == "torch" else cpu_kernels.linear_int8(x, self.weight_int8, self.scales)
         if y is not None:  # few rows (decoding): the bandwidth-bound kernel
             return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, shape[-1])

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import choose
+
 log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
 # Two builds of the library: AVX512 (the bf16 dot-product kernels need AVX512-BF16 too; `has_avx512bf16`) and
@@ -271,6 +273,11 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
         return None
+    return _widened(x, weight, bias)
+
+
+def _widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """widened_linear's product, unchecked (also a candidate the chooser times on CPUs with native bf16)."""
     n, k = weight.shape
     xf = x.reshape(-1, k).float()
     bf = None if bias is None else bias.float()
@@ -292,7 +299,16 @@ def _chunked_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     widened operands and ~4x torch's emulated bf16. None where it does not apply."""
     k = x.shape[-1]
     rows = _rows(x)
-    if not MAX_ROWS < rows < WIDEN_MIN_ROWS or has_native_bf16_matmul() or not has_bf16_gemv():
+    if not MAX_ROWS < rows < WIDEN_MIN_ROWS or has_native_bf16_matmul():
+        return None
+    return _gemv_chunks(x, weight, bias)
+
+
+def _gemv_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """_chunked_gemv's product for any row count (a candidate the chooser times), or None without the kernel."""
+    k = x.shape[-1]
+    rows = _rows(x)
+    if not has_bf16_gemv():
         return None
     x2 = x.reshape(rows, k)
     parts = []
@@ -304,8 +320,54 @@ def _chunked_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.cat(parts).view(*x.shape[:-1], weight.shape[0])
 
 
+def linear_choice(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """What `choose` picked for bf16 x of `rows` rows times this weight (decode_gemv / lm_head / prefill_linear),
+    None for today's rule. The caller has checked: CPU, bf16 activations and weight, no autograd."""
+    n, k = weight.shape
+    op = choose.linear_op(rows, n)
+    rep = choose.rows_class(op, rows)
+    return choose.decide(op, (rep, n, k, int(bias is not None)), lambda: _linear_trial(rep, weight, bias),
+                         timed=n * k >= choose.MIN_WEIGHT and weight.is_contiguous())
+
+
+def _linear_trial(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> choose.Trial:
+    """Candidates of a text linear on random activations of `rows` rows and the real weight; the reference is
+    fp32 on the first rows and columns (a vocabulary-sized weight widened whole would take ~1 GB)."""
+    x = torch.randn(rows, weight.shape[1], dtype=torch.bfloat16)
+    r, c = min(rows, 8), min(weight.shape[0], 1024)
+    b = None if bias is None else bias[:c].float()
+    cands = {"torch": lambda: F.linear(x, weight, bias)}
+    if rows <= MAX_ROWS:
+        if _decode_gemv(x, weight, bias) is not None or _usable("gemv_bf16", x, weight):
+            cands["kernel"] = lambda: _linear_today(x, weight, bias)
+    elif not has_native_bf16_matmul():  # with native bf16 products neither beats one (a 2x-9x loss on Zen 4)
+        cands["widened"] = lambda: _widened(x, weight, bias)
+        if rows < WIDEN_MIN_ROWS:
+            cands["chunked"] = lambda: _gemv_chunks(x, weight, bias)
+    today = "kernel" if rows <= MAX_ROWS else "torch" if has_native_bf16_matmul() else \
+        "chunked" if rows < WIDEN_MIN_ROWS else "widened"
+    return choose.Trial(cands, lambda: F.linear(x[:r].float(), weight[:c].float(), b), lambda y: y[:r, :c].float(),
+                        (today, "torch"))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the bf16 few-rows case on the CPU kernel. x (..., K), weight (N, K)."""
+    """F.linear, the bf16 case on the candidate `choose` picked for its shape (today's rule: the few-rows case on
+    the CPU kernel). x (..., K), weight (N, K)."""
+    if (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu" and weight.dim() == 2
+            and x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        route = linear_choice(_rows(x), weight, bias)
+        if route == "torch":
+            return F.linear(x, weight, bias)
+        y = _widened(x, weight, bias) if route == "widened" else \
+            _gemv_chunks(x, weight, bias) if route == "chunked" and _rows(x) > MAX_ROWS else None
+        if y is not None:
+            return y
+    return _linear_today(x, weight, bias)
+
+
+def _linear_today(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Today's rule for `linear`: the bf16 few-rows case on the CPU kernel, 9-63 rows in 8-row chunks and 64+ on
+    widened operands where bf16 is emulated, else F.linear."""
     y = _decode_gemv(x, weight, bias)
     if y is None:
         y = _chunked_gemv(x, weight, bias)
@@ -337,43 +399,10 @@ class Linear(torch.nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-PREPACK_MIN_ROWS = 64
-_PREPACK_OK = os.environ.get("QWEN2VL_DISABLE_PREPACK", "0") in ("", "0")
+def __getattr__(name: str):
+    """`PrepackedLinear` (the vision tower's linear) lives in prepacked.py; this name stays importable."""
+    if name == "PrepackedLinear":
+        from .prepacked import PrepackedLinear
 
-
-class PrepackedLinear(torch.nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) for layers that always see many rows (the vision tower):
-    bf16 inference on CPU multiplies by oneDNN's prepacked (blocked) copy of the weight, made on first use and
-    rebuilt when the weight changes; 10-15 % faster than F.linear, which re-blocks the weight on every call, and
-    bit-identical. Costs one extra copy of these weights in memory (QWEN2VL_DISABLE_PREPACK=1 turns it off)."""
-
-    def packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        w = self.weight
-        if not _PREPACK_OK or x.device.type != "cpu" or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
-            return None
-        if x.dim() != 2 or x.shape[0] < PREPACK_MIN_ROWS or (torch.is_grad_enabled() and
-                                                            (x.requires_grad or w.requires_grad)):
-            return None
-        try:
-            version = w._version
-        except RuntimeError:  # inference tensors (created under inference_mode) have no version counter
-            version = -1
-        key = (w.data_ptr(), version, tuple(w.shape))
-        cached = self.__dict__.get("_packed")
-        if cached is None or cached[0] != key:
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-            except (RuntimeError, AttributeError):  # no oneDNN in this torch build
-                packed = None
-            cached = self.__dict__["_packed"] = (key, packed)
-        return cached[1]
-
-    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        bias = self.bias if with_bias else None
-        y = widened_linear(x, self.weight, bias)  # no native bf16 matmul here: fp32 on widened operands instead
-        if y is not None:
-            return y
-        packed = self.packed_weight(x)
-        if packed is None:
-            return F.linear(x, self.weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return PrepackedLinear
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

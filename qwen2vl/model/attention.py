@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..kernels import choose
 from ..kernels import cpu as cpu_lib
 from ..kernels import cpu_ops as cpu_kernels
 
@@ -100,18 +101,27 @@ def eager_attention(q, k, v, mask, scale, causal_if_no_mask=True):
 
 
 def sdpa_attention(q, k, v, mask, scale, causal_if_no_mask=True):
-    n_rep = q.shape[1] // k.shape[1]
-    s, kl = q.shape[2], k.shape[2]
-    if s == 1 and q.device.type == "cpu" and causal_if_no_mask:
+    s = q.shape[2]
+    if s == 1 and q.device.type == "cpu" and causal_if_no_mask \
+            and text_attention_choice("decode_attention", q, k) != "torch":
         # Decoding on CPU: torch's SDPA has a large fixed cost per (row, head); the kernel reads each KV head once.
         o = cpu_kernels.decode_attention(q, k, v, mask, scale)
         if o is not None:
             return o
-    if s >= 64 and mask is None and causal_if_no_mask and q.device.type == "cpu":
+    if s >= 64 and mask is None and causal_if_no_mask and q.device.type == "cpu" \
+            and text_attention_choice("prefill_attention", q, k) != "torch":
         # Prefill on CPU (rows alike): bf16 flash kernel, several times faster than CPU SDPA without AMX.
         o = cpu_kernels.prefill_attention(q, k, v, scale)
         if o is not None:
             return o
+    return torch_sdpa(q, k, v, mask, scale, causal_if_no_mask)
+
+
+def torch_sdpa(q, k, v, mask, scale, causal_if_no_mask=True):
+    """torch's SDPA for q (B,Hq,S,D), k/v (B,Hkv,K,D), mask (B,1,S,K) bool or None (causal over the last S keys
+    when causal_if_no_mask, else none)."""
+    n_rep = q.shape[1] // k.shape[1]
+    s, kl = q.shape[2], k.shape[2]
     if n_rep > 1:
         # GQA by broadcasting; enable_gqa kernels exist but the repeat keeps CPU kernels on their fast path.
         k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
@@ -122,6 +132,35 @@ def sdpa_attention(q, k, v, mask, scale, causal_if_no_mask=True):
             is_causal = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def text_attention_choice(op: str, q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """`choose`'s pick for decode_attention (one query per row) or prefill_attention (S >= 64 queries, no mask)
+    for q (B,Hq,S,D), k (B,Hkv,K,D), None for today's rule (the kernel where it runs)."""
+    if q.dtype is not torch.bfloat16 or (torch.is_grad_enabled() and q.requires_grad):
+        return None
+    return attention_choice(op, q.shape[0] if op == "decode_attention" else q.shape[2], q.shape[1], k.shape[1],
+                            q.shape[3])
+
+
+def attention_choice(op: str, rows: int, hq: int, hkv: int, d: int) -> str | None:
+    """text_attention_choice from the sizes: `rows` decoding rows, or `rows` prefill queries."""
+    rep = choose.rows_class(op, rows)
+    return choose.decide(op, (rep, hq, hkv, d), lambda: _text_attention_trial(op, rep, hq, hkv, d),
+                         timed=hq * d >= choose.MIN_WIDTH)
+
+
+def _text_attention_trial(op: str, rows: int, hq: int, hkv: int, d: int) -> choose.Trial:
+    """Random q/k/v of the class's shape: decoding `rows` rows over 512 cached keys, or a causal prefill of `rows`
+    tokens of one row."""
+    b, s, kl = (rows, 1, 512) if op == "decode_attention" else (1, rows, rows)
+    q = torch.randn(b, hq, s, d, dtype=torch.bfloat16)
+    k, v = (torch.randn(b, hkv, kl, d, dtype=torch.bfloat16) for _ in range(2))
+    scale = d ** -0.5
+    kern = cpu_kernels.decode_attention if op == "decode_attention" else \
+        (lambda q, k, v, mask, scale: cpu_kernels.prefill_attention(q, k, v, scale))
+    cands = {"kernel": lambda: kern(q, k, v, None, scale), "torch": lambda: torch_sdpa(q, k, v, None, scale)}
+    return choose.Trial(cands, lambda: torch_sdpa(q.float(), k.float(), v.float(), None, scale))
 
 
 class VarlenBatch(NamedTuple):
@@ -210,11 +249,14 @@ def vision_segments(cu_seqlens, device) -> VisionSegments:
     return VisionSegments(bounds, max_len, cu_seqlens.to(device=device, dtype=torch.int32))
 
 
-def vision_attention(impl: str, q, k, v, cu_seqlens, scale: float) -> torch.Tensor:
+def vision_attention(impl: str, q, k, v, cu_seqlens, scale: float, fp32: bool | None = None) -> torch.Tensor:
     """Block-diagonal attention. q/k/v (N, H, D); cu_seqlens: VisionSegments, or int32 offsets
-    (num_segments+1,). Returns (N, H, D)."""
+    (num_segments+1,). Returns (N, H, D). fp32: bf16 CPU SDPA on fp32 operands (None: where the CPU has no
+    native bf16 matmul; the vision tower passes `choose`'s pick)."""
     n, h, d = q.shape
-    if impl == "sdpa" and q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_lib.has_native_bf16_matmul() \
+    if fp32 is None:
+        fp32 = not cpu_lib.has_native_bf16_matmul()
+    if impl == "sdpa" and q.device.type == "cpu" and q.dtype == torch.bfloat16 and fp32 \
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # No native bf16 matmul on this CPU: torch's fp32 SDPA is ~20 % faster than its bf16 one (Zen 3).
         return vision_attention(impl, q.float(), k.float(), v.float(), cu_seqlens, scale).to(torch.bfloat16)

@@ -11,7 +11,8 @@ import weakref
 import torch
 
 from ..kernels import cpu_ops
-from ..kernels.cpu import Linear
+from ..kernels.cpu import Linear, linear_choice
+from .attention import attention_choice
 from .cache import KVCache
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,6 +73,17 @@ def _weights(layers) -> list[torch.Tensor] | None:
     return weights
 
 
+def _kernels_chosen(weights: list[torch.Tensor], rows: int, attn) -> bool:
+    """Whether `choose` runs every product of a layer (same shapes in every layer) and the attention of `rows`
+    decoding rows on the kernels (or today's rule, which is the kernels), as this one call does."""
+    d = attn.head_dim  # q / k biases (Hq*D,), (Hkv*D,): the attention's shape from the layer's own weights
+    if attention_choice("decode_attention", rows, weights[2].shape[0] // d, weights[4].shape[0] // d, d) \
+            not in (None, "kernel"):
+        return False
+    return all(linear_choice(rows, weights[i], weights[i + 1] if i in (1, 3, 5) else None) in (None, "kernel")
+               for i in (1, 3, 5, 7, 9, 10, 11))
+
+
 def fused_decode_step(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                       cache: KVCache | None) -> torch.Tensor | None:
     """x (B,1,H) bf16 → the last layer's output (B,1,H), with every layer's new key/value written to `cache`
@@ -83,7 +95,7 @@ def fused_decode_step(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return None
     weights = _weights(layers)
-    if weights is None:
+    if weights is None or not _kernels_chosen(weights, x.shape[0], layers[0].self_attn):
         return None
     attn0 = layers[0].self_attn
     kv_len = max(cache.lengths) + 1
@@ -97,3 +109,30 @@ def fused_decode_step(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
                                cos.reshape(cos.shape[0], -1).contiguous(), sin.reshape(sin.shape[0], -1).contiguous(),
                                attn0.num_heads, layers[0].input_layernorm.variance_epsilon, attn0.scale)
     return out.view_as(x) if ok else None
+
+
+
+def choose_decoding_backends(model, rows: int = 1) -> None:
+    """At load: `choose`'s decisions for decoding `rows` rows (each distinct projection shape, the LM head, the
+    decode attention), so a bf16 CPU model's first generated tokens do not pay for the timing (within the chooser's
+    budget; the vision and prefill shapes are decided at their first use)."""
+    from ..quantization import Int8WeightOnlyLinear
+
+    text = model.model.language_model
+    if not text.layers:
+        return
+    seen = set()
+    with torch.inference_mode():
+        for mod in [*text.layers[0].modules(), model.lm_head]:
+            w = mod.weight if type(mod) is Linear else getattr(mod, "weight_int8", None)
+            key = (type(mod), None if w is None else tuple(w.shape), getattr(mod, "bias", None) is not None)
+            if w is None or w.device.type != "cpu" or key in seen:
+                continue
+            seen.add(key)
+            if isinstance(mod, Int8WeightOnlyLinear):
+                mod.choice(torch.zeros(rows, mod.in_features, dtype=mod.scales.dtype))
+            elif w.dtype is torch.bfloat16:
+                linear_choice(rows, w, mod.bias)
+        attn, emb = text.layers[0].self_attn, text.embed_tokens.weight
+        if emb.dtype is torch.bfloat16 and emb.device.type == "cpu":
+            attention_choice("decode_attention", rows, attn.num_heads, attn.num_kv_heads, attn.head_dim)

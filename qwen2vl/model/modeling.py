@@ -278,8 +278,11 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         from ..loading import from_pretrained
+        from .fused_decode import choose_decoding_backends
 
-        return from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+        model = from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+        choose_decoding_backends(model)  # CPU backends for decoding measured (or read) now, not at the first token
+        return model
 
     def save_pretrained(self, save_directory, max_shard_size="5GB", **kwargs) -> None:
         from ..loading import save_pretrained

@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import choose
 from ..kernels import cpu_ops as cpu_kernels
-from ..kernels.cpu import PrepackedLinear
+from ..kernels.cpu import has_native_bf16_matmul
+from ..kernels.prepacked import PrepackedLinear
 from .attention import vision_attention, vision_segments
 from .rope_index import vision_cu_seqlens, vision_position_ids
 
@@ -68,21 +70,48 @@ class VisionAttention(nn.Module):
     def forward(self, x, cu_seqlens, cos, sin):
         n = x.shape[0]
         qkv = self.qkv(x)
-        if self.attn_implementation == "sdpa" and x.device.type == "cpu" and n >= 256:
+        cpu_sdpa = self.attn_implementation == "sdpa" and x.device.type == "cpu"
+        route = self.choice(qkv) if cpu_sdpa else None
+        if route in (None, "kernel") and cpu_sdpa and n >= 256:
             # Long segments on CPU: fused rotary + flash attention kernel, several times faster than
-            # torch's CPU SDPA (which runs far below matmul speed without AMX).
+            # torch's CPU SDPA without AMX (with AMX, `choose` may pick SDPA instead).
             o = cpu_kernels.vision_attention(qkv, cos, sin, self.num_heads, self.scale,
                                              vision_segments(cu_seqlens, x.device).bounds)
             if o is not None:
                 return self.proj(o)
+        o = self.torch_attention(qkv, cu_seqlens, cos, sin, {"torch": False, "torch_fp32": True}.get(route))
+        return self.proj(o)
+
+    def torch_attention(self, qkv, cu_seqlens, cos, sin, fp32: bool | None = None) -> torch.Tensor:
+        """Rotary (in float32, as the reference) and block-diagonal attention with torch ops: qkv (N, 3*H*D) ->
+        (N, H*D). fp32: SDPA on fp32 operands (None: where this CPU has no native bf16 matmul)."""
+        n = qkv.shape[0]
         q, k, v = qkv.view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        # Rotary in float32 (as the reference), cast back to the activation dtype.
         c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
         qf, kf = q.float(), k.float()
-        q = (qf * c + rotate_half(qf) * s).to(x.dtype)
-        k = (kf * c + rotate_half(kf) * s).to(x.dtype)
-        o = vision_attention(self.attn_implementation, q, k, v, cu_seqlens, self.scale)
-        return self.proj(o.reshape(n, -1))
+        q = (qf * c + rotate_half(qf) * s).to(qkv.dtype)
+        k = (kf * c + rotate_half(kf) * s).to(qkv.dtype)
+        return vision_attention(self.attn_implementation, q, k, v, cu_seqlens, self.scale, fp32).reshape(n, -1)
+
+    def choice(self, qkv: torch.Tensor) -> str | None:
+        """`choose`'s "vision_attention" decision for this many rows (None: today's rule)."""
+        n, h, d = qkv.shape[0], self.num_heads, self.head_dim
+        if qkv.dtype is not torch.bfloat16 or n < 256 or (torch.is_grad_enabled() and qkv.requires_grad):
+            return None
+        rep = choose.rows_class("vision_attention", n)
+        return choose.decide("vision_attention", (rep, h, d), lambda: self._trial(rep), timed=h * d >= choose.MIN_WIDTH)
+
+    def _trial(self, rows: int) -> choose.Trial:
+        """The candidates on one random segment of `rows` patches; reference: the torch path in fp32."""
+        h, d = self.num_heads, self.head_dim
+        qkv = torch.randn(rows, 3 * h * d, dtype=torch.bfloat16)
+        cos, sin = vision_rotary(torch.randint(0, 64, (rows, 2)), d)
+        seg = vision_segments(torch.tensor([0, rows], dtype=torch.int32), qkv.device)
+        sdpa = "torch" if has_native_bf16_matmul() else "torch_fp32"  # bf16 SDPA where bf16 is native
+        cands = {"kernel": lambda: cpu_kernels.vision_attention(qkv, cos, sin, h, self.scale, [0, rows]),
+                 sdpa: lambda: self.torch_attention(qkv, seg, cos, sin, sdpa == "torch_fp32")}
+        today = ("kernel", sdpa)
+        return choose.Trial(cands, lambda: self.torch_attention(qkv.float(), seg, cos, sin, False), today=today)
 
 
 class VisionMlp(nn.Module):
