@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from ..engine import AsyncEngine, SamplingParams
+from ..processing.media import MediaError
 from ..engine.sequence import EngineDead, EngineError, QueueFull, RequestRejected
 from . import protocol as P
 from .media import fetch_remote, load_media, plan_media
@@ -149,7 +150,8 @@ class ChatHandler:
             except (ValueError, TypeError, OSError) as e:  # media / processor validation (MediaError: ValueError)
                 if is_oom(e):
                     raise internal_error(e, rid, "in preprocessing") from None
-                raise P.bad_request(scrub(str(e) or type(e).__name__), "messages") from None
+                code = "invalid_video" if isinstance(e, MediaError) else None  # images fail earlier, in load_media
+                raise P.bad_request(scrub(str(e) or type(e).__name__), "messages", code) from None
             except RuntimeError as e:
                 if "after shutdown" in str(e):  # the processing pool is closed: the engine is stopping
                     raise P.shutting_down() from None
