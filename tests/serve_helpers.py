@@ -3,7 +3,6 @@ HTTP server standing in for remote media hosts, a 1000-frame 720p video built in
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import re
 import threading
@@ -12,10 +11,10 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
-from PIL import Image
-
 from qwen2vl.server import ServerThread, add_arguments, build_engine, create_app, settings_from
 from test_engine import build_model_dir
+from test_server import data_url, image_msg, wait_for  # noqa: F401 (re-exported)
+from test_server import png as _png
 
 NAME = "tiny-vl"
 KEY = "test-key"
@@ -23,18 +22,7 @@ HI = [{"role": "user", "content": "Say something."}]
 
 
 def png(color=(200, 30, 30), size=(56, 56)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_url(raw: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(raw).decode()
-
-
-def image_msg(url: str, text: str = "What is it?", **opts) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, **opts}},
-                                         {"type": "text", "text": text}]}]
+    return _png(color, size)
 
 
 def parse(model_dir, *extra) -> argparse.Namespace:
@@ -79,13 +67,6 @@ def assert_error(resp: httpx.Response, status: int, code: str | None = None) -> 
     if code is not None:
         assert err["code"] == code, err
     return err
-
-
-def wait_for(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return cond()
 
 
 # ------------------------------------------------------------------------------------------------ memory probes
