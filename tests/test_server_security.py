@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from serve_helpers import (HI, KEY, StandIn, assert_error, data_url, greedy, image_msg, model_dir, png, post,
+from serve_helpers import (HI, KEY, StandIn, assert_error, greedy, image_msg, model_dir, png, post,
                            redirect, serve_bytes, start, trickle)
 
 

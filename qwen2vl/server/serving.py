@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
