@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--max-images-per-request", type=int, default=8)
     m.add_argument("--max-videos-per-request", type=int, default=1)
     m.add_argument("--max-image-pixels", type=int, default=32_000_000,
-                   help="width*height cap, checked from the header before decoding (decompression bombs)")
+                   help="width*height cap, checked from the header before decoding (decompression bombs); "
+                        "per-item min_pixels / max_pixels may not exceed it either")
     m.add_argument("--max-image-bytes", type=int, default=20 * 1024**2)
     m.add_argument("--max-video-bytes", type=int, default=200 * 1024**2)
     m.add_argument("--max-request-bytes", type=int, default=32 * 1024**2, help="request body size cap")
