@@ -272,8 +272,8 @@ def test_chat_template_video_path_decodes_only_sampled_frames(ours, tmp_path, mo
     decodes = []
     real = media._decode_selected
 
-    def counting(av_mod, src, indices, width, height):
-        kept, count = real(av_mod, src, indices, width, height)
+    def counting(av_mod, src, indices, width, height, *frame_fn):
+        kept, count = real(av_mod, src, indices, width, height, *frame_fn)
         decodes.append(sorted(kept))
         return kept, count
 

@@ -43,6 +43,7 @@ def image_msg(url: str, text: str = "What shape is it?", **pixels) -> list[dict]
 def args_for(model_dir, media_dir=None, *extra) -> argparse.Namespace:
     argv = ["--model", str(model_dir), "--served-model-name", NAME, "--max-num-seqs", "8", "--max-model-len", "256",
             "--max-images-per-request", "4", "--max-image-pixels", "250000", "--max-request-bytes", "1000000",
+            "--allow-private-media-urls",  # the test serves "remote" media from 127.0.0.1
             *extra]
     if media_dir is not None:
         argv += ["--allowed-local-media-path", str(media_dir)]

@@ -1,11 +1,16 @@
 """Per-request sampling parameters (names and defaults follow vLLM's `SamplingParams` / the OpenAI API).
 
-`temperature == 0` means greedy decoding (top_p / top_k / min_p / seed are then irrelevant).
+`temperature == 0` means greedy decoding (top_p / top_k / min_p / seed are then irrelevant); a temperature below
+1e-5 is taken as 0 (as vLLM does): dividing logits by it overflows to inf/NaN and samples garbage.
 `seed` makes sampling reproducible per request, independent of what else is in the batch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy
+MAX_TOP_K = 2**31 - 1
 
 
 @dataclass
@@ -36,6 +41,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
 
     def validate(self) -> None:
         """Raise ValueError (message names the field) for out-of-range values."""
@@ -44,9 +51,13 @@ class SamplingParams:
                 raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}.")
 
         need(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and math.isfinite(value), name, "must be a finite number")
         need(self.temperature >= 0, "temperature", "must be >= 0")
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be -1, 0 (disabled) or a positive integer")
+        need(isinstance(self.top_k, int) and 0 <= self.top_k <= MAX_TOP_K, "top_k",
+             f"must be -1, 0 (disabled) or a positive integer up to {MAX_TOP_K}")
         need(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         need(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
         need(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
@@ -58,6 +69,8 @@ class SamplingParams:
         need(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64), "seed",
              "must be an integer in [-2**63, 2**64)")
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        need(all(0 <= t <= MAX_TOP_K for t in self.stop_token_ids), "stop_token_ids",
+             "must be token ids (non-negative integers)")
 
     @property
     def greedy(self) -> bool:

@@ -35,7 +35,8 @@ class MediaLimits:
     max_image_pixels: int = 64_000_000  # width*height from the header, checked before decoding
     max_image_bytes: int = 64 * 1024**2  # downloaded / base64 / data-URI image payloads
     max_video_bytes: int = 1024**3  # downloaded / data-URI video payloads
-    max_video_frames: int = 4096  # frames kept in memory after sampling
+    max_video_frames: int = 4096  # frames kept in memory after sampling (also caps fps sampling's max_frames)
+    max_vision_tokens: int | None = None  # a video's merged-patch tokens, checked before any frame is decoded
     timeout: float = 10.0  # seconds, per HTTP request phase (connect/read)
     max_redirects: int = 5
     allow_local_files: bool = True  # plain paths and file:// URIs
@@ -123,6 +124,9 @@ def _parse_data_uri(uri: str, what: str, max_bytes: int, kind: str) -> bytes:
     if mime and not mime.startswith(kind + "/") and mime != "application/octet-stream":
         raise MediaError(f"{what}: data URI has media type {mime!r}, expected {kind}/*.")
     return _decode_base64(payload, what, max_bytes)
+
+
+parse_data_uri = _parse_data_uri  # public name for callers that hold a data: URL and want its bytes
 
 
 def _local_path(source: str | Path, what: str, lim: MediaLimits) -> str:
@@ -322,12 +326,15 @@ def load_video(
     allow_remote: bool | None = None,
     timeout: float | None = None,
     max_bytes: int | None = None,
+    frame_fn: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, VideoMetadata]:
     """Decode a video with PyAV into `(frames (F,H,W,3) uint8 RGB, VideoMetadata)`.
 
     `source`: path (str/Path) | 'file://' URI | 'http(s)://' URL (downloaded to a temp file under a byte cap) |
     'data:video/...;base64,' URI | bytes. `sample_indices_fn(metadata) -> indices` is called with the stream's
-    frame count and fps *before* decoding, and only the selected frames are converted and kept in memory.
+    frame count and fps *before* decoding, and only the selected frames are converted and kept in memory;
+    `frame_fn((H,W,3) uint8) -> frame` transforms each kept frame as soon as it is decoded (e.g. resizes it to the
+    processor's target size, so memory is bounded by the *resized* frames, not the decoded ones).
     """
     lim = _limits(limits, allow_local_files=allow_local_files, allow_remote=allow_remote, timeout=timeout,
                   max_video_bytes=max_bytes)
@@ -351,15 +358,15 @@ def load_video(
                 opener = lambda: path  # noqa: E731
         else:
             raise MediaError(f"{what}: unsupported video source type {type(source).__name__}.")
-        return _decode_video(opener, what, lim, sample_indices_fn)
+        return _decode_video(opener, what, lim, sample_indices_fn, frame_fn)
     finally:
         if tmp_path is not None:
             os.unlink(tmp_path)
 
 
 def _decode_video(opener: Callable[[], Any], what: str, lim: MediaLimits,
-                  sample_indices_fn: Callable[[VideoMetadata], Sequence[int]] | None
-                  ) -> tuple[np.ndarray, VideoMetadata]:
+                  sample_indices_fn: Callable[[VideoMetadata], Sequence[int]] | None,
+                  frame_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, VideoMetadata]:
     import av
 
     try:
@@ -391,7 +398,7 @@ def _decode_video(opener: Callable[[], Any], what: str, lim: MediaLimits,
             if len(indices) > lim.max_video_frames:
                 raise MediaError(f"{what}: {len(indices)} frames requested, over the limit of "
                                   f"{lim.max_video_frames}; sample with `fps` or `num_frames`.")
-            kept, decoded = _decode_selected(av, opener(), indices, width, height)
+            kept, decoded = _decode_selected(av, opener(), indices, width, height, frame_fn)
             if all(i in kept for i in indices):
                 meta.frames_indices = indices
                 return np.stack([kept[i] for i in indices]), meta
@@ -404,7 +411,8 @@ def _decode_video(opener: Callable[[], Any], what: str, lim: MediaLimits,
         raise MediaError(f"{what}: cannot decode video ({type(e).__name__}: {e}).") from e
 
 
-def _decode_selected(av: Any, src: Any, indices: list[int], width: int, height: int) -> tuple[dict, int]:
+def _decode_selected(av: Any, src: Any, indices: list[int], width: int, height: int,
+                     frame_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[dict, int]:
     """Decode sequentially, keeping only frames whose index is wanted; stop after the last wanted one."""
     wanted, last, kept, count = set(indices), max(indices), {}, 0
     with av.open(src) as container:
@@ -413,7 +421,8 @@ def _decode_selected(av: Any, src: Any, indices: list[int], width: int, height: 
         for i, frame in enumerate(container.decode(stream)):
             count = i + 1
             if i in wanted:
-                kept[i] = frame.to_ndarray(format="rgb24", width=width, height=height)
+                rgb = frame.to_ndarray(format="rgb24", width=width, height=height)
+                kept[i] = frame_fn(rgb) if frame_fn is not None else rgb
             if i >= last:
                 break
     return kept, count

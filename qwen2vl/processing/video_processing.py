@@ -148,11 +148,14 @@ class Qwen2VLVideoProcessor(ProcessorConfigMixin):
         o = self._options(kwargs)
         T = o["temporal_patch_size"]
 
+        limits: MediaLimits | None = o["media_limits"]
+        max_frames = min(o["max_frames"], limits.max_video_frames) if limits is not None else o["max_frames"]
+
         def indices_for(meta: VideoMetadata) -> list[int]:
             if not sample:
                 return list(range(meta.total_num_frames))
             return sample_frame_indices(meta.total_num_frames, meta.fps, fps=fps, num_frames=num_frames,
-                                        min_frames=o["min_frames"], max_frames=o["max_frames"], temporal_patch_size=T)
+                                        min_frames=o["min_frames"], max_frames=max_frames, temporal_patch_size=T)
 
         entries = flatten_videos(videos)
         if not entries:
@@ -168,9 +171,8 @@ class Qwen2VLVideoProcessor(ProcessorConfigMixin):
             x = torch.from_numpy(np.stack([f.transpose(1, 2, 0) for f in frames])).permute(0, 3, 1, 2)
             if o["device"] is not None:
                 x = x.to(o["device"])
-            if o["do_resize"]:
-                h, w = smart_resize(x.shape[2], x.shape[3], o["patch_size"] * o["merge_size"],
-                                    o["size"]["shortest_edge"], self._max_pixels(o, x.shape[0]))
+            if o["do_resize"]:  # frames decoded from a file arrive already at this size (see `_decode`)
+                h, w = self._target_size(x.shape[2], x.shape[3], x.shape[0], o)
                 x = torch_resize(x, h, w, o["resample"])
             normalize = lambda v: torch_rescale_normalize(  # noqa: E731
                 v, o["do_rescale"], o["rescale_factor"], o["do_normalize"], o["image_mean"], o["image_std"])
@@ -203,12 +205,47 @@ class Qwen2VLVideoProcessor(ProcessorConfigMixin):
             return max(min(max_px, total * o["temporal_patch_size"] // nframes), int(min_px * 1.05))
         return max_px
 
+    def _target_size(self, height: int, width: int, nframes: int, o: dict) -> tuple[int, int]:
+        return smart_resize(height, width, o["patch_size"] * o["merge_size"], o["size"]["shortest_edge"],
+                            self._max_pixels(o, nframes))
+
+    def _decode_file(self, entry: Any, indices_for: Callable, o: dict) -> tuple[np.ndarray, VideoMetadata]:
+        """Decode a video file, resizing each kept frame to the target size as soon as it is decoded, so memory
+        holds resized frames only. The target is known before decoding (header size + number of sampled frames),
+        which is also when `media_limits.max_vision_tokens` is checked. Resizing one frame at a time gives the
+        same bytes as resizing the stack (same per-plane kernel), and the later resize is then a no-op."""
+        limits: MediaLimits | None = o["media_limits"]
+        on_cpu = o["device"] is None or torch.device(o["device"]).type == "cpu"
+        target: list[tuple[int, int]] = []
+
+        def plan(meta: VideoMetadata) -> list[int]:
+            indices = indices_for(meta)
+            h, w = meta.height, meta.width
+            if o["do_resize"]:
+                h, w = self._target_size(h, w, len(indices), o)
+            target[:] = [(h, w)] if o["do_resize"] and on_cpu else []
+            budget = limits.max_vision_tokens if limits is not None else None
+            p, m = o["patch_size"], o["merge_size"]
+            tokens = math.ceil(len(indices) / o["temporal_patch_size"]) * (h // p) * (w // p) // (m * m)
+            if budget is not None and tokens > budget:
+                raise ValueError(f"{len(indices)} frames of {w}x{h} need {tokens} tokens, over the {budget} "
+                                 "this request has left; sample fewer frames (fps / num_frames) or lower max_pixels.")
+            return indices
+
+        def resize(frame: np.ndarray) -> np.ndarray:  # (H, W, 3) uint8 -> (h, w, 3) uint8
+            if not target or frame.shape[:2] == target[0] or frame.ndim != 3:
+                return frame
+            x = torch_resize(torch.from_numpy(frame).permute(2, 0, 1)[None], *target[0], o["resample"])
+            return x[0].permute(1, 2, 0).numpy()
+
+        return load_video(entry, sample_indices_fn=plan, limits=limits, frame_fn=resize)
+
     def _decode(self, entry: Any, meta: VideoMetadata | None, indices_for: Callable, o: dict
                 ) -> tuple[list[np.ndarray], VideoMetadata]:
         """Entry -> (sampled (C,H,W) frames, metadata with frames_indices)."""
         limits: MediaLimits | None = o["media_limits"]
         if isinstance(entry, (str, Path, bytes, bytearray)):
-            video, meta = load_video(entry, sample_indices_fn=indices_for, limits=limits)
+            video, meta = self._decode_file(entry, indices_for, o)
             return [to_chw_array(f, o["do_convert_rgb"], "channels_last") for f in video], meta
         if isinstance(entry, (np.ndarray, torch.Tensor)):
             first = entry[0].detach().cpu().numpy() if isinstance(entry, torch.Tensor) else entry[0]

@@ -1,27 +1,33 @@
-"""FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`.
+"""FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`.
 
 `create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI`. Every error leaves as the OpenAI error JSON
-with its status (400 bad input, 401 bad key, 404 unknown model/route, 429 queue full, 503 shutting down, 500
-generic: tracebacks are logged, never sent). The engine is shut down (running requests aborted, threads joined)
-when the app's lifespan ends.
+with its status (400 bad input, 401 bad key, 404 unknown model/route, 408 body too slow, 415 not JSON, 429 queue
+full, 503 overloaded / shutting down / too many connections, 500 generic with the request id: tracebacks are
+logged, never sent). `guards.Guard` runs before every route (Host, Content-Type, connection cap, shutdown);
+CORS is off unless `allowed_origins` is set. `app.state.lifecycle.stop(timeout)` (called by the launcher when
+uvicorn begins its shutdown) lets in-flight requests finish, then ends the rest; the engine is shut down when
+the app's lifespan ends.
 """
 from __future__ import annotations
 
 import hmac
-import json
 import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import AsyncEngine
+from .fetch import MediaFetcher
+from .guards import Guard, Lifecycle, Stages, read_json
 from .media import MediaPolicy
-from .protocol import APIError, bad_request, error_body, now
-from .serving import ChatHandler
+from .metrics import Metrics
+from .protocol import APIError, error_body, now
+from .serving import ChatHandler, internal_error
 
 logger = logging.getLogger("qwen2vl.server")
 
@@ -35,32 +41,12 @@ class ServerSettings:
     max_request_bytes: int = 32 * 1024**2
     default_sampling: dict = field(default_factory=dict)  # from generation_config.json
     drain_on_shutdown: bool = False
-
-
-async def read_json(request: Request, max_bytes: int) -> dict:
-    """The request body as a JSON object, refusing bodies over `max_bytes` (checked while streaming)."""
-    declared = request.headers.get("content-length")
-    too_big = bad_request(f"Request body too large: the limit is {max_bytes} bytes.", None, "request_too_large")
-    if declared and declared.isdigit() and int(declared) > 4 * max_bytes:
-        raise too_big
-    buf, total = bytearray(), 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total <= max_bytes:
-            buf += chunk
-        elif total > 4 * max_bytes:  # stop draining a hostile upload; the connection is closed afterwards
-            break
-    if total > max_bytes:
-        raise too_big
-    try:
-        data = json.loads(bytes(buf))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad_request(f"Malformed JSON body: {e}", None, "invalid_json") from None
-    except RecursionError:
-        raise bad_request("Malformed JSON body: nested too deeply.", None, "invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad_request("The request body must be a JSON object.", None, "invalid_json")
-    return data
+    allowed_hosts: tuple[str, ...] | None = ("localhost", "127.0.0.1", "::1")  # None: any Host
+    allowed_origins: tuple[str, ...] = ()  # CORS off when empty
+    max_connections: int = 64  # requests in flight (streams included)
+    body_timeout: float = 30.0  # seconds to receive a request body
+    shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
+    max_queue: int | None = None  # None: the engine's
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -71,10 +57,19 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="qwen2vl OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.state.engine = engine
-    app.state.settings = settings
-    chat = ChatHandler(engine, settings)
+    lifecycle = Lifecycle()
+    stages = Stages(engine, settings.max_queue if settings.max_queue is not None else engine.max_queue)
+    metrics = Metrics(engine, stages)
+    app.state.engine, app.state.settings, app.state.lifecycle = engine, settings, lifecycle
+    app.state.stages, app.state.metrics = stages, metrics
+    chat = ChatHandler(engine, settings, stages, lifecycle, MediaFetcher(settings.media.fetch), metrics)
     created = now()
+    if settings.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Guard, settings=settings, lifecycle=lifecycle, metrics=metrics)  # outermost
 
     def check_auth(request: Request) -> None:
         if settings.api_key is None:
@@ -87,8 +82,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        headers = dict(exc.headers or {})
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -101,14 +98,23 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("Internal server error.", "internal_server_error"), 500)
+        err = internal_error(exc, request.scope.get("state", {}).get("request_id", "?"),
+                             f"in {request.method} {request.url.path}")
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.get("/health")
     async def health():
+        stats = {**engine.stats(), **stages.snapshot(), "in_flight": lifecycle.in_flight}
+        if lifecycle.draining:
+            return JSONResponse({**error_body("The server is shutting down.", "service_unavailable"), **stats}, 503)
         if not engine.is_running:
             return JSONResponse(error_body("The engine is not running.", "service_unavailable"), 503)
-        return {"status": "ok", **engine.stats()}
+        return {"status": "ok", **stats}
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request):
+        check_auth(request)
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -120,7 +126,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
-        body = await read_json(request, settings.max_request_bytes)
-        return await chat(request, body)
+        with stages.stage("receiving"):
+            body = await read_json(request, settings.max_request_bytes, settings.body_timeout)
+        return await chat(request, body, time.perf_counter())
 
     return app

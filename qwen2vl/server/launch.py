@@ -12,6 +12,8 @@ import threading
 
 from ..engine import AsyncEngine, EngineConfig, LLMEngine
 from .app import ServerSettings, create_app
+from .fetch import FetchPolicy
+from .guards import default_allowed_hosts
 from .media import MediaPolicy
 
 logger = logging.getLogger("qwen2vl.server")
@@ -40,20 +42,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory", default=None,
                    help="KV cache budget, e.g. 2GiB or bytes; caps --max-num-seqs to what fits")
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prefill tokens per engine step")
-    g.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    g.add_argument("--max-queue", type=int, default=256,
+                   help="requests queued (fetching media, preprocessing or waiting in the engine) before 429")
     m = p.add_argument_group("media / limits")
     m.add_argument("--allowed-local-media-path", default=None,
                    help="directory from which file:// media URLs may be read (default: none are)")
     m.add_argument("--allow-remote-media", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch http(s):// image/video URLs (default on; --no-allow-remote-media turns it off)")
+    m.add_argument("--allow-private-media-urls", action="store_true",
+                   help="let media URLs reach loopback / private / link-local / reserved addresses (default: "
+                        "refused, so that callers cannot reach internal services through the server)")
+    m.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
+                   help="fetch media only from these domains (and their subdomains)")
+    m.add_argument("--max-concurrent-fetches", type=int, default=8, help="remote media downloads in flight")
+    m.add_argument("--max-video-frames", type=int, default=768,
+                   help="frames sampled per video (fps sampling is clamped to it; num_frames above it is refused)")
+    m.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="text characters per request, checked before tokenization (default: 16 x max-model-len)")
     m.add_argument("--max-images-per-request", type=int, default=8)
     m.add_argument("--max-videos-per-request", type=int, default=1)
     m.add_argument("--max-image-pixels", type=int, default=32_000_000,
-                   help="width*height cap, checked from the header before decoding (decompression bombs)")
+                   help="width*height cap, checked from the header before decoding (decompression bombs); "
+                        "per-item min_pixels / max_pixels may not exceed it either")
     m.add_argument("--max-image-bytes", type=int, default=20 * 1024**2)
     m.add_argument("--max-video-bytes", type=int, default=200 * 1024**2)
     m.add_argument("--max-request-bytes", type=int, default=32 * 1024**2, help="request body size cap")
-    m.add_argument("--media-timeout", type=float, default=10.0, help="seconds per remote fetch phase")
+    m.add_argument("--media-timeout", type=float, default=20.0,
+                   help="seconds for all of a request's remote media downloads together")
+    h = p.add_argument_group("admission / HTTP safety")
+    h.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="Host header values accepted ('*': any; default: the --host name, plus localhost forms "
+                        "when bound to loopback; any when bound to 0.0.0.0 / ::)")
+    h.add_argument("--allowed-origins", nargs="+", default=(), metavar="ORIGIN",
+                   help="CORS origins allowed to call the API from a browser (default: none, CORS off)")
+    h.add_argument("--max-connections", type=int, default=64,
+                   help="requests in flight (streams included) before 503; sockets are capped a little above")
+    h.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request body (408)")
+    h.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish before they are ended with 503")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -92,22 +118,47 @@ def build_engine(args, model=None, processor=None, tp_runner=None) -> AsyncEngin
 
 
 def settings_from(args, engine: AsyncEngine | None = None) -> ServerSettings:
+    fetch = FetchPolicy(allow_private=args.allow_private_media_urls,
+                        allowed_domains=tuple(d.lower().strip(".") for d in args.allowed_media_domains or ()),
+                        max_concurrent=args.max_concurrent_fetches, deadline=args.media_timeout)
     policy = MediaPolicy(allow_remote=args.allow_remote_media, allowed_local_media_path=args.allowed_local_media_path,
                          max_images=args.max_images_per_request, max_videos=args.max_videos_per_request,
                          max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
-                         max_video_bytes=args.max_video_bytes, timeout=args.media_timeout)
+                         max_video_bytes=args.max_video_bytes, max_video_frames=args.max_video_frames,
+                         max_prompt_chars=args.max_prompt_chars, fetch=fetch)
     name = args.served_model_name or str(args.model)
+    hosts = tuple(args.allowed_hosts) if args.allowed_hosts else default_allowed_hosts(args.host)
     return ServerSettings(served_model_name=name, model_aliases=(str(args.model),), api_key=args.api_key,
                           media=policy, max_request_bytes=args.max_request_bytes,
-                          default_sampling=default_sampling(engine.engine.model) if engine is not None else {})
+                          default_sampling=default_sampling(engine.engine.model) if engine is not None else {},
+                          allowed_hosts=hosts, allowed_origins=tuple(args.allowed_origins),
+                          max_connections=args.max_connections, body_timeout=args.body_timeout,
+                          shutdown_timeout=args.shutdown_timeout, max_queue=args.max_queue)
 
 
 def make_uvicorn_server(app, host: str, port: int, log_level: str = "info"):
+    """uvicorn, with the app's own shutdown step first: in-flight requests get `shutdown_timeout` s, then are
+    ended with a JSON 503 / an SSE error event (never cut by uvicorn's task cancellation, so no tracebacks)."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
-                            lifespan="on", access_log=log_level == "debug")
-    return uvicorn.Server(config)
+    settings = getattr(app.state, "settings", None) or ServerSettings()
+    lifecycle = getattr(app.state, "lifecycle", None)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            import asyncio
+
+            stop = asyncio.ensure_future(lifecycle.stop(settings.shutdown_timeout)) if lifecycle else None
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if stop is not None:
+                    stop.cancel()
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=settings.shutdown_timeout + 5,
+                            limit_concurrency=settings.max_connections + 32, access_log=log_level == "debug")
+    return Server(config)
 
 
 def run(args) -> int:

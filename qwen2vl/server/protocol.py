@@ -61,6 +61,9 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+UNSUPPORTED = ("top_logprobs", "tools", "tool_choice", "response_format", "functions", "function_call")
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     messages: list[ChatMessage] = Field(min_length=1)
@@ -85,7 +88,12 @@ class ChatCompletionRequest(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Any = None  # fields below are refused (400) while unsupported, never silently ignored
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+    functions: Any = None
+    function_call: Any = None
     user: str | None = None
     request_id: str | None = None
 
@@ -102,6 +110,9 @@ class ChatCompletionRequest(BaseModel):
     def _unsupported(self):
         if self.logprobs:
             raise ValueError("logprobs are not supported by this server")
+        for name in UNSUPPORTED:
+            if getattr(self, name) is not None:
+                raise ValueError(f"`{name}` is not supported by this server yet")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream=true")
         return self
@@ -145,9 +156,10 @@ class APIError(Exception):
     """An error with its HTTP status, rendered as the OpenAI error JSON."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -171,3 +183,12 @@ def validation_message(err) -> tuple[str, str | None]:
         parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
     more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
     return "Invalid request: " + "; ".join(parts) + more, param
+
+
+def overloaded(message: str = "The server is overloaded; retry later.", code: str = "overloaded") -> APIError:
+    return APIError(503, message, "service_unavailable", None, code, {"Retry-After": "1"})
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down.", "service_unavailable", None, "server_shutting_down",
+                    {"Connection": "close"})
