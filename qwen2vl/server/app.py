@@ -1,4 +1,4 @@
-"""FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`.
+"""FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, and the chat page at `GET /`.
 
 `create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI`. Every error leaves as the OpenAI error JSON
 with its status (400 bad input, 401 bad key, 404 unknown model/route, 429 queue full, 503 shutting down, 500
@@ -22,6 +22,7 @@ from ..engine import AsyncEngine
 from .media import MediaPolicy
 from .protocol import APIError, bad_request, error_body, now
 from .serving import ChatHandler
+from .web_ui import mount_web_ui
 
 logger = logging.getLogger("qwen2vl.server")
 
@@ -35,6 +36,7 @@ class ServerSettings:
     max_request_bytes: int = 32 * 1024**2
     default_sampling: dict = field(default_factory=dict)  # from generation_config.json
     drain_on_shutdown: bool = False
+    web_ui: bool = True  # the chat page at `/` (web_ui.py)
 
 
 async def read_json(request: Request, max_bytes: int) -> dict:
@@ -123,4 +125,6 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         body = await read_json(request, settings.max_request_bytes)
         return await chat(request, body)
 
+    if settings.web_ui:
+        mount_web_ui(app, engine, settings)
     return app

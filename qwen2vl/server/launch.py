@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--max-video-bytes", type=int, default=200 * 1024**2)
     m.add_argument("--max-request-bytes", type=int, default=32 * 1024**2, help="request body size cap")
     m.add_argument("--media-timeout", type=float, default=10.0, help="seconds per remote fetch phase")
+    p.add_argument("--web-ui", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve the chat page at / (default on; --no-web-ui turns it off)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -99,7 +101,8 @@ def settings_from(args, engine: AsyncEngine | None = None) -> ServerSettings:
     name = args.served_model_name or str(args.model)
     return ServerSettings(served_model_name=name, model_aliases=(str(args.model),), api_key=args.api_key,
                           media=policy, max_request_bytes=args.max_request_bytes,
-                          default_sampling=default_sampling(engine.engine.model) if engine is not None else {})
+                          default_sampling=default_sampling(engine.engine.model) if engine is not None else {},
+                          web_ui=getattr(args, "web_ui", True))
 
 
 def make_uvicorn_server(app, host: str, port: int, log_level: str = "info"):
@@ -168,6 +171,8 @@ def _serve(args, engine: AsyncEngine, group=None) -> int:
             threading.Thread(target=_watch_workers, args=(group, server, stop, failed), daemon=True,
                              name="qwen2vl-tp-watch").start()
         logger.info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
+        if getattr(args, "web_ui", True):
+            print(f"Chat page: http://{_url_host(args.host)}:{args.port}/", flush=True)
         server.run()
     except (KeyboardInterrupt, _Stopped):
         logger.info("server stopped by a signal")
@@ -177,6 +182,13 @@ def _serve(args, engine: AsyncEngine, group=None) -> int:
             signal.signal(signal.SIGTERM, old)
         engine.shutdown()
     return 1 if failed else 0
+
+
+def _url_host(host: str) -> str:
+    """The host part of a URL a browser on this machine can open for a bind address."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def main(argv=None) -> int:
