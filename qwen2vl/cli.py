@@ -3,6 +3,7 @@
     qwen2vl run --image photo.png "What is in this picture?"      # streams the answer (default: demo model)
     qwen2vl run --model path/to/Qwen2-VL-2B-Instruct --image a.jpg --json "Describe it."
     qwen2vl chat                                                    # /image PATH, /reset, /exit
+    qwen2vl chat --web                                              # chat page in the browser
     qwen2vl serve --port 8000                                       # OpenAI-compatible server
     qwen2vl train --data train.jsonl --output out/                  # supervised fine-tuning
 
@@ -119,6 +120,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    if args.web:  # the same chat in a browser: `qwen2vl serve` with its chat page, on this model
+        argv = ["--model", args.model, "--dtype", args.dtype, "--host", args.host, "--port", str(args.port)]
+        if args.device:
+            argv += ["--device", args.device]
+        return cmd_serve(argv)
     model, processor, _ = _load(args)
     history: list[dict] = []
     pending: list[str] = []
@@ -194,8 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fps", type=float, default=None, help="frames per second to sample from the video")
     run.add_argument("--json", action="store_true", help="print one JSON record instead of streaming text")
     run.add_argument("prompt")
-    chat = sub.add_parser("chat", help="interactive multi-turn chat")
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (--web: in the browser)")
     _add_model_args(chat)
+    chat.add_argument("--web", action="store_true",
+                      help="start the server with its chat page on this model and print the URL to open")
+    chat.add_argument("--host", default="127.0.0.1", help="with --web: bind address (default local only)")
+    chat.add_argument("--port", type=int, default=8000, help="with --web: port (default 8000)")
     sub.add_parser("serve", help="OpenAI-compatible HTTP server (see `qwen2vl serve --help`)", add_help=False)
     sub.add_parser("train", help="supervised fine-tuning (see `qwen2vl train --help`)", add_help=False)
     return parser

@@ -1,4 +1,5 @@
-"""FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`.
+"""FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`, and the chat page at
+`GET /` (web_ui.py).
 
 `create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI`. Every error leaves as the OpenAI error JSON
 with its status (400 bad input, 401 bad key, 404 unknown model/route, 408 body too slow, 415 not JSON, 429 queue
@@ -28,6 +29,7 @@ from .media import MediaPolicy
 from .metrics import Metrics
 from .protocol import APIError, error_body, now
 from .serving import ChatHandler, internal_error
+from .web_ui import mount_web_ui
 
 logger = logging.getLogger("qwen2vl.server")
 
@@ -47,6 +49,7 @@ class ServerSettings:
     body_timeout: float = 30.0  # seconds to receive a request body
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
     max_queue: int | None = None  # None: the engine's
+    web_ui: bool = True  # the chat page at `/` (web_ui.py)
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -130,4 +133,6 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             body = await read_json(request, settings.max_request_bytes, settings.body_timeout)
         return await chat(request, body, time.perf_counter())
 
+    if settings.web_ui:
+        mount_web_ui(app, engine, settings)
     return app

@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     h.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request body (408)")
     h.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on SIGTERM, seconds in-flight requests get to finish before they are ended with 503")
+    p.add_argument("--web-ui", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve the chat page at / (default on; --no-web-ui turns it off)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -133,7 +135,8 @@ def settings_from(args, engine: AsyncEngine | None = None) -> ServerSettings:
                           default_sampling=default_sampling(engine.engine.model) if engine is not None else {},
                           allowed_hosts=hosts, allowed_origins=tuple(args.allowed_origins),
                           max_connections=args.max_connections, body_timeout=args.body_timeout,
-                          shutdown_timeout=args.shutdown_timeout, max_queue=args.max_queue)
+                          shutdown_timeout=args.shutdown_timeout, max_queue=args.max_queue,
+                          web_ui=getattr(args, "web_ui", True))
 
 
 def make_uvicorn_server(app, host: str, port: int, log_level: str = "info"):
@@ -219,6 +222,8 @@ def _serve(args, engine: AsyncEngine, group=None) -> int:
             threading.Thread(target=_watch_workers, args=(group, server, stop, failed), daemon=True,
                              name="qwen2vl-tp-watch").start()
         logger.info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
+        if getattr(args, "web_ui", True):
+            print(f"Chat page: http://{_url_host(args.host)}:{args.port}/", flush=True)
         server.run()
     except (KeyboardInterrupt, _Stopped):
         logger.info("server stopped by a signal")
@@ -228,6 +233,13 @@ def _serve(args, engine: AsyncEngine, group=None) -> int:
             signal.signal(signal.SIGTERM, old)
         engine.shutdown()
     return 1 if failed else 0
+
+
+def _url_host(host: str) -> str:
+    """The host part of a URL a browser on this machine can open for a bind address."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def main(argv=None) -> int:
