@@ -66,7 +66,8 @@ class AsyncEngine:
 
     def stats(self) -> dict:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting + self._pending,
-                "max_num_seqs": self.engine.pool.max_num_seqs, "peak_running": self.engine.peak_running}
+                "prefilling": self.engine.num_prefilling, "max_num_seqs": self.engine.pool.max_num_seqs,
+                "peak_running": self.engine.peak_running, **self.engine.stats()}
 
     async def run_in_pool(self, fn, *args):
         """Run CPU-bound request preparation (media decoding, templating) on the processing threads."""

@@ -110,7 +110,7 @@ class ChatHandler:
             return Response(status_code=499)
         choices = [P.chat_choice(c.index, c.text, c.finish_reason, c.stop_reason) for c in final.outputs]
         return JSONResponse(P.chat_response(rid, created, model, choices,
-                                            P.usage(n_prompt, final.num_output_tokens)))
+                                            P.usage(n_prompt, final.num_output_tokens, final.num_cached_tokens)))
 
     async def _collect(self, stream, request: Request, rid: str):
         last = None
@@ -143,12 +143,12 @@ class ChatHandler:
 
     async def _stream(self, stream, rid, created, model, n, n_prompt, include_usage):
         done = [False] * n
-        n_out = 0
+        n_out = n_cached = 0
         try:
             for i in range(n):
                 yield _sse(P.chunk(rid, created, model, [P.chunk_choice(i, {"role": "assistant", "content": ""})]))
             async for out in stream:
-                n_out = out.num_output_tokens
+                n_out, n_cached = out.num_output_tokens, out.num_cached_tokens
                 for c in out.outputs:
                     if done[c.index] or not (c.delta_text or c.finish_reason):
                         continue
@@ -156,7 +156,7 @@ class ChatHandler:
                     yield _sse(P.chunk(rid, created, model, [P.chunk_choice(c.index, delta, c.finish_reason)]))
                     done[c.index] = c.finish_reason is not None
             if include_usage:
-                yield _sse(P.chunk(rid, created, model, [], P.usage(n_prompt, n_out)))
+                yield _sse(P.chunk(rid, created, model, [], P.usage(n_prompt, n_out, n_cached)))
         except (EngineError, Exception) as e:  # headers are sent: report in-band, as OpenAI does
             err = engine_error(e)
             yield _sse(err.body())
