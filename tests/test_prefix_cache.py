@@ -199,3 +199,29 @@ def test_demo_model_multi_turn_with_and_without_caching():
         results[caching] = (first.outputs[0].token_ids, second.outputs[0].token_ids, second.num_cached_tokens)
     assert results[True][:2] == results[False][:2]
     assert results[False][2] == 0 and results[True][2] >= len(first.prompt_token_ids)
+
+
+def test_server_reports_cached_tokens_and_cache_stats(tmp_path):
+    import argparse
+
+    import httpx
+
+    from qwen2vl.server import ServerThread, add_arguments, build_engine, create_app, settings_from
+    from test_engine import build_model_dir
+    from test_server import data_url, image_msg, png
+
+    build_model_dir(str(tmp_path))
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", str(tmp_path), "--max-num-seqs", "2", "--max-model-len", "256", "--vision-cache-mb", "8",
+         "--max-prefill-tokens-per-step", "16"])
+    engine = build_engine(args)
+    with ServerThread(create_app(engine, settings_from(args, engine))) as srv:
+        body = {"messages": image_msg(data_url(png((20, 200, 20)))), "max_tokens": 4, "temperature": 0}
+        first = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60).json()
+        second = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60).json()
+        health = httpx.get(srv.url + "/health").json()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == second["usage"]["prompt_tokens"] - 1        # all but the last prompt token
+    assert second["choices"][0]["message"] == first["choices"][0]["message"]
+    assert health["prefix_cache_hits"] == 1 and health["vision_cache_misses"] == 1 and "prefilling" in health

@@ -109,6 +109,14 @@ class LLMEngine:
         """Tokenize / render / preprocess media (CPU work that can run off the step thread)."""
         return self.inputs.process(prompt)
 
+    def encode_media(self, pp: ProcessedPrompt) -> None:
+        """Encode a processed prompt's pictures/videos into the vision cache now (from a processing thread), so
+        the step thread's prefill does not run the vision tower. Only for a local worker (under tensor
+        parallelism every rank encodes during the mirrored prefill)."""
+        encode = getattr(self.pool.store, "encode_media", None)
+        if encode is not None and self.tp_runner is None and pp.mm.tensors():
+            encode(pp.mm.tensors(), pp.mm.hashes())
+
     def make_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
         """Validate a prompt (raw or `ProcessedPrompt`) against the engine limits; raises RequestRejected."""
         params = params or SamplingParams()

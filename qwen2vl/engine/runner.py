@@ -81,6 +81,19 @@ class ModelWorker:
         return feats[first - bounds[lo]:last - bounds[lo]]
 
     @torch.inference_mode()
+    def encode_media(self, mm: dict, hashes: dict) -> None:
+        """Run the vision tower for a prompt's pictures/videos into the vision cache (called off the step thread
+        so that a large picture does not stall the running streams; the prefill then finds its features)."""
+        for kind, pixels_name, encode in (("image", "pixel_values", self.model.get_image_features),
+                                          ("video", "pixel_values_videos", self.model.get_video_features)):
+            grid = mm.get(f"{kind}_grid_thw")
+            if grid is None or self.vision_cache.max_bytes <= 0:
+                continue
+            pixels = mm[pixels_name].to(self.device)
+            self.vision_cache.encode(lambda p, g: list(encode(p.to(self.dtype), g)), pixels, grid.to(self.device),
+                                     hashes.get(kind) or media_hashes(pixels, grid))
+
+    @torch.inference_mode()
     def stash(self, entry_id: int, row: int, n: int) -> None:
         """Copy the first n tokens' KV of `row` into prefix-cache entry `entry_id`."""
         self.stashed[entry_id] = ([k[row, :, :n].clone() for k in self.cache.keys],

@@ -73,7 +73,9 @@ class ChatHandler:
 
     def _process(self, messages):  # processing thread
         conv, limits = to_conversation(messages, self.settings.media)
-        return self.engine.engine.inputs.process({"messages": conv}, media_limits=limits)
+        pp = self.engine.engine.inputs.process({"messages": conv}, media_limits=limits)
+        self.engine.engine.encode_media(pp)  # vision tower off the step thread: running streams keep going
+        return pp
 
     async def __call__(self, request: Request, body: dict) -> Response:
         try:
