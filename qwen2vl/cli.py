@@ -119,13 +119,35 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _engine_reply(engine, messages, args, on_text) -> str:
+    """One chat turn through the engine: its prefix cache holds the earlier turns (pictures included), so only
+    the new message is prefilled."""
+    from .engine import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature or 0.0)
+    engine.add_request({"messages": messages}, params)
+    chunks = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.error is not None:
+                raise out.error
+            delta = out.outputs[0].delta_text
+            if delta:
+                chunks.append(delta)
+                on_text(delta)
+    return "".join(chunks).strip()
+
+
 def cmd_chat(args) -> int:
     if args.web:  # the same chat in a browser: `qwen2vl serve` with its chat page, on this model
         argv = ["--model", args.model, "--dtype", args.dtype, "--host", args.host, "--port", str(args.port)]
         if args.device:
             argv += ["--device", args.device]
         return cmd_serve(argv)
+    from .engine import EngineConfig, LLMEngine
+
     model, processor, _ = _load(args)
+    engine = LLMEngine(model, processor, EngineConfig(max_num_seqs=1))
     history: list[dict] = []
     pending: list[str] = []
     interactive = sys.stdin.isatty()
@@ -164,14 +186,14 @@ def cmd_chat(args) -> int:
             continue
         turn = {"role": "user", "content": _content(pending, text=line)}
         try:
-            out = _generate(model, processor, history + [turn], args,
-                            on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            answer = _engine_reply(engine, history + [turn], args,
+                                   on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
-        history += [turn, {"role": "assistant", "content": out["answer"]}]
+        history += [turn, {"role": "assistant", "content": answer}]
         pending = []
     return 0
 

@@ -61,6 +61,8 @@ def test_llm_tensor_parallel_matches_single_process(model_dir, offline):
         procs = llm._tp.procs
     assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
     assert _texts(again) == _texts(want)[::-1]
+    # the second batch's prompts came from the prefix cache, whose KV every rank stashed and restored alike
+    assert sum(o.num_cached_tokens for o in again) > 0 and sum(o.num_cached_tokens for o in got) == 0
     assert all(not p.is_alive() for p in procs)
 
 

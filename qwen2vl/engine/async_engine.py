@@ -66,7 +66,8 @@ class AsyncEngine:
 
     def stats(self) -> dict:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting + self._pending,
-                "max_num_seqs": self.engine.pool.max_num_seqs, "peak_running": self.engine.peak_running}
+                "prefilling": self.engine.num_prefilling, "max_num_seqs": self.engine.pool.max_num_seqs,
+                "peak_running": self.engine.peak_running, **self.engine.stats()}
 
     async def run_in_pool(self, fn, *args):
         """Run CPU-bound request preparation (media decoding, templating) on the processing threads."""
@@ -74,7 +75,9 @@ class AsyncEngine:
 
     async def process(self, prompt, media_limits=None):
         """Run prompt processing in the processing pool; returns a `ProcessedPrompt`."""
-        return await self.run_in_pool(lambda: self.engine.inputs.process(prompt, media_limits=media_limits))
+        pp = await self.run_in_pool(lambda: self.engine.inputs.process(prompt, media_limits=media_limits))
+        await self.run_in_pool(self.engine.encode_media, pp)  # the vision tower runs here, not on the step thread
+        return pp
 
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Validate and enqueue a request now (raises RequestRejected / QueueFull / EngineDead synchronously),

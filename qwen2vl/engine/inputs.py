@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .sequence import MultiModalInputs, RequestRejected
+from .vision_cache import media_hashes
 
 _MM_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
@@ -89,6 +90,9 @@ class InputProcessor:
         else:
             raise RequestRejected("A prompt dict needs 'messages', 'prompt' or 'prompt_token_ids'.")
         self.check(pp)
+        # Content hashes, once, here on the processing thread: they key the vision and KV prefix caches.
+        pp.mm.image_hashes = media_hashes(pp.mm.pixel_values, pp.mm.image_grid_thw)
+        pp.mm.video_hashes = media_hashes(pp.mm.pixel_values_videos, pp.mm.video_grid_thw)
         return pp
 
     def check(self, pp: ProcessedPrompt) -> None:

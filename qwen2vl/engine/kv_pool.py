@@ -75,6 +75,7 @@ class KVPool:
         self.store = (make_store(max_num_seqs, max_model_len) if make_store is not None else
                       LocalStore(KVCache.from_config(text_config, max_num_seqs, max_model_len, dtype, device)))
         self.num_active = 0
+        self.reserved = 0  # rows at the top held by a request whose prefill is still running (chunked prefill)
 
     @property
     def cache(self) -> KVCache:
@@ -83,7 +84,35 @@ class KVPool:
 
     @property
     def num_free(self) -> int:
-        return self.max_num_seqs - self.num_active
+        return self.max_num_seqs - self.num_active - self.reserved
+
+    def reserve(self, k: int) -> int:
+        """Hold k rows at the top of the pool (away from the compacted decode rows [0, num_active)) for a prompt
+        prefilled over several steps; returns the first one."""
+        if k > self.num_free:
+            raise RuntimeError(f"KV pool has {self.num_free} free rows, {k} requested")
+        self.reserved += k
+        first = self.max_num_seqs - self.reserved
+        self.store.reset_rows(list(range(first, first + k)))
+        return first
+
+    def unreserve(self, first: int, k: int) -> None:
+        self.reserved -= k
+        self.store.reset_rows(list(range(first, first + k)))
+
+    def promote(self, first: int, k: int) -> int:
+        """The prefilled top row `first` becomes k decode rows at the end of the active range (row copies; the
+        reserved block is the only one, so its rows lie at or above the new ones)."""
+        self.reserved -= k
+        start = self.num_active
+        self.num_active += k
+        moves = [(first, start)] if first != start else []
+        self.copy_rows(moves)
+        self.copy_rows([(start, start + i) for i in range(1, k)])
+        vacated = [r for r in range(first, first + k) if r >= self.num_active]
+        if vacated:
+            self.store.reset_rows(vacated)
+        return start
 
     def allocate(self, k: int) -> int:
         """Reserve k rows at the end of the active range; returns the first one."""

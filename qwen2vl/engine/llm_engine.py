@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .inputs import InputProcessor, ProcessedPrompt
-from .kv_pool import KVPool
+from .kv_pool import KVPool, kv_bytes_per_token, parse_memory
+from .prefix_cache import PrefixCache, token_keys
 from .runner import ModelRunner, make_worker
 from .sampler import sample
 from .sampling_params import SamplingParams
@@ -39,6 +40,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192  # prefill tokens per step (at least one request)
     max_queue: int | None = None  # waiting requests before QueueFull
     eos_token_ids: list[int] | None = None  # default: generation_config.json + config + tokenizer eos
+    enable_prefix_caching: bool = True  # reuse the KV of earlier prompts/answers (keyed by tokens + media content)
+    prefix_cache_memory: int | str | None = None  # bytes or '1GiB'; default min(1 GiB, the KV pool's size)
+    vision_cache_memory: int | str | None = "256MiB"  # vision-tower outputs cached by picture content; 0 = off
+    max_prefill_tokens_per_step: int | None = None  # chunked prefill: at most this many prompt tokens per step
 
 
 def default_eos_ids(model, tokenizer) -> list[int]:
@@ -77,10 +82,18 @@ class LLMEngine:
         self.tp_runner = tp_runner
         tc = model.config.text_config
         self.max_model_len = int(config.max_model_len or min(tc.max_position_embeddings, 8192))
+        vision_bytes = parse_memory(config.vision_cache_memory) or 0
         self.pool = KVPool(tc, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
                            dtype=model.dtype, device=model.device, kv_cache_memory=config.kv_cache_memory,
-                           make_store=lambda rows, length: make_worker(model, rows, length, tp_runner))
+                           make_store=lambda rows, length: make_worker(model, rows, length, tp_runner, vision_bytes))
         self.runner = ModelRunner(self.pool.store, model)
+        self.prefix = None
+        if config.enable_prefix_caching:
+            budget = parse_memory(config.prefix_cache_memory)
+            self.prefix = PrefixCache(min(1 << 30, self.pool.bytes) if budget is None else budget,
+                                      kv_bytes_per_token(tc, model.dtype))
+        if config.max_prefill_tokens_per_step is not None and config.max_prefill_tokens_per_step < 1:
+            raise ValueError("max_prefill_tokens_per_step must be >= 1")
         self.scheduler = Scheduler(self.pool, max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_queue=config.max_queue)
         self.inputs = InputProcessor(processor, model.config)
@@ -89,11 +102,20 @@ class LLMEngine:
         self.eos_ids = frozenset(eos)
         self._ids = itertools.count()
         self.peak_running = 0  # most sequences decoded together so far (observability)
+        self.partial: Request | None = None  # the request whose prompt is being prefilled over several steps
 
     # ------------------------------------------------------------------------------------------ requests
     def process_prompt(self, prompt) -> ProcessedPrompt:
         """Tokenize / render / preprocess media (CPU work that can run off the step thread)."""
         return self.inputs.process(prompt)
+
+    def encode_media(self, pp: ProcessedPrompt) -> None:
+        """Encode a processed prompt's pictures/videos into the vision cache now (from a processing thread), so
+        the step thread's prefill does not run the vision tower. Only for a local worker (under tensor
+        parallelism every rank encodes during the mirrored prefill)."""
+        encode = getattr(self.pool.store, "encode_media", None)
+        if encode is not None and self.tp_runner is None and pp.mm.tensors():
+            encode(pp.mm.tensors(), pp.mm.hashes())
 
     def make_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
         """Validate a prompt (raw or `ProcessedPrompt`) against the engine limits; raises RequestRejected."""
@@ -118,8 +140,16 @@ class LLMEngine:
         if max_tokens != params.max_tokens:
             params = params.clone(max_tokens=max_tokens)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        return Request(rid, pp.token_ids, params, mm=pp.mm, prompt=pp.prompt, tokenizer=self.tokenizer,
-                       device=self.runner.device, eos_ids=self.eos_ids)
+        req = Request(rid, pp.token_ids, params, mm=pp.mm, prompt=pp.prompt, tokenizer=self.tokenizer,
+                      device=self.runner.device, eos_ids=self.eos_ids)
+        if self.prefix is not None:
+            cfg = self.model.config
+            req.keys = token_keys(pp.token_ids, {cfg.image_token_id: pp.mm.image_hashes,
+                                                 cfg.video_token_id: pp.mm.video_hashes},
+                                  cfg.vision_config.spatial_merge_size,
+                                  {cfg.image_token_id: _grid(pp.mm.image_grid_thw),
+                                   cfg.video_token_id: _grid(pp.mm.video_grid_thw)})
+        return req
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
         request = self.make_request(prompt, params, request_id)
@@ -140,7 +170,7 @@ class LLMEngine:
         return self._finish(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.partial is not None
 
     @property
     def num_running(self) -> int:
@@ -150,8 +180,16 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    @property
+    def num_prefilling(self) -> int:
+        """Requests whose prompt is being prefilled over several steps (0 or 1)."""
+        return int(self.partial is not None)
+
     def _finish(self, req: Request) -> RequestOutput:
         req.finish_time = time.monotonic()
+        if req is self.partial:  # aborted or failed mid-prefill: give back its reserved rows
+            self.pool.unreserve(req.top_row, req.params.n)
+            self.partial, req.top_row = None, None
         self.scheduler.remove(req)
         return req.output()
 
@@ -168,21 +206,7 @@ class LLMEngine:
         decode_seqs = list(sched.running)  # rows [0, k): compacted at the end of every step
         touched: dict[str, Request] = {}
         outputs: list[RequestOutput] = []
-        for req in sched.admit():
-            row = pool.allocate(req.params.n)
-            for i, s in enumerate(req.seqs):
-                s.row = row + i
-            sched.running.extend(req.seqs)
-            try:
-                logits = self.runner.prefill(req, row)
-                pool.copy_rows([(row, row + i) for i in range(1, req.params.n)])
-                tokens = sample(logits[None].expand(req.params.n, -1), req.seqs)
-            except Exception as e:  # bad inputs for this request only (e.g. vision/token mismatch)
-                outputs.append(self._fail(req, e))
-                continue
-            req.first_token_time = time.monotonic()
-            for s, t in zip(req.seqs, tokens):
-                s.append(t, self.max_model_len)
+        for req in self._prefill(outputs):
             touched[req.request_id] = req
         self.peak_running = max(self.peak_running, len(sched.running))
         if decode_seqs:
@@ -197,18 +221,143 @@ class LLMEngine:
             for s, t in zip(decode_seqs, tokens):
                 s.append(t, self.max_model_len)
                 touched[s.request.request_id] = s.request
-        sched.release([s for s in sched.running if s.finished])
+        done = [s for s in sched.running if s.finished]
+        self._stash_finished(done)
+        sched.release(done)
         for req in touched.values():
             if req.request_id not in sched.requests:
                 continue
             outputs.append(self._finish(req) if req.finished else req.output())
         return outputs
 
+    def _prefill(self, outputs: list) -> list[Request]:
+        """Prefill this step's prompts; returns the requests whose prompt is complete (first token sampled).
+
+        Whole prompts go straight into their decode rows. With `max_prefill_tokens_per_step`, at most that many
+        prompt tokens run per step: a prompt that does not fit is prefilled over several steps in rows reserved at
+        the top of the pool (`self.partial`, one at a time) while the running sequences keep decoding."""
+        chunk = self.config.max_prefill_tokens_per_step
+        budget = chunk if chunk is not None else None
+        complete = []
+        if self.partial is not None:
+            req = self.partial
+            budget = self._run_chunk(req, budget, outputs, complete)
+        if self.partial is None and (budget is None or budget > 0):
+            admitted = self.scheduler.admit(chunked=chunk is not None, budget=budget)
+            for i, req in enumerate(admitted):
+                if self.partial is not None:  # one prompt at a time is prefilled over several steps
+                    self.scheduler.requeue(admitted[i:])
+                    break
+                n_prompt = len(req.prompt_token_ids)
+                if budget is not None and n_prompt - self._cached_len(req) > budget:
+                    req.top_row = self.pool.reserve(req.params.n)
+                    self.partial = req
+                    self._restore(req, req.top_row)
+                    budget = self._run_chunk(req, budget, outputs, complete)
+                    continue
+                row = self.pool.allocate(req.params.n)
+                for i, s in enumerate(req.seqs):
+                    s.row = row + i
+                self.scheduler.running.extend(req.seqs)
+                try:
+                    self._restore(req, row)
+                    if budget is not None:
+                        budget -= n_prompt - req.prefilled
+                    logits = self.runner.prefill(req, row, req.prefilled)
+                    self._prompt_done(req, row, logits, complete)
+                except Exception as e:  # bad inputs for this request only (e.g. vision/token mismatch)
+                    outputs.append(self._fail(req, e))
+        return complete
+
+    def _run_chunk(self, req: Request, budget: int, outputs: list, complete: list) -> int:
+        n_prompt = len(req.prompt_token_ids)
+        end = min(n_prompt, req.prefilled + max(budget, 1))
+        try:
+            logits = self.runner.prefill(req, req.top_row, req.prefilled, end)
+        except Exception as e:
+            outputs.append(self._fail(req, e))
+            return 0
+        budget -= end - req.prefilled
+        req.prefilled = end
+        if end == n_prompt:
+            self.partial = None
+            row = self.pool.promote(req.top_row, req.params.n)
+            req.top_row = None
+            for i, s in enumerate(req.seqs):
+                s.row = row + i
+            self.scheduler.running.extend(req.seqs)
+            self._prompt_done(req, row, logits, complete, copied=True)
+        return budget
+
+    def _prompt_done(self, req: Request, row: int, logits, complete: list, copied: bool = False) -> None:
+        req.prefilled = len(req.prompt_token_ids)
+        if not copied:
+            self.pool.copy_rows([(row, row + i) for i in range(1, req.params.n)])
+        self._stash(req.keys, row, len(req.keys))
+        tokens = sample(logits[None].expand(req.params.n, -1), req.seqs)
+        req.first_token_time = time.monotonic()
+        for s, t in zip(req.seqs, tokens):
+            s.append(t, self.max_model_len)
+        complete.append(req)
+
+    # ------------------------------------------------------------------------------------------ prefix cache
+    def _cached_len(self, req: Request) -> int:
+        """How many prompt tokens the prefix cache would give (a look without counting it as a hit)."""
+        if self.prefix is None or not req.keys:
+            return 0
+        saved = self.prefix.queries, self.prefix.hits, self.prefix.cached_tokens
+        try:
+            return self.prefix.lookup(req.keys, limit=len(req.keys) - 1)[1]
+        finally:
+            self.prefix.queries, self.prefix.hits, self.prefix.cached_tokens = saved
+
+    def _restore(self, req: Request, row: int) -> None:
+        """Copy the longest cached prefix of the prompt into `row` (at least one token is left to prefill)."""
+        req.prefilled = 0
+        if self.prefix is None or not req.keys:
+            return
+        entry, n = self.prefix.lookup(req.keys, limit=len(req.keys) - 1)
+        if entry is not None:
+            self.pool.store.restore(entry, row, n)
+            req.prefilled = req.num_cached_tokens = n
+
+    def _stash(self, keys: list, row: int, n: int) -> None:
+        if self.prefix is None or n == 0:
+            return
+        entry, dropped = self.prefix.insert(keys[:n])
+        self.pool.store.drop(dropped)
+        if entry is not None:
+            self.pool.store.stash(entry, row, n)
+
+    def _stash_finished(self, seqs) -> None:
+        """Keep the KV of finished answers (prompt + output): the next turn of a chat starts with them."""
+        if self.prefix is None:
+            return
+        for s in seqs:
+            req = s.request
+            if s.index != 0 or s.row is None or not req.keys or s.finish_reason in (None, "abort"):
+                continue
+            n = self.pool.cache.lengths[s.row]
+            self._stash(req.keys + s.output_ids[:n - len(req.keys)], s.row, n)
+
+    def stats(self) -> dict:
+        out = {}
+        if self.prefix is not None:
+            out.update(self.prefix.stats())
+        vc = getattr(self.pool.store, "vision_cache", None)
+        if vc is not None:
+            out.update(vc.stats())
+        return out
+
     def run_until_done(self) -> list[RequestOutput]:
         finals = []
         while self.has_unfinished_requests():
             finals += [o for o in self.step() if o.finished]
         return finals
+
+
+def _grid(grid_thw) -> list:
+    return [] if grid_thw is None else grid_thw.tolist()
 
 
 def load_model(model_or_path, dtype=None, device=None, attn_implementation=None):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..model.cache import KVCache
+from .vision_cache import VisionCache, media_hashes
 
 WORKER_NAME = "qwen2vl-engine-worker"
 
@@ -25,20 +26,92 @@ WORKER_NAME = "qwen2vl-engine-worker"
 class ModelWorker:
     """One per rank: the model + the KV cache its forwards write."""
 
-    def __init__(self, model, max_num_seqs: int, max_model_len: int):
+    def __init__(self, model, max_num_seqs: int, max_model_len: int, vision_cache_bytes: int = 0):
         self.model = model
         self.device, self.dtype = model.device, model.dtype
         self.cache = KVCache.from_config(model.config.text_config, max_num_seqs, max_model_len, model.dtype,
                                          model.device)
+        self.vision_cache = VisionCache(vision_cache_bytes)
+        self.stashed: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # prefix-cache entries
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], mm: dict, row: int) -> torch.Tensor:
+    def prefill(self, token_ids: list[int], mm: dict, row: int, start: int = 0, end: int | None = None,
+                hashes: dict | None = None) -> torch.Tensor:
+        """Run prompt tokens [start, end) on `cache.rows(row, row + 1)` (holding tokens [0, start) already:
+        restored from the prefix cache, or earlier chunks) and return the last position's logits (V,).
+
+        Positions come from the whole prompt (so a chunk or a cached prefix may end anywhere, inside a picture's
+        placeholders too); vision features come from the vision cache, computed only for the pictures/videos
+        with placeholders in [start, end). `hashes`: {"image": (...), "video": (...)} content hashes."""
+        end = len(token_ids) if end is None else end
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        mm = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-              for k, v in mm.items() if v is not None}
-        out = self.model(input_ids=ids, past_key_values=self.cache.rows(row, row + 1), use_cache=True,
-                         logits_to_keep=1, **mm)
+        mm = {k: v.to(self.device) for k, v in mm.items() if v is not None}
+        hashes = hashes or {}
+        pos, delta = self.model.get_rope_index(ids, mm.get("image_grid_thw"), mm.get("video_grid_thw"))
+        kw = {}
+        for kind, tok in (("image", self.model.config.image_token_id), ("video", self.model.config.video_token_id)):
+            grid = mm.get(f"{kind}_grid_thw")
+            if grid is None:
+                continue
+            pixels = mm["pixel_values" if kind == "image" else "pixel_values_videos"]
+            feats = self._features(kind, ids[0], tok, pixels, grid, hashes.get(kind), start, end)
+            if feats is not None:
+                kw[f"{kind}_embeds"] = feats
+        out = self.model(input_ids=ids[:, start:end], position_ids=pos[:, :, start:end], rope_deltas=delta,
+                         past_key_values=self.cache.rows(row, row + 1), use_cache=True, logits_to_keep=1, **kw)
         return out.logits[0, -1]
+
+    def _features(self, kind, ids, tok, pixels, grid, hashes, start, end):
+        """Merged features of the placeholder tokens of `kind` in [start, end), (n, H), or None if none."""
+        merge = self.model.config.vision_config.spatial_merge_size
+        sizes = (grid.prod(-1) // merge**2).tolist()
+        is_tok = ids == tok
+        first = int(is_tok[:start].sum())                 # placeholder ordinals [first, last) are in the chunk
+        last = first + int(is_tok[start:end].sum())
+        if last == first:
+            return None
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        skip = {i for i in range(len(sizes)) if bounds[i + 1] <= first or bounds[i] >= last}
+        if hashes is None or len(hashes) != len(sizes):
+            hashes = media_hashes(pixels, grid)
+        encode = self.model.get_image_features if kind == "image" else self.model.get_video_features
+        parts = self.vision_cache.encode(lambda p, g: list(encode(p.to(self.dtype), g)), pixels, grid, hashes, skip)
+        lo = min(i for i in range(len(sizes)) if i not in skip)
+        feats = torch.cat([p for p in parts if p is not None])
+        return feats[first - bounds[lo]:last - bounds[lo]]
+
+    @torch.inference_mode()
+    def encode_media(self, mm: dict, hashes: dict) -> None:
+        """Run the vision tower for a prompt's pictures/videos into the vision cache (called off the step thread
+        so that a large picture does not stall the running streams; the prefill then finds its features)."""
+        for kind, pixels_name, encode in (("image", "pixel_values", self.model.get_image_features),
+                                          ("video", "pixel_values_videos", self.model.get_video_features)):
+            grid = mm.get(f"{kind}_grid_thw")
+            if grid is None or self.vision_cache.max_bytes <= 0:
+                continue
+            pixels = mm[pixels_name].to(self.device)
+            self.vision_cache.encode(lambda p, g: list(encode(p.to(self.dtype), g)), pixels, grid.to(self.device),
+                                     hashes.get(kind) or media_hashes(pixels, grid))
+
+    @torch.inference_mode()
+    def stash(self, entry_id: int, row: int, n: int) -> None:
+        """Copy the first n tokens' KV of `row` into prefix-cache entry `entry_id`."""
+        self.stashed[entry_id] = ([k[row, :, :n].clone() for k in self.cache.keys],
+                                  [v[row, :, :n].clone() for v in self.cache.values])
+
+    @torch.inference_mode()
+    def restore(self, entry_id: int, row: int, n: int) -> None:
+        """Fill `row` with the first n tokens' KV of entry `entry_id` (the row's prompt starts with its keys)."""
+        keys, values = self.stashed[entry_id]
+        for dst, src in zip(self.cache.keys, keys):
+            dst[row, :, :n] = src[:, :n]
+        for dst, src in zip(self.cache.values, values):
+            dst[row, :, :n] = src[:, :n]
+        self.cache.lengths[row] = self.cache.real_lengths[row] = n
+
+    def drop(self, entry_ids: list[int]) -> None:
+        for e in entry_ids:
+            self.stashed.pop(e, None)
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], n: int) -> torch.Tensor:
@@ -59,16 +132,31 @@ class ModelWorker:
 class TPWorker:
     """Rank 0's handle on the `ModelWorker`s of all tensor-parallel ranks (see the module docstring)."""
 
-    def __init__(self, tp_runner, max_num_seqs: int, max_model_len: int, name: str = WORKER_NAME):
+    def __init__(self, tp_runner, max_num_seqs: int, max_model_len: int, vision_cache_bytes: int = 0,
+                 name: str = WORKER_NAME):
         self.tp_runner, self.name = tp_runner, name
-        self.local = tp_runner.create(name, ModelWorker, max_num_seqs, max_model_len)  # rank 0's own worker
+        # rank 0's own worker
+        self.local = tp_runner.create(name, ModelWorker, max_num_seqs, max_model_len, vision_cache_bytes)
         self.cache = self.local.cache
+        self.vision_cache = self.local.vision_cache
 
     def _call(self, method: str, *args):
         return self.tp_runner.call(self.name, method, *args)
 
-    def prefill(self, token_ids: list[int], mm: dict, row: int) -> torch.Tensor:
-        return self._call("prefill", list(token_ids), {k: v.cpu() for k, v in mm.items() if v is not None}, row)
+    def prefill(self, token_ids: list[int], mm: dict, row: int, start: int = 0, end: int | None = None,
+                hashes: dict | None = None) -> torch.Tensor:
+        return self._call("prefill", list(token_ids), {k: v.cpu() for k, v in mm.items() if v is not None}, row,
+                          start, end, hashes)
+
+    def stash(self, entry_id: int, row: int, n: int) -> None:
+        self._call("stash", entry_id, row, n)
+
+    def restore(self, entry_id: int, row: int, n: int) -> None:
+        self._call("restore", entry_id, row, n)
+
+    def drop(self, entry_ids: list[int]) -> None:
+        if entry_ids:
+            self._call("drop", list(entry_ids))
 
     def decode(self, tokens: list[int], n: int) -> torch.Tensor:
         return self._call("decode", list(tokens), n)
@@ -80,11 +168,11 @@ class TPWorker:
         self._call("move_rows", [tuple(m) for m in moves])
 
 
-def make_worker(model, max_num_seqs: int, max_model_len: int, tp_runner=None):
+def make_worker(model, max_num_seqs: int, max_model_len: int, tp_runner=None, vision_cache_bytes: int = 0):
     """A local `ModelWorker`, or a `TPWorker` when a tensor-parallel runner (`qwen2vl.parallel.TPRunner`) is given."""
     if tp_runner is None:
-        return ModelWorker(model, max_num_seqs, max_model_len)
-    return TPWorker(tp_runner, max_num_seqs, max_model_len)
+        return ModelWorker(model, max_num_seqs, max_model_len, vision_cache_bytes)
+    return TPWorker(tp_runner, max_num_seqs, max_model_len, vision_cache_bytes)
 
 
 class ModelRunner:
@@ -94,8 +182,9 @@ class ModelRunner:
         self.dtype = model.dtype
         self.vocab = model.config.text_config.vocab_size
 
-    def prefill(self, request, row: int) -> torch.Tensor:
-        return self.worker.prefill(request.prompt_token_ids, request.mm.tensors(), row)
+    def prefill(self, request, row: int, start: int = 0, end: int | None = None) -> torch.Tensor:
+        return self.worker.prefill(request.prompt_token_ids, request.mm.tensors(), row, start, end,
+                                   request.mm.hashes())
 
     def decode(self, tokens: list[int], n: int) -> torch.Tensor:
         return self.worker.decode(tokens, n)

@@ -33,14 +33,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self) -> list[Request]:
+    def admit(self, chunked: bool = False, budget: int | None = None) -> list[Request]:
+        """Requests to prefill this step. Chunked (`budget` = prompt tokens left this step): admit while tokens
+        are left; the last one may not fit whole and is then prefilled over several steps by the engine."""
         admitted: list[Request] = []
-        budget = self.max_num_batched_tokens
+        budget = self.max_num_batched_tokens if budget is None else min(budget, self.max_num_batched_tokens)
         free = self.pool.num_free
         while self.waiting:
             req = self.waiting[0]
             cost = len(req.prompt_token_ids)
-            if req.params.n > free or (admitted and cost > budget):
+            if req.params.n > free or (admitted and (budget <= 0 if chunked else cost > budget)):
                 break
             free -= req.params.n
             self.waiting.popleft()
@@ -48,6 +50,12 @@ class Scheduler:
             admitted.append(req)
             budget -= cost
         return admitted
+
+    def requeue(self, requests: list[Request]) -> None:
+        """Put admitted requests back at the head of the queue, in order."""
+        for req in reversed(requests):
+            req.status = Status.WAITING
+            self.waiting.appendleft(req)
 
     def release(self, seqs: list[Sequence]) -> None:
         """Drop `seqs` from the running set and free + compact their KV rows."""

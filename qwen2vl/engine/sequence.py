@@ -48,6 +48,11 @@ class MultiModalInputs:
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
+    image_hashes: tuple[str, ...] = ()  # content hash per picture / video (vision_cache.media_hashes)
+    video_hashes: tuple[str, ...] = ()
+
+    def hashes(self) -> dict:
+        return {"image": self.image_hashes, "video": self.video_hashes}
 
     def tensors(self) -> dict:
         """The vision tensors that are set, as forward keyword arguments (on the CPU, as processed)."""
@@ -143,6 +148,9 @@ class Request:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.error: BaseException | None = None
+        self.num_cached_tokens = 0
+        self.keys: list = []  # prefix-cache keys of the prompt (set by the engine)
+        self.prefilled = 0    # prompt tokens in the KV row so far (chunked prefill)
         gens: list[torch.Generator | None] = [None] * params.n
         if not params.greedy:
             base = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -160,7 +168,7 @@ class Request:
                              prompt_token_ids=self.prompt_token_ids,
                              outputs=[s.completion(delta) for s in self.seqs], finished=self.finished,
                              metrics=RequestMetrics(self.arrival, self.first_token_time, self.finish_time),
-                             error=self.error)
+                             error=self.error, num_cached_tokens=self.num_cached_tokens)
 
 
 @dataclass
@@ -194,6 +202,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     error: BaseException | None = None  # set when the request failed inside the engine
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -25,6 +25,7 @@ import torch
 from ..model.cache import KVCache
 from ..model.outputs import ModelOutput
 from .config import DEFAULT_NEW_TOKENS, GenerationConfig
+from .continuation import check_continuation, prefill_continuation
 from .inputs import check_prompt, encode_vision, plan_vision
 from .logits import NEG_INF, LogitsPipeline, seen_tokens
 from .static_decode import get_static_decoder
@@ -44,6 +45,7 @@ class GenerateDecoderOnlyOutput(ModelOutput):
     sequences: torch.Tensor | None = None
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
+    past_key_values: KVCache | None = None  # pass back with the next turn's ids to continue without re-prefill
 
 
 def _resolve_config(model, generation_config, options: dict) -> GenerationConfig:
@@ -105,11 +107,13 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              repetition_penalty=None, eos_token_id=None, pad_token_id=None, stop_strings=None, tokenizer=None,
              num_return_sequences=None, generation_config=None, streamer=None, seed=None, generator=None,
              return_dict_in_generate=None, output_scores=None, output_logits=None, use_cache=None,
-             max_length=None, min_length=None, compile=None, **kwargs):
+             max_length=None, min_length=None, compile=None, past_key_values=None, **kwargs):
     """Generate continuations of left-padded prompts `input_ids (B,S)`; see the module docstring.
 
     `mm_token_type_ids` is accepted and ignored (placeholders are found from the ids). `use_cache=False` is
-    accepted for API compatibility; the KV cache is always used (same tokens, far less compute)."""
+    accepted for API compatibility; the KV cache is always used (same tokens, far less compute).
+    `past_key_values`: the cache a previous call returned (`return_dict_in_generate=True`): `input_ids` is then
+    the whole conversation and only its uncached part is prefilled (see `continuation.py`)."""
     if kwargs:
         raise TypeError(f"generate() got unexpected arguments: {sorted(kwargs)}")
     options = dict(locals())
@@ -118,6 +122,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
     mask = check_prompt(input_ids, attention_mask, cfg.pad_token_id, eos)
     n = cfg.num_return_sequences
+    past = None if past_key_values is None else check_continuation(past_key_values, input_ids, mask, n, cfg.compile)
     b0, s = input_ids.shape
     text_cfg = model.config.text_config
     max_new = _new_token_budget(cfg, s, text_cfg.max_position_embeddings)
@@ -133,7 +138,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         return _run(model, cfg, input_ids.to(device).long(), mask.to(device), plan, n, max_new, pad, eos,
                     stopper, streamer, gen, dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                                  pixel_values_videos=pixel_values_videos,
-                                                 video_grid_thw=video_grid_thw))
+                                                 video_grid_thw=video_grid_thw), (past_key_values, past))
 
 
 class _Running:
@@ -167,7 +172,7 @@ def _record(store: list, value: torch.Tensor, run: _Running, pad_row: torch.Tens
     store.append(full)
 
 
-def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, gen, media):
+def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, gen, media, cont=(None, None)):
     device, s = ids.device, ids.shape[1]
     vocab = model.config.text_config.vocab_size
     if streamer is not None:
@@ -183,8 +188,12 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     pipeline = LogitsPipeline(cfg, eos_t, max(cfg.min_new_tokens or 0, (cfg.min_length or 0) - s), vocab)
     static = None  # the StaticDecoder (compile mode) holds the decode-time cache; the prefill needs s slots
-    cache = KVCache.from_config(model.config.text_config, b, s if cfg.compile else s + max_new,
-                                model.get_input_embeddings().weight.dtype, device)
+    cache, past = cont
+    if cache is None:
+        cache = KVCache.from_config(model.config.text_config, b, s if cfg.compile else s + max_new,
+                                    model.get_input_embeddings().weight.dtype, device)
+    else:
+        cache.reserve(s + max_new)
     out = torch.full((b, s + max_new), pad, dtype=torch.long, device=device)
     out[:, :s] = ids
     run = _Running(b, s, max_new, mask, seen_tokens(ids, mask, vocab) if pipeline.uses_penalty else None,
@@ -199,9 +208,12 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
         pad_row[pad] = 0.0
 
     try:
-        vision = encode_vision(model, plan, n, **media)
-        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                       logits_to_keep=1, **vision).logits[:, -1].float()
+        if past is not None:
+            logits = prefill_continuation(model, ids, cache, past, media)
+        else:
+            vision = encode_vision(model, plan, n, **media)
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                           logits_to_keep=1, **vision).logits[:, -1].float()
         if cfg.compile and max_new > 1:
             mode = cfg.compile if isinstance(cfg.compile, str) else "reduce-overhead"
             static = get_static_decoder(model, b, s + max_new, compile=True, mode=mode)
@@ -242,11 +254,11 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
         if streamer is not None:
             streamer.end()
     new = int(steps_with_work)
-    return _finish(cfg, out[:, :s + new], tuple(all_scores[:new]), tuple(all_logits[:new]))
+    return _finish(cfg, out[:, :s + new], tuple(all_scores[:new]), tuple(all_logits[:new]), cache)
 
 
-def _finish(cfg, sequences, scores, logits):
+def _finish(cfg, sequences, scores, logits, cache=None):
     if not cfg.return_dict_in_generate:
         return sequences
     return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores if cfg.output_scores else None,
-                                     logits=logits if cfg.output_logits else None)
+                                     logits=logits if cfg.output_logits else None, past_key_values=cache)

@@ -88,6 +88,14 @@ class KVCache:
             parent.rope_deltas[start:start + n] = self.rope_deltas
 
     # ----------------------------------------------------------------------------------------------- writes
+    def reserve(self, total: int) -> None:
+        """Make room for `total` positions per row (reallocating; for continuing a returned cache)."""
+        growable, self.growable = self.growable, True
+        try:
+            self._ensure_capacity(total)
+        finally:
+            self.growable = growable
+
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.max_length:
             return

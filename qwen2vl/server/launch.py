@@ -44,6 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prefill tokens per engine step")
     g.add_argument("--max-queue", type=int, default=256,
                    help="requests queued (fetching media, preprocessing or waiting in the engine) before 429")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of earlier prompts and answers, keyed by tokens and picture content "
+                        "(default on; a chat's later turns prefill only their new text)")
+    g.add_argument("--prefix-cache-memory", default=None,
+                   help="prefix cache budget, e.g. 1GiB (default: min(1 GiB, the KV cache's size))")
+    g.add_argument("--vision-cache-mb", type=float, default=256,
+                   help="vision-tower outputs cached by picture content, MiB (0 turns it off)")
+    g.add_argument("--max-prefill-tokens-per-step", type=int, default=None,
+                   help="chunked prefill: a long prompt runs in chunks of this many tokens between the decode "
+                        "steps of running requests (default: whole prompts)")
     m = p.add_argument_group("media / limits")
     m.add_argument("--allowed-local-media-path", default=None,
                    help="directory from which file:// media URLs may be read (default: none are)")
@@ -115,7 +125,10 @@ def build_engine(args, model=None, processor=None, tp_runner=None) -> AsyncEngin
     processor = processor if processor is not None else load_processor(args.model)
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
-                       max_queue=args.max_queue)
+                       max_queue=args.max_queue, enable_prefix_caching=args.enable_prefix_caching,
+                       prefix_cache_memory=args.prefix_cache_memory,
+                       vision_cache_memory=int(args.vision_cache_mb * 1024**2),
+                       max_prefill_tokens_per_step=args.max_prefill_tokens_per_step)
     return AsyncEngine(LLMEngine(model, processor, cfg, tp_runner=tp_runner))
 
 

@@ -133,7 +133,9 @@ class ChatHandler:
     def _process(self, conv, items, rid):  # processing thread
         eng = self.engine.engine
         limits = load_media(conv, items, self.settings.media, eng.inputs.processor, eng.max_model_len)
-        return eng.inputs.process({"messages": conv}, media_limits=limits)
+        pp = eng.inputs.process({"messages": conv}, media_limits=limits)
+        eng.encode_media(pp)  # the vision tower runs here, off the step thread: running streams keep going
+        return pp
 
     async def _prepare(self, req: P.ChatCompletionRequest, rid: str):
         """Admitted request → ProcessedPrompt (fetching, then preprocessing on the processing threads)."""
@@ -197,7 +199,7 @@ class ChatHandler:
         clock.finish(n_prompt)
         choices = [P.chat_choice(c.index, c.text, c.finish_reason, c.stop_reason) for c in final.outputs]
         return JSONResponse(P.chat_response(rid, created, s.served_model_name, choices,
-                                            P.usage(n_prompt, final.num_output_tokens)))
+                                            P.usage(n_prompt, final.num_output_tokens, final.num_cached_tokens)))
 
     async def _collect(self, stream, request: Request, rid: str, clock: RequestClock):
         last, seen = None, 0
@@ -233,13 +235,13 @@ class ChatHandler:
     async def _stream(self, stream, rid, created, n, n_prompt, include_usage, clock: RequestClock):
         model = self.settings.served_model_name
         done = [False] * n
-        n_out = 0
+        n_out = n_cached = 0
         try:
             for i in range(n):
                 yield _sse(P.chunk(rid, created, model, [P.chunk_choice(i, {"role": "assistant", "content": ""})]))
             async for out in _until_stopped(stream, self.lifecycle.stopped):
                 clock.token(out.num_output_tokens - n_out)
-                n_out = out.num_output_tokens
+                n_out, n_cached = out.num_output_tokens, out.num_cached_tokens
                 for c in out.outputs:
                     if done[c.index] or not (c.delta_text or c.finish_reason):
                         continue
@@ -248,7 +250,7 @@ class ChatHandler:
                     done[c.index] = c.finish_reason is not None
             clock.finish(n_prompt)
             if include_usage:
-                yield _sse(P.chunk(rid, created, model, [], P.usage(n_prompt, n_out)))
+                yield _sse(P.chunk(rid, created, model, [], P.usage(n_prompt, n_out, n_cached)))
         except _Stopped:  # headers are sent: report in-band, as OpenAI does
             yield _sse(P.shutting_down().body())
         except Exception as e:
