@@ -113,7 +113,7 @@ def test_slow_and_huge_media_hosts(env):
         for f in slow:
             assert_error(f.result(), 400, "media_fetch_failed")
         slow_took = time.perf_counter() - t0
-    assert fast_took < 1.0 and 1.4 < slow_took < 4, (fast_took, slow_took)
+    assert fast_took < 1.2 and 1.4 < slow_took < 6, (fast_took, slow_took)  # the fast one never waited
     assert_error(post(env["lax"], {"messages": image_msg(s.url("/huge.png"))}), 400, "media_too_large")
     still_serving(env)
 
