@@ -78,6 +78,9 @@ def test_metrics_and_health(mdir):
         assert m["qwen2vl_inter_token_latency_seconds_count"] == 3 + 2 * 2
         assert m["qwen2vl_generation_tokens_total"] == 10 and m["qwen2vl_prompt_tokens_total"] > 10
         assert m["qwen2vl_vision_encoder_seconds_count"] == 1
+        assert m["qwen2vl_vision_cache_misses_total"] == 1 and m["qwen2vl_prefix_cache_queries_total"] >= 3
+        assert m["qwen2vl_prefix_cache_hits_total"] >= 1      # the two identical streamed prompts
+        assert m["qwen2vl_prefix_cache_cached_tokens_total"] > 0 and m["qwen2vl_prefix_cache_bytes"] > 0
         for gauge in ("num_requests_running", "num_requests_waiting", "num_requests_fetching",
                       "num_requests_preprocessing", "num_requests_receiving", "kv_cache_usage_ratio"):
             assert m[f"qwen2vl_{gauge}"] == 0, gauge
