@@ -88,6 +88,25 @@ def test_greedy_penalty_equals_generate(setup):
     assert got == text == [tok.decode(gen, skip_special_tokens=True)]
 
 
+def test_stop_string_equals_generate(setup):
+    """The server's text for stop=[s] is generate(stop_strings=s)'s decoded continuation cut before s (OpenAI:
+    the stop string is not returned; generate() keeps the token that completed it)."""
+    from qwen2vl import Qwen2VLForConditionalGeneration
+
+    _, out = offline(setup, temperature=0, max_tokens=24, ignore_eos=True)
+    text = out.outputs[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    got, r = served(setup, temperature=0, max_tokens=24, stop=[stop], extra_body={"ignore_eos": True})
+    model = Qwen2VLForConditionalGeneration.from_pretrained(setup["model_dir"])
+    tok = setup["offline"].get_tokenizer()
+    ids = torch.tensor([out.prompt_token_ids])
+    gen = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                         stop_strings=stop, tokenizer=tok)[0, ids.shape[1]:].tolist()
+    decoded = tok.decode(gen, skip_special_tokens=True)
+    assert len(gen) < 24 and stop in decoded
+    assert got == [decoded[:decoded.find(stop)]] and r.choices[0].finish_reason == "stop"
+
+
 def test_lengths_stops_and_min_tokens(setup):
     greedy = dict(temperature=0, extra_body={"ignore_eos": True})
     full, _ = offline(setup, temperature=0, max_tokens=24, ignore_eos=True)

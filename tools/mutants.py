@@ -124,6 +124,9 @@ MUTANTS = [
       "min_tokens=0,", ("tests/test_server_sampling.py", "-k", "lengths")),
     M("server-drops-seed", "server", "qwen2vl/server/serving.py", '"frequency_penalty", "seed"):',
       '"frequency_penalty"):', ("tests/test_server_sampling.py", "-k", "seed")),
+    M("engine-stop-strings-ignored", "server", "qwen2vl/engine/sequence.py",
+      "hit = self.detok.add(token, check_stop=n >= p.min_tokens)", "hit = self.detok.add(token, check_stop=False)",
+      ("tests/test_server_sampling.py", "-k", "stop_string")),
     # ---- tensor parallelism
     M("tp-row-parallel-no-all-reduce", "tp", "qwen2vl/parallel/layers.py",
       "out = all_reduce_sum(F.linear(x, self.weight), self.tp_group)", "out = F.linear(x, self.weight)",
