@@ -177,7 +177,7 @@ def _decide(op: str, key: tuple, build: Callable[[], Trial], timed: bool) -> Dec
     if _spent >= budget():
         return Decision(None, "budget", {})
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: what a candidate caches (a packed weight, a buffer) must stay usable
         trial = build()
         times, rejected = _measure(trial)
     _spent += time.perf_counter() - t0

@@ -257,7 +257,8 @@ def _scratch(numel: int) -> torch.Tensor:
     the widening itself (its pages are faulted in and zeroed on every call)."""
     buf = getattr(_widen_scratch, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = _widen_scratch.buf = torch.empty(numel, dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: one made under inference_mode cannot be written outside
+            buf = _widen_scratch.buf = torch.empty(numel, dtype=torch.float32)
     return buf[:numel]
 
 
