@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from test_generation import model, one_thread  # noqa: F401  (fixtures: one thread, the scaled tiny model)
+from test_generation import model  # noqa: F401  (fixture: the scaled tiny model; one_thread comes from conftest)
 from tiny import PAD, left_pad, pixels, sample, tiny_model
 
 from qwen2vl.generation import GenerationConfig
