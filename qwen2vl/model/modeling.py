@@ -15,11 +15,13 @@ from .vision import Qwen2VisionTransformerPretrainedModel
 
 # Arguments transformers-style callers pass that carry no information for us.
 _IGNORED_KWARGS = {"cache_position", "return_dict", "output_attentions", "output_hidden_states",
-                   "num_items_in_batch", "second_per_grid_ts"}
+                   "num_items_in_batch", "second_per_grid_ts", "max_length_q", "max_length_k"}
+# Packed-sequence boundaries (FlashAttention-style cumulative lengths), handed on to the decoder.
+PACKING_KWARGS = ("cu_seq_lens", "cu_seq_lens_q", "cu_seq_lens_k")
 
 
 def _check_kwargs(kwargs: dict) -> None:
-    unknown = set(kwargs) - _IGNORED_KWARGS
+    unknown = set(kwargs) - _IGNORED_KWARGS - set(PACKING_KWARGS)
     if unknown:
         raise TypeError(f"Unexpected forward arguments: {sorted(unknown)}")
     if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
@@ -174,8 +176,9 @@ class Qwen2VLModel(Qwen2VLPreTrainedModel):
         if cache is not None and rope_deltas is not None:
             cache.rope_deltas = rope_deltas
 
+        packing = {k: kwargs[k] for k in PACKING_KWARGS if kwargs.get(k) is not None}
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=cache, use_cache=use_cache)
+                                  position_ids=position_ids, past_key_values=cache, use_cache=use_cache, **packing)
         return Qwen2VLModelOutputWithPast(last_hidden_state=out.last_hidden_state,
                                           past_key_values=out.past_key_values, rope_deltas=rope_deltas)
 

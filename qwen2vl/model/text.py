@@ -19,6 +19,7 @@ from .attention import VarlenBatch, text_attention, varlen_batch
 from .cache import KVCache
 from .fused_decode import fused_decode_step
 from .outputs import ModelOutput
+from .packing import check_packed_allowed, packed_segments, packed_varlen, segment_mask, segments_from_cu_seq_lens
 from .rope_index import text_positions_from_cache
 from .vision import rotate_half
 
@@ -130,9 +131,11 @@ class BaseModelOutputWithPast(ModelOutput):
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, past: list[int], s: int, device,
+                         segments: torch.Tensor | None = None,
                          ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Boolean mask (B,1,S,K) True = attend (or None for plain causal), plus key_valid (B,K) and
-    query_valid (B,S). Query i of row b sits at slot past[b]+i; it sees valid keys at slots <= its own."""
+    query_valid (B,S). Query i of row b sits at slot past[b]+i; it sees valid keys at slots <= its own.
+    `segments` (B,S) (packed rows, no past): keys only within the query's own sample."""
     b = len(past)
     kv_len = max(past) + s
     if attention_mask is not None and attention_mask.shape[-1] != kv_len:
@@ -146,14 +149,28 @@ def build_attention_mask(attention_mask: torch.Tensor | None, past: list[int], s
     query_valid = torch.ones(b, s, dtype=torch.bool, device=device) if attention_mask is None \
         else attention_mask[:, -s:].bool()
     uniform = len(set(past)) <= 1
-    if uniform and (attention_mask is None or bool(key_valid.all())):  # no pads: no mask (and no sync)
-        return None, key_valid, query_valid
+    if segments is None and uniform and (attention_mask is None or bool(key_valid.all())):
+        return None, key_valid, query_valid  # no pads: no mask (and no sync)
     q_slot = past_t + torch.arange(s, device=device)[None, :]          # (B,S)
     mask = slots[None, None, :] <= q_slot[..., None]                    # causal (B,S,K)
     mask = mask & key_valid[:, None, :]
+    if segments is not None:
+        mask = mask & segment_mask(segments)[:, 0]
     # Pad queries would see no key at all (NaN rows); let every query see its own slot.
     mask = mask | (slots[None, None, :] == q_slot[..., None])
     return mask[:, None], key_valid, query_valid
+
+
+def _packed_segments(position_ids, new_mask, kwargs, b, s, device) -> torch.Tensor | None:
+    """Segment ids (B,S) of packed samples, from `cu_seq_lens[_q]` if given, else detected in position_ids."""
+    cu = next((kwargs[k] for k in ("cu_seq_lens", "cu_seq_lens_q", "cu_seq_lens_k") if kwargs.get(k) is not None),
+              None)
+    if cu is not None:
+        return segments_from_cu_seq_lens(cu, b, s, device)
+    if s < 2:
+        return None
+    valid = torch.ones(b, s, dtype=torch.bool, device=device) if new_mask is None else new_mask.bool()
+    return packed_segments(position_ids, valid)
 
 
 class Qwen2VLTextModel(nn.Module):
@@ -203,12 +220,15 @@ class Qwen2VLTextModel(nn.Module):
         if position_ids.shape != (3, b, s):
             raise ValueError(f"position_ids must be (3, {b}, {s}), got {tuple(position_ids.shape)}")
 
-        mask, key_valid, query_valid = build_attention_mask(attention_mask, past, s, device)
+        segments = _packed_segments(position_ids, new_mask, kwargs, b, s, device)
+        check_packed_allowed(segments, cache, past)
+        mask, key_valid, query_valid = build_attention_mask(attention_mask, past, s, device, segments)
         varlen = None
         if device.type == "cuda" and self.layers and \
                 self.layers[0].self_attn.attn_implementation == "flash_attention_2":
             # Where the real tokens sit, once for all layers (no host sync per layer).
-            varlen = varlen_batch(key_valid, query_valid, all_valid=mask is None)
+            varlen = packed_varlen(segments, query_valid) if segments is not None else \
+                varlen_batch(key_valid, query_valid, all_valid=mask is None)
         cos, sin = mrope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
                                  self.config.mrope_section, inputs_embeds.dtype)
         x = inputs_embeds
