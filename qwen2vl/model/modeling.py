@@ -6,8 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.cpu import Linear
+from ..configuration import Qwen2VLConfig
 from .attention import check_backend
 from .cache import KVCache
+from .pretrained import Qwen2VLPreTrainedModel
 from .outputs import Qwen2VLCausalLMOutputWithPast, Qwen2VLModelOutputWithPast, VisionFeatures
 from .rope_index import get_rope_index
 from .text import Qwen2VLTextModel
@@ -28,58 +30,9 @@ def _check_kwargs(kwargs: dict) -> None:
         raise ValueError("output_attentions / output_hidden_states are not supported by qwen2vl.")
 
 
-class Qwen2VLPreTrainedModel(nn.Module):
-    """Weight init as the reference (normal(0, initializer_range), zero biases, unit norms)."""
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.text_config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-            if module.padding_idx is not None:
-                module.weight.data[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif hasattr(module, "variance_epsilon"):
-            nn.init.ones_(module.weight)
-
-    def init_weights(self) -> None:
-        if any(p.is_meta for p in self.parameters()):
-            return  # built for loading: real tensors come from the checkpoint
-        with torch.no_grad():
-            self.apply(self._init_weights)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def set_attn_implementation(self, impl: str) -> None:
-        check_backend(impl)
-        self.config.attn_implementation = impl
-        for m in self.modules():
-            if m is not self and hasattr(m, "set_attn_implementation") and not isinstance(m, Qwen2VLPreTrainedModel):
-                m.set_attn_implementation(impl)
-
-    def gradient_checkpointing_enable(self, **_: object) -> None:
-        for m in self.modules():
-            if hasattr(m, "gradient_checkpointing"):
-                m.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        for m in self.modules():
-            if hasattr(m, "gradient_checkpointing"):
-                m.gradient_checkpointing = False
-
-
 class Qwen2VLModel(Qwen2VLPreTrainedModel):
+    config_class = Qwen2VLConfig
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -212,6 +165,7 @@ class Qwen2VLModel(Qwen2VLPreTrainedModel):
 
 
 class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
+    config_class = Qwen2VLConfig
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config):
@@ -223,8 +177,11 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
             with torch.no_grad():
                 self._init_weights(self.lm_head)
         self.tie_weights()
+        from ..generation.config import GenerationConfig
 
-    def tie_weights(self) -> None:
+        self.generation_config = GenerationConfig.from_model_config(config)
+
+    def tie_weights(self, *args, **kwargs) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
@@ -239,8 +196,14 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
     def get_output_embeddings(self):
         return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
 
     def get_image_features(self, pixel_values, image_grid_thw):
         return self.model.get_image_features(pixel_values, image_grid_thw)
@@ -276,18 +239,6 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
             loss = causal_lm_loss(logits, labels, num_items)
         return Qwen2VLCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                              rope_deltas=out.rope_deltas)
-
-    # ------------------------------------------------------------------------------------------ IO
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        from ..loading import from_pretrained
-
-        return from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
-
-    def save_pretrained(self, save_directory, max_shard_size="5GB", **kwargs) -> None:
-        from ..loading import save_pretrained
-
-        save_pretrained(self, save_directory, max_shard_size=max_shard_size, **kwargs)
 
     def generate(self, *args, **kwargs):
         from ..generation import generate

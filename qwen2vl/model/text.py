@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..configuration import Qwen2VLTextConfig
 from ..kernels.cpu import Linear
 from ..kernels.cpu_ops import rms_norm as rms_norm_kernel
 from ..kernels.cpu_ops import rope as rope_kernel
@@ -19,6 +20,7 @@ from .attention import VarlenBatch, text_attention, varlen_batch
 from .cache import KVCache
 from .fused_decode import fused_decode_step
 from .outputs import ModelOutput
+from .pretrained import Qwen2VLPreTrainedModel
 from .packing import check_packed_allowed, packed_segments, packed_varlen, segment_mask, segments_from_cu_seq_lens
 from .rope_index import text_positions_from_cache
 from .vision import rotate_half
@@ -173,7 +175,10 @@ def _packed_segments(position_ids, new_mask, kwargs, b, s, device) -> torch.Tens
     return packed_segments(position_ids, valid)
 
 
-class Qwen2VLTextModel(nn.Module):
+class Qwen2VLTextModel(Qwen2VLPreTrainedModel):
+    config_class = Qwen2VLTextConfig
+    _no_split_modules = ["Qwen2VLDecoderLayer"]
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -186,9 +191,8 @@ class Qwen2VLTextModel(nn.Module):
     def get_input_embeddings(self):
         return self.embed_tokens
 
-    def set_attn_implementation(self, impl: str) -> None:
-        for layer in self.layers:
-            layer.self_attn.attn_implementation = impl
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
