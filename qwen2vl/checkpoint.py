@@ -26,7 +26,7 @@ from .own_memory import to_own_memory
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-PATCH_EMBED_SUFFIX = "visual.patch_embed.proj.weight"
+PATCH_EMBED_SUFFIX = "patch_embed.proj.weight"  # also the bare vision model's name
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _PROGRESS_MIN_BYTES = 256 * 2 ** 20
