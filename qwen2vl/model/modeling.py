@@ -26,8 +26,6 @@ def _check_kwargs(kwargs: dict) -> None:
     unknown = set(kwargs) - _IGNORED_KWARGS - set(PACKING_KWARGS)
     if unknown:
         raise TypeError(f"Unexpected forward arguments: {sorted(unknown)}")
-    if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-        raise ValueError("output_attentions / output_hidden_states are not supported by qwen2vl.")
 
 
 class Qwen2VLModel(Qwen2VLPreTrainedModel):
@@ -129,11 +127,14 @@ class Qwen2VLModel(Qwen2VLPreTrainedModel):
         if cache is not None and rope_deltas is not None:
             cache.rope_deltas = rope_deltas
 
-        packing = {k: kwargs[k] for k in PACKING_KWARGS if kwargs.get(k) is not None}
+        passed = {k: kwargs[k] for k in (*PACKING_KWARGS, "output_hidden_states", "output_attentions")
+                  if kwargs.get(k) is not None}
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=cache, use_cache=use_cache, **packing)
-        return Qwen2VLModelOutputWithPast(last_hidden_state=out.last_hidden_state,
-                                          past_key_values=out.past_key_values, rope_deltas=rope_deltas)
+                                  position_ids=position_ids, past_key_values=cache, use_cache=use_cache, **passed)
+        result = Qwen2VLModelOutputWithPast(last_hidden_state=out.last_hidden_state,
+                                            past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+                                            attentions=out.attentions, rope_deltas=rope_deltas)
+        return result if kwargs.get("return_dict", True) is not False else result.to_tuple()
 
     def _positions(self, input_ids, attention_mask, image_grid_thw, video_grid_thw, cache, rope_deltas, b, s,
                    device):
@@ -226,7 +227,8 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
                          image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, rope_deltas=rope_deltas,
-                         image_embeds=image_embeds, video_embeds=video_embeds, **kwargs)
+                         image_embeds=image_embeds, video_embeds=video_embeds,
+                         **{k: v for k, v in kwargs.items() if k != "return_dict"})
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             if logits_to_keep > 0:
@@ -237,8 +239,10 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items)
-        return Qwen2VLCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                             rope_deltas=out.rope_deltas)
+        result = Qwen2VLCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                               hidden_states=out.hidden_states, attentions=out.attentions,
+                                               rope_deltas=out.rope_deltas)
+        return result if kwargs.get("return_dict", True) is not False else result.to_tuple()
 
     def generate(self, *args, **kwargs):
         from ..generation import generate

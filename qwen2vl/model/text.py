@@ -16,11 +16,12 @@ from ..kernels.cpu import Linear
 from ..kernels.cpu_ops import rms_norm as rms_norm_kernel
 from ..kernels.cpu_ops import rope as rope_kernel
 from ..kernels.cpu_ops import silu_mul_
-from .attention import VarlenBatch, text_attention, varlen_batch
+from .attention import VarlenBatch, attention_probs, text_attention, varlen_batch
 from .cache import KVCache
 from .fused_decode import fused_decode_step
 from .outputs import ModelOutput
 from .pretrained import Qwen2VLPreTrainedModel
+from .introspection import output_flags, recording_attentions
 from .packing import check_packed_allowed, packed_segments, packed_varlen, segment_mask, segments_from_cu_seq_lens
 from .rope_index import text_positions_from_cache
 from .vision import rotate_half
@@ -74,6 +75,7 @@ class Qwen2VLAttention(nn.Module):
         self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False)
         self.attn_implementation = getattr(config, "attn_implementation", None) or "sdpa"
+        self.recorded_attentions: list | None = None   # set by Qwen2VLTextModel.forward(output_attentions=True)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, varlen: VarlenBatch | None = None):
         b, s, _ = x.shape
@@ -90,6 +92,8 @@ class Qwen2VLAttention(nn.Module):
             k = k * c + rotate_half(k) * sn
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        if self.recorded_attentions is not None:  # output_attentions (eager only): this call's probabilities
+            self.recorded_attentions.append(attention_probs(q, k, mask, self.scale))
         o = text_attention(self.attn_implementation, q, k, v, mask, self.scale, varlen=varlen)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
 
@@ -130,6 +134,8 @@ class Qwen2VLDecoderLayer(nn.Module):
 class BaseModelOutputWithPast(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None   # L+1 of (B,S,H): embeddings, each layer (last normed)
+    attentions: tuple[torch.Tensor, ...] | None = None      # L of (B,Hq,S,K) probabilities (eager only)
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, past: list[int], s: int, device,
@@ -236,17 +242,29 @@ class Qwen2VLTextModel(Qwen2VLPreTrainedModel):
         cos, sin = mrope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
                                  self.config.mrope_section, inputs_embeds.dtype)
         x = inputs_embeds
-        fused = fused_decode_step(self.layers, x, cos, sin, mask, cache) if s == 1 else None
+        want_hidden, want_attn = output_flags(self, kwargs)
+        hidden = [x] if want_hidden else None
+        fused = fused_decode_step(self.layers, x, cos, sin, mask, cache) if s == 1 and not (
+            want_hidden or want_attn) else None
         if fused is not None:  # CPU decoding: all layers in one kernel call (model/fused_decode.py)
             x = fused
         else:
-            for layer in self.layers:
-                if self.gradient_checkpointing and self.training and cache is None:
-                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, varlen, use_reentrant=False)
-                else:
-                    x = layer(x, cos, sin, mask, cache, varlen)
+            with recording_attentions(self.layers, want_attn) as attentions:
+                for layer in self.layers:
+                    if self.gradient_checkpointing and self.training and cache is None:
+                        x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, varlen,
+                                                              use_reentrant=False)
+                    else:
+                        x = layer(x, cos, sin, mask, cache, varlen)
+                    if hidden is not None:
+                        hidden.append(x)
         x = self.norm(x)
+        if hidden is not None:
+            hidden[-1] = x  # as the reference: the last entry is the normed output
         if cache is not None:
             added = [s] * b if new_mask is None else new_mask.sum(-1).tolist()
             cache.advance(s, added)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None)
+        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None,
+                                      hidden_states=tuple(hidden) if hidden is not None else None,
+                                      attentions=tuple(attentions) if want_attn else None)
+        return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
