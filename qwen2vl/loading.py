@@ -100,6 +100,9 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
             raise ValueError("device_map cannot be combined with tp_plan: each rank uses its own device "
                              "(cuda:LOCAL_RANK with NCCL, the CPU with gloo).")
 
+        if adapter is not None:
+            raise ValueError("adapter= is not supported with tensor parallelism; merge the adapter first "
+                             "(qwen2vl.lora.load_adapter + save_pretrained) and load the merged model.")
         model = load_tensor_parallel(cls, config, model_dir, torch_dt, tp_plan=tp_plan, tp_size=tp_size,
                                      progress=progress)
         model.generation_config = GenerationConfig.from_model_dir(model_dir, config)
@@ -117,15 +120,15 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     model.eval()
     if model.can_generate() if hasattr(model, "can_generate") else True:
         model.generation_config = GenerationConfig.from_model_dir(model_dir, config)
+    if adapter is not None:  # merged before any quantization, so int8 weights include it
+        from .lora import load_adapter
+
+        model = load_adapter(model, adapter)
     if quantization is not None:
         from .quantization import quantize_model
 
         quantize_model(model, quantization)
     model.name_or_path = str(pretrained_model_name_or_path)
-    if adapter is not None:
-        from .lora import load_adapter
-
-        model = load_adapter(model, adapter)
     if output_loading_info:
         return model, {"missing_keys": set(info.missing_keys), "unexpected_keys": set(info.unexpected_keys),
                        "mismatched_keys": set(), "error_msgs": []}

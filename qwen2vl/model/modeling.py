@@ -244,6 +244,11 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
                                                rope_deltas=out.rope_deltas)
         return result if kwargs.get("return_dict", True) is not False else result.to_tuple()
 
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs) -> dict:
+        """The forward kwargs of one generation step (PEFT wraps this; our `generate` keeps its own state)."""
+        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
+                **kwargs}
+
     def generate(self, *args, **kwargs):
         from ..generation import generate
 
