@@ -26,7 +26,7 @@ from .own_memory import to_own_memory
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-PATCH_EMBED_SUFFIX = "visual.patch_embed.proj.weight"
+PATCH_EMBED_SUFFIX = "patch_embed.proj.weight"  # also the bare vision model's name
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _PROGRESS_MIN_BYTES = 256 * 2 ** 20
@@ -194,7 +194,7 @@ def _resolve_dtype(dtype) -> torch.dtype | str | None:
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_checkpoint_into(model: nn.Module, model_dir: str | os.PathLike, dtype=None, device="cpu",
-                         strict: bool = True, progress: bool = True) -> LoadResult:
+                         strict: bool = True, progress: bool = True, optional: tuple[str, ...] = ()) -> LoadResult:
     """Load safetensors weights from ``model_dir`` straight into ``model`` (typically built on ``meta``).
 
     Each tensor is read on its own with ``safe_open``, converted to ``dtype`` (floating tensors only; ``None``:
@@ -202,7 +202,8 @@ def load_checkpoint_into(model: nn.Module, model_dir: str | os.PathLike, dtype=N
     module's parameter — no random init and no second copy of the model. Missing / unexpected / wrongly shaped
     tensors raise one ValueError listing them all (missing and unexpected only when ``strict``). Afterwards
     ``lm_head`` is tied to the embedding when the config says so, and every module's ``_init_buffers(device)``
-    hook is called to re-create non-persistent buffers.
+    hook is called to re-create non-persistent buffers. Names in ``optional`` may be missing even when
+    ``strict`` (they are initialized like strict=False ones).
     """
     dtype = _resolve_dtype(dtype)
     device = torch.device(device)
@@ -241,7 +242,7 @@ def load_checkpoint_into(model: nn.Module, model_dir: str | os.PathLike, dtype=N
                 seen.add(mkey)
                 plan.append((f, key, mkey))
     missing = sorted(set(expected) - seen)
-    if bad_shapes or (strict and (missing or unexpected)):
+    if bad_shapes or (strict and (set(missing) - set(optional) or unexpected)):
         parts = []
         if missing and strict:
             parts.append(f"missing {len(missing)} tensor(s): {missing}")

@@ -29,6 +29,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: cpu)")
     p.add_argument("--quantization", default=None, choices=["int8"], help="weight-only quantization at load")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder, merged into the model at load")
     p.add_argument("--max-pixels", type=int, default=None, help="pixel budget per image (e.g. 1003520)")
     p.add_argument("--min-pixels", type=int, default=None, help="minimum pixels per image")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -51,8 +52,10 @@ def _load(args):
     path = resolve_name(name)
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
     t = time.perf_counter()
+    if args.adapter is not None and not Path(args.adapter, "adapter_config.json").is_file():
+        raise CliError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
     model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=args.dtype, device_map=args.device,
-                                                            quantization=args.quantization)
+                                                            quantization=args.quantization, adapter=args.adapter)
     processor = AutoProcessor.from_pretrained(path, **pixels)
     return model, processor, time.perf_counter() - t
 

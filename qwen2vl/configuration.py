@@ -81,11 +81,50 @@ class _ConfigBase:
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
 
+    # Whether a model with this config is an encoder-decoder (transformers code and PEFT ask).
+    is_encoder_decoder = False
+    _sub_config_key = ""   # where a composite qwen2_vl config.json holds this config ("text_config", ...)
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None):
+        """The decoder's config: `text_config` of the composite config, the config itself otherwise."""
+        return getattr(self, "text_config", self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+        path = Path(save_directory)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"save_pretrained expects a directory, {path} is a file")
+        path.mkdir(parents=True, exist_ok=True)
+        out = path / CONFIG_NAME
+        out.write_text(self.to_json_string(), encoding="utf-8")
+        return out
+
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike, **kwargs: Any):
+        try:
+            data = json.loads(Path(json_file).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{json_file} is not valid JSON: {e}") from None
+        mt = data.get("model_type")
+        if cls._sub_config_key and mt == "qwen2_vl" and cls._sub_config_key in data:
+            data = data[cls._sub_config_key]   # e.g. the text config out of a full model's config.json
+            mt = data.get("model_type")
+        if mt is not None and mt not in (cls.model_type, ""):
+            raise ValueError(f"{json_file}: model_type {mt!r} is not a Qwen2-VL config of this kind "
+                             f"({cls.__name__}, expected {cls.model_type!r})")
+        return cls.from_dict(data, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, revision: str | None = None,
+                        **kwargs: Any):
+        """Load from a directory holding config.json, a json file path, or a hub repo id."""
+        return cls.from_json_file(resolve_config_file(pretrained_model_name_or_path, revision), **kwargs)
+
 
 class Qwen2VLVisionConfig(_ConfigBase):
     """Vision tower config. ``hidden_size`` is the PatchMerger output (= LLM width), ``embed_dim`` the ViT width."""
 
     model_type = "qwen2_vl_vision"
+    _sub_config_key = "vision_config"
     _defaults = {
         "depth": 32, "embed_dim": 1280, "hidden_size": 3584, "hidden_act": "quick_gelu", "mlp_ratio": 4,
         "num_heads": 16, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
@@ -133,6 +172,7 @@ class Qwen2VLTextConfig(_ConfigBase):
     """Qwen2 decoder config with M-RoPE (``mrope_section`` over head_dim/2 frequencies)."""
 
     model_type = "qwen2_vl_text"
+    _sub_config_key = "text_config"
     _defaults = {
         "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
         "num_attention_heads": 64, "num_key_value_heads": 8, "hidden_act": "silu",
@@ -288,32 +328,6 @@ class Qwen2VLConfig(_ConfigBase):
         out["text_config"] = self.text_config.to_dict()
         out["vision_config"] = self.vision_config.to_dict()
         return out
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        path = Path(save_directory)
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"save_pretrained expects a directory, {path} is a file")
-        path.mkdir(parents=True, exist_ok=True)
-        out = path / CONFIG_NAME
-        out.write_text(self.to_json_string(), encoding="utf-8")
-        return out
-
-    @classmethod
-    def from_json_file(cls, json_file: str | os.PathLike, **kwargs: Any) -> "Qwen2VLConfig":
-        try:
-            data = json.loads(Path(json_file).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{json_file} is not valid JSON: {e}") from None
-        mt = data.get("model_type")
-        if mt is not None and mt not in ("qwen2_vl", ""):
-            raise ValueError(f"{json_file}: model_type {mt!r} is not a Qwen2-VL config (expected 'qwen2_vl')")
-        return cls.from_dict(data, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, revision: str | None = None,
-                        **kwargs: Any) -> "Qwen2VLConfig":
-        """Load from a directory holding config.json, a json file path, or a hub repo id."""
-        return cls.from_json_file(resolve_config_file(pretrained_model_name_or_path, revision), **kwargs)
 
 
 def hub_offline() -> bool:

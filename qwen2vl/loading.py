@@ -2,12 +2,15 @@
 attention backend, quantization, tensor parallel) around the checkpoint reader/writer in `checkpoint.py`."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from .model.attention import check_backend
+
+logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "qwen2vl-demo"
 
@@ -61,28 +64,32 @@ def resolve_device(device_map) -> torch.device:
 
 def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=None, torch_dtype=None,
                     device_map=None, attn_implementation=None, revision=None, quantization=None, tp_plan=None,
-                    tp_size=None, progress=True, **kwargs):
+                    tp_size=None, progress=True, adapter=None, output_loading_info=False, **kwargs):
+    """Build `cls` on the meta device and load the checkpoint into it. A base-model checkpoint (Qwen2VLModel
+    saved alone) loads into the conditional-generation class with a freshly initialized LM head (logged), as
+    the reference does. `adapter`: a PEFT LoRA adapter folder applied on top (see `qwen2vl.lora`)."""
     from .checkpoint import load_checkpoint_into, resolve_model_dir
     from .configuration import Qwen2VLConfig
     from .generation.config import GenerationConfig
 
     unknown = set(kwargs) - {"trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "cache_dir",
-                             "local_files_only", "token"}
+                             "local_files_only", "token", "force_download", "subfolder"}
     if unknown:
         raise TypeError(f"from_pretrained got unexpected arguments: {sorted(unknown)}")
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise ValueError("Pass either dtype or torch_dtype, not both.")
     dtype = dtype if dtype is not None else (torch_dtype if torch_dtype is not None else "auto")
     model_dir = resolve_model_dir(resolve_name(pretrained_model_name_or_path), revision=revision)
+    config_class = getattr(cls, "config_class", None) or Qwen2VLConfig
     if config is None:
-        config = Qwen2VLConfig.from_pretrained(model_dir)
+        config = config_class.from_pretrained(model_dir)
     if attn_implementation is not None:
         config.attn_implementation = attn_implementation
+    impl = getattr(config, "attn_implementation", None) or "sdpa"
     torch_dt = resolve_dtype(dtype, config)
     device = resolve_device(device_map)
-    check_backend(config.attn_implementation or "sdpa", device if config.attn_implementation ==
-                  "flash_attention_2" else None, torch_dt if config.attn_implementation == "flash_attention_2"
-                  else None)
+    check_backend(impl, device if impl == "flash_attention_2" else None,
+                  torch_dt if impl == "flash_attention_2" else None)
 
     if tp_plan is not None or tp_size is not None:
         from .parallel.tp import load_tensor_parallel
@@ -93,6 +100,9 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
             raise ValueError("device_map cannot be combined with tp_plan: each rank uses its own device "
                              "(cuda:LOCAL_RANK with NCCL, the CPU with gloo).")
 
+        if adapter is not None:
+            raise ValueError("adapter= is not supported with tensor parallelism; merge the adapter first "
+                             "(qwen2vl.lora.load_adapter + save_pretrained) and load the merged model.")
         model = load_tensor_parallel(cls, config, model_dir, torch_dt, tp_plan=tp_plan, tp_size=tp_size,
                                      progress=progress)
         model.generation_config = GenerationConfig.from_model_dir(model_dir, config)
@@ -100,30 +110,50 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
 
     with torch.device("meta"):
         model = cls(config)
-    load_checkpoint_into(model, model_dir, dtype=torch_dt, device=device, progress=progress)
+    # A base model's checkpoint has no LM head: the reference then starts one from its init.
+    head_optional = hasattr(model, "lm_head") and not getattr(config, "tie_word_embeddings", False)
+    info = load_checkpoint_into(model, model_dir, dtype=torch_dt, device=device, progress=progress,
+                                optional=("lm_head.weight",) if head_optional else ())
+    if info.missing_keys:
+        logger.warning("%s: %s not in the checkpoint at %s; newly initialized (train it before use).",
+                       cls.__name__, ", ".join(info.missing_keys), model_dir)
     model.eval()
-    model.generation_config = GenerationConfig.from_model_dir(model_dir, config)
+    if model.can_generate() if hasattr(model, "can_generate") else True:
+        model.generation_config = GenerationConfig.from_model_dir(model_dir, config)
+    if adapter is not None:  # merged before any quantization, so int8 weights include it
+        from .lora import load_adapter
+
+        model = load_adapter(model, adapter)
     if quantization is not None:
         from .quantization import quantize_model
 
         quantize_model(model, quantization)
     model.name_or_path = str(pretrained_model_name_or_path)
+    if output_loading_info:
+        return model, {"missing_keys": set(info.missing_keys), "unexpected_keys": set(info.unexpected_keys),
+                       "mismatched_keys": set(), "error_msgs": []}
     return model
 
 
 def save_pretrained(model, save_directory, max_shard_size="5GB", **kwargs) -> None:
     from .checkpoint import save_checkpoint
 
-    unknown = set(kwargs) - {"safe_serialization"}
+    unknown = set(kwargs) - {"safe_serialization", "is_main_process"}
     if unknown:
         raise TypeError(f"save_pretrained got unexpected arguments: {sorted(unknown)}")
+    if not kwargs.get("is_main_process", True):
+        return
     if getattr(model, "quantization", None):
         raise ValueError("Saving a quantized model is not supported; save the full-precision model and pass "
                          "quantization='int8' to from_pretrained instead.")
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
-    model.config.dtype = str(model.dtype).replace("torch.", "")
-    model.config.save_pretrained(save_directory)
+    cfg = model.config
+    for name, value in (("dtype", str(model.dtype).replace("torch.", "")), ("architectures", [type(model).__name__])):
+        setattr(cfg, name, value)
+        if name not in cfg._defaults and name not in cfg._extra_keys:  # text / vision configs: written too
+            cfg._extra_keys.append(name)
+    cfg.save_pretrained(save_directory)
     save_checkpoint(model, save_directory, max_shard_size=max_shard_size)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(save_directory)

@@ -13,6 +13,7 @@ Command::
 
     qwen2vl train --model path/to/Qwen2-VL-2B-Instruct --data train.jsonl --eval-data eval.jsonl \\
         --output-dir out --epochs 1 --lr 1e-5 --batch-size 4 --grad-accum 4 --freeze-vision-tower
+    qwen2vl train ... --lora-r 16 --lora-alpha 32 [--lora-target q_proj v_proj] [--lora-vision]   # PEFT adapter
 
 The JSONL holds one ``{"messages": [...]}`` conversation per line in the processor's message format; image / video
 paths are relative to the JSONL file. Loss is computed on the assistant turns only (see ``training.data``).
@@ -66,6 +67,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--freeze-merger", action="store_true", help="do not train the vision-language merger")
     g.add_argument("--freeze-language-model", action="store_true", help="do not train the decoder / LM head")
     g.add_argument("--max-length", type=int, default=None, help="skip conversations longer than this (tokens)")
+    lo = p.add_argument_group("LoRA (needs peft: pip install 'qwen2vl[lora]')")
+    lo.add_argument("--lora-r", type=int, default=0, help="LoRA rank; > 0 trains adapters only and saves a PEFT "
+                    "adapter folder")
+    lo.add_argument("--lora-alpha", type=float, default=32.0)
+    lo.add_argument("--lora-dropout", type=float, default=0.0)
+    lo.add_argument("--lora-target", nargs="+", default=None, metavar="NAME",
+                    help="text projections to adapt (default: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)")
+    lo.add_argument("--lora-vision", action="store_true", help="also adapt the vision tower's linears and merger")
     g.add_argument("--dtype", default="float32", help="weights dtype: float32 (default) | bfloat16")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (mixed precision)")
     g.add_argument("--device", default="auto")
@@ -86,6 +95,8 @@ def run(args) -> int:
     from .model import Qwen2VLForConditionalGeneration
     from .processing.processor import Qwen2VLProcessor
 
+    if args.lora_r <= 0 and (args.lora_target or args.lora_vision):
+        raise ValueError("--lora-target / --lora-vision need --lora-r > 0")
     train_set = load_jsonl(args.data, args.limit)
     eval_set = load_jsonl(args.eval_data, args.eval_limit) if args.eval_data else None
     path = resolve_name(args.model)
@@ -102,7 +113,9 @@ def run(args) -> int:
         freeze_merger=args.freeze_merger, freeze_language_model=args.freeze_language_model,
         max_length=args.max_length, bf16=args.bf16, device=args.device, eval_steps=args.eval_steps,
         eval_generate=args.eval_generate, save_steps=args.save_steps, logging_steps=args.logging_steps,
-        progress=not args.no_progress, processor_kwargs={"fps": args.fps} if args.fps else {})
+        progress=not args.no_progress, processor_kwargs={"fps": args.fps} if args.fps else {},
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_target=args.lora_target, lora_vision=args.lora_vision)
     result = Trainer(model, processor, targs, train_set, eval_set).train()
     print(json.dumps(result))
     return 0

@@ -391,5 +391,5 @@ def test_bad_inputs_raise_before_compute(model, name):
 
 def test_unknown_argument_is_a_type_error(model):
     ids, _ = single("text")
-    with pytest.raises(TypeError, match="num_beams"):
-        model.generate(input_ids=ids, num_beams=2)
+    with pytest.raises(TypeError, match="num_beam_groups"):
+        model.generate(input_ids=ids, num_beam_groups=2)

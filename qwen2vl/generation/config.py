@@ -20,13 +20,16 @@ DEFAULT_NEW_TOKENS = 20
 DEFAULTS: dict[str, Any] = {
     "min_length": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
     "repetition_penalty": 1.0, "num_return_sequences": 1, "output_scores": False, "output_logits": False,
-    "return_dict_in_generate": False, "use_cache": True, "compile": False,
+    "return_dict_in_generate": False, "use_cache": True, "compile": False, "num_beams": 1, "length_penalty": 1.0,
+    "early_stopping": False, "remove_invalid_values": False, "output_hidden_states": False,
+    "output_attentions": False,
 }
 
 FIELDS = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
           "top_p", "min_p", "repetition_penalty", "num_return_sequences", "pad_token_id", "bos_token_id",
           "eos_token_id", "stop_strings", "output_scores", "output_logits", "return_dict_in_generate",
-          "use_cache", "compile")
+          "use_cache", "compile", "num_beams", "length_penalty", "early_stopping", "bad_words_ids",
+          "remove_invalid_values", "output_hidden_states", "output_attentions")
 # `compile`: False, True (torch.compile mode "reduce-overhead": CUDA graphs on CUDA) or a torch.compile mode name;
 # decoding then runs through `static_decode.StaticDecoder` (static shapes, no rows dropped).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -167,6 +170,21 @@ class GenerationConfig:
             bad(f"eos_token_id must be an int or a list of ints >= 0, got {self.eos_token_id!r}")
         if self.pad_token_id is not None and (not isinstance(self.pad_token_id, int) or self.pad_token_id < 0):
             bad(f"pad_token_id must be an int >= 0, got {self.pad_token_id!r}")
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            bad(f"num_beams must be an int >= 1, got {self.num_beams!r}")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            bad(f"num_return_sequences ({self.num_return_sequences}) has to be smaller or equal to num_beams "
+                f"({self.num_beams})")
+        if self.early_stopping not in (True, False, "never"):
+            bad(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
+            bad(f"length_penalty must be a number, got {self.length_penalty!r}")
+        if self.bad_words_ids is not None and not (
+                isinstance(self.bad_words_ids, (list, tuple)) and self.bad_words_ids and all(
+                    isinstance(w, (list, tuple)) and w and all(isinstance(t, int) and t >= 0 for t in w)
+                    for w in self.bad_words_ids)):
+            bad(f"bad_words_ids must be a non-empty list of non-empty lists of token ids >= 0, "
+                f"got {self.bad_words_ids!r}")
         if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
             bad(f"compile must be True, False or one of {COMPILE_MODES}, got {self.compile!r}")
         if self.stop_strings is not None:

@@ -24,6 +24,7 @@ import torch
 
 from ..model.cache import KVCache
 from ..model.outputs import ModelOutput
+from .beam_search import beam_search
 from .config import DEFAULT_NEW_TOKENS, GenerationConfig
 from .continuation import check_continuation, prefill_continuation
 from .inputs import check_prompt, encode_vision, plan_vision
@@ -34,7 +35,8 @@ from .stopping import FinishedFlags, StopStringChecker
 _OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "temperature",
                  "top_k", "top_p", "min_p", "repetition_penalty", "eos_token_id", "pad_token_id", "stop_strings",
                  "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits", "use_cache",
-                 "compile")
+                 "compile", "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "remove_invalid_values",
+                 "output_hidden_states", "output_attentions")
 
 
 @dataclass
@@ -45,7 +47,43 @@ class GenerateDecoderOnlyOutput(ModelOutput):
     sequences: torch.Tensor | None = None
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple | None = None      # per step: a tuple over layers of (B*n, Hq, s_step, K)
+    hidden_states: tuple | None = None   # per step: a tuple over layers (+ embeddings) of (B*n, s_step, H)
     past_key_values: KVCache | None = None  # pass back with the next turn's ids to continue without re-prefill
+
+
+class StepCapture:
+    """Hidden states / attentions of every forward `generate` runs (return_dict_in_generate with
+    output_hidden_states / output_attentions). Rows already dropped from the running batch are zeros."""
+
+    def __init__(self, cfg, batch: int):
+        on = bool(cfg.return_dict_in_generate)
+        self.want_hidden, self.want_attn = on and bool(cfg.output_hidden_states), on and bool(cfg.output_attentions)
+        self.kwargs = {k: True for k, w in (("output_hidden_states", self.want_hidden),
+                                           ("output_attentions", self.want_attn)) if w}
+        self.batch = batch
+        self._hidden, self._attn = [], []
+
+    def add(self, out, rows: torch.Tensor | None = None) -> None:
+        def full(t):
+            if rows is None or t.shape[0] == self.batch:
+                return t
+            z = t.new_zeros(self.batch, *t.shape[1:])
+            z[rows] = t
+            return z
+
+        if self.want_hidden:
+            self._hidden.append(tuple(full(t) for t in out.hidden_states))
+        if self.want_attn:
+            self._attn.append(tuple(full(t) for t in out.attentions))
+
+    @property
+    def hidden_states(self):
+        return tuple(self._hidden) if self.want_hidden else None
+
+    @property
+    def attentions(self):
+        return tuple(self._attn) if self.want_attn else None
 
 
 def _resolve_config(model, generation_config, options: dict) -> GenerationConfig:
@@ -92,13 +130,27 @@ def _make_generator(seed, generator, device: torch.device) -> torch.Generator | 
     return None
 
 
-def _decode_step(model, tokens: torch.Tensor, mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+def _decode_step(model, tokens: torch.Tensor, mask: torch.Tensor | None, cache: KVCache,
+                 capture: StepCapture | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """tokens (B,1) → next-token logits (B,V) float32. Calls the text decoder directly: a generated token may
     be a vision placeholder id, which the multimodal forward would try to match with vision features, and the
     text path needs no per-step placeholder scan. Positions come from the cache (real lengths + rope deltas)."""
-    hidden = model.model.language_model(input_ids=tokens, attention_mask=mask, past_key_values=cache,
-                                        use_cache=True).last_hidden_state
-    return model.lm_head(hidden[:, -1]).float()
+    out = model.model.language_model(input_ids=tokens, attention_mask=mask, past_key_values=cache,
+                                     use_cache=True, **(capture.kwargs if capture is not None else {}))
+    if capture is not None:
+        capture.add(out, rows)
+    return model.lm_head(out.last_hidden_state[:, -1]).float()
+
+
+def _check_unsupported(cfg, streamer) -> None:
+    """One clear error naming the argument, for combinations this generate does not implement."""
+    if cfg.num_beams > 1:
+        for name, bad in (("do_sample", cfg.do_sample), ("streamer", streamer is not None),
+                          ("stop_strings", cfg.stop_strings), ("compile", cfg.compile)):
+            if bad:
+                raise ValueError(f"{name} is not supported together with beam search (num_beams > 1).")
+    if cfg.compile and cfg.return_dict_in_generate and (cfg.output_hidden_states or cfg.output_attentions):
+        raise ValueError("output_hidden_states / output_attentions are not supported with compile=True.")
 
 
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -107,7 +159,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              repetition_penalty=None, eos_token_id=None, pad_token_id=None, stop_strings=None, tokenizer=None,
              num_return_sequences=None, generation_config=None, streamer=None, seed=None, generator=None,
              return_dict_in_generate=None, output_scores=None, output_logits=None, use_cache=None,
-             max_length=None, min_length=None, compile=None, past_key_values=None, **kwargs):
+             max_length=None, min_length=None, compile=None, num_beams=None, length_penalty=None,
+             early_stopping=None, bad_words_ids=None, remove_invalid_values=None, output_hidden_states=None,
+             output_attentions=None, past_key_values=None, **kwargs):
     """Generate continuations of left-padded prompts `input_ids (B,S)`; see the module docstring.
 
     `mm_token_type_ids` is accepted and ignored (placeholders are found from the ids). `use_cache=False` is
@@ -118,11 +172,17 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise TypeError(f"generate() got unexpected arguments: {sorted(kwargs)}")
     options = dict(locals())
     cfg = _resolve_config(model, generation_config, {k: options[k] for k in _OPTION_NAMES})
+    _check_unsupported(cfg, streamer)
     eos = cfg.eos_token_ids
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
     mask = check_prompt(input_ids, attention_mask, cfg.pad_token_id, eos)
     n = cfg.num_return_sequences
-    past = None if past_key_values is None else check_continuation(past_key_values, input_ids, mask, n, cfg.compile)
+    past = None
+    if past_key_values is not None:
+        if cfg.num_beams > 1 or (cfg.return_dict_in_generate and (cfg.output_hidden_states or cfg.output_attentions)):
+            raise ValueError("past_key_values cannot be combined with beam search or output_hidden_states / "
+                             "output_attentions.")
+        past = check_continuation(past_key_values, input_ids, mask, n, cfg.compile)
     b0, s = input_ids.shape
     text_cfg = model.config.text_config
     max_new = _new_token_budget(cfg, s, text_cfg.max_position_embeddings)
@@ -177,16 +237,23 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
     vocab = model.config.text_config.vocab_size
     if streamer is not None:
         streamer.put(ids.cpu())
+    beams = cfg.num_beams if cfg.num_beams > 1 else 0
+    n = beams or n  # beam search runs num_beams rows per sample and returns num_return_sequences of them
     if n > 1:
         ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
     b = ids.shape[0]
     if max_new == 0:
         if streamer is not None:
             streamer.end()
-        return _finish(cfg, ids, (), ())
+        return _finish(cfg, ids if not beams else ids[::beams].repeat_interleave(cfg.num_return_sequences, 0), (),
+                       ())
 
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     pipeline = LogitsPipeline(cfg, eos_t, max(cfg.min_new_tokens or 0, (cfg.min_length or 0) - s), vocab)
+    capture = StepCapture(cfg, b)
+    if beams:
+        return beam_search(model, cfg, ids, mask, encode_vision(model, plan, n, **media), max_new, cfg.pad_token_id,
+                           eos, pipeline, capture)
     static = None  # the StaticDecoder (compile mode) holds the decode-time cache; the prefill needs s slots
     cache, past = cont
     if cache is None:
@@ -212,15 +279,17 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
             logits = prefill_continuation(model, ids, cache, past, media)
         else:
             vision = encode_vision(model, plan, n, **media)
-            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                           logits_to_keep=1, **vision).logits[:, -1].float()
+            prefill = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                            logits_to_keep=1, **capture.kwargs, **vision)
+            capture.add(prefill)
+            logits = prefill.logits[:, -1].float()
         if cfg.compile and max_new > 1:
             mode = cfg.compile if isinstance(cfg.compile, str) else "reduce-overhead"
             static = get_static_decoder(model, b, s + max_new, compile=True, mode=mode)
             static.adopt(cache, mask)
             cache = None
         for step in range(max_new):
-            scores = pipeline(logits, run.seen, step)
+            scores = pipeline(logits, run.seen, step, lambda: out[run.rows, :s + step])
             tokens = torch.where(run.finished, pad, pipeline.select(scores, gen))
             steps_with_work += (~run.finished).any()
             if want_scores:
@@ -249,16 +318,18 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
                 logits = static.step(tokens[:, None])
                 continue
             step_mask = run.mask[:, :s + step + 1] if any(run.has_pad) else None
-            logits = _decode_step(model, tokens[:, None], step_mask, cache)
+            logits = _decode_step(model, tokens[:, None], step_mask, cache, capture, run.rows)
     finally:
         if streamer is not None:
             streamer.end()
     new = int(steps_with_work)
-    return _finish(cfg, out[:, :s + new], tuple(all_scores[:new]), tuple(all_logits[:new]), cache)
+    return _finish(cfg, out[:, :s + new], tuple(all_scores[:new]), tuple(all_logits[:new]), capture, cache)
 
 
-def _finish(cfg, sequences, scores, logits, cache=None):
+def _finish(cfg, sequences, scores, logits, capture: StepCapture | None = None, cache=None):
     if not cfg.return_dict_in_generate:
         return sequences
     return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores if cfg.output_scores else None,
-                                     logits=logits if cfg.output_logits else None, past_key_values=cache)
+                                     logits=logits if cfg.output_logits else None,
+                                     hidden_states=capture.hidden_states if capture else None,
+                                     attentions=capture.attentions if capture else None, past_key_values=cache)

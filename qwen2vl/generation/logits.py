@@ -58,6 +58,28 @@ def min_p_filter(scores: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1
     return scores.masked_fill(drop, NEG_INF)
 
 
+def ban_bad_words(scores: torch.Tensor, history, single: torch.Tensor, multi: list[list[int]]) -> torch.Tensor:
+    """`NoBadWordsLogitsProcessor`: single-token bad words (E,) are always -inf; the last token of a longer bad
+    word is -inf where the sequence so far (`history()` → (B,L) ids) ends with the word's other tokens."""
+    if single.numel():
+        scores = scores.index_fill(-1, single, NEG_INF)
+    if multi:
+        seq = history()
+        for word in multi:
+            prefix = seq.new_tensor(word[:-1])
+            if word[-1] >= scores.shape[-1] or seq.shape[1] < prefix.numel():
+                continue
+            hit = (seq[:, seq.shape[1] - prefix.numel():] == prefix).all(-1)          # (B,)
+            scores[:, word[-1]] = torch.where(hit, NEG_INF, scores[:, word[-1]])
+    return scores
+
+
+def remove_invalid(scores: torch.Tensor) -> torch.Tensor:
+    """`InfNanRemoveLogitsProcessor`: nan → 0, ±inf → the dtype's largest / smallest finite value."""
+    info = torch.finfo(scores.dtype)
+    return torch.nan_to_num(scores, nan=0.0, posinf=info.max, neginf=info.min)
+
+
 class LogitsPipeline:
     """The processors/warpers one `generate` call needs, built from a resolved `GenerationConfig`.
 
@@ -73,17 +95,34 @@ class LogitsPipeline:
         self.top_k = int(config.top_k or 0)
         self.top_p = float(config.top_p)
         self.min_p = config.min_p
+        self.remove_invalid = bool(config.remove_invalid_values)
+        eos = set(self.eos_ids.tolist())
+        words = [list(w) for w in (config.bad_words_ids or []) if not (len(w) == 1 and w[0] in eos)]  # as the ref.
+        self.bad_single = torch.tensor([w[0] for w in words if len(w) == 1 and w[0] < vocab_size],
+                                       dtype=torch.long, device=eos_ids.device)
+        self.bad_multi = [w for w in words if len(w) > 1]
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether __call__ needs the tokens so far (multi-token bad words)."""
+        return bool(self.bad_multi)
 
     @property
     def uses_penalty(self) -> bool:
         return self.penalty != 1.0
 
-    def __call__(self, scores: torch.Tensor, seen: torch.Tensor | None, step: int) -> torch.Tensor:
-        """scores (B,V) float32 raw logits of new token number `step` (0-based) → processed scores (B,V)."""
+    def __call__(self, scores: torch.Tensor, seen: torch.Tensor | None, step: int, history=None) -> torch.Tensor:
+        """scores (B,V) float32 raw logits of new token number `step` (0-based) → processed scores (B,V).
+        `history()`: the (B,L) token ids so far, asked for only when `needs_history`."""
         if self.uses_penalty:
             scores = apply_repetition_penalty(scores, seen, self.penalty)
+        if self.bad_single.numel() or self.bad_multi:
+            scores = ban_bad_words(scores.clone() if self.bad_multi else scores, history, self.bad_single,
+                                   self.bad_multi)
         if step < self.min_new_tokens and self.eos_ids.numel():
             scores = scores.index_fill(-1, self.eos_ids, NEG_INF)
+        if self.remove_invalid:
+            scores = remove_invalid(scores)
         if not self.do_sample:
             return scores
         if self.temperature != 1.0:

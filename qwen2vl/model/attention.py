@@ -87,17 +87,22 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
-def eager_attention(q, k, v, mask, scale, causal_if_no_mask=True):
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+def attention_probs(q, k, mask, scale, causal_if_no_mask=True):
+    """q (B,Hq,S,D), k (B,Hkv,K,D) → softmax probabilities (B,Hq,S,K) in q's dtype (what eager attention
+    multiplies V by, and what output_attentions returns)."""
+    k = _repeat_kv(k, q.shape[1] // k.shape[1])
     scores = torch.matmul(q, k.transpose(2, 3)) * scale
     if mask is None and causal_if_no_mask and q.shape[2] > 1:
         s, kl = q.shape[2], k.shape[2]
         mask = torch.ones(s, kl, dtype=torch.bool, device=q.device).tril(kl - s)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def eager_attention(q, k, v, mask, scale, causal_if_no_mask=True):
+    probs = attention_probs(q, k, mask, scale, causal_if_no_mask)
+    return torch.matmul(probs, _repeat_kv(v, q.shape[1] // v.shape[1]))
 
 
 def sdpa_attention(q, k, v, mask, scale, causal_if_no_mask=True):

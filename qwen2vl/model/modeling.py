@@ -6,8 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.cpu import Linear
+from ..configuration import Qwen2VLConfig
 from .attention import check_backend
 from .cache import KVCache
+from .pretrained import Qwen2VLPreTrainedModel
 from .outputs import Qwen2VLCausalLMOutputWithPast, Qwen2VLModelOutputWithPast, VisionFeatures
 from .rope_index import get_rope_index
 from .text import Qwen2VLTextModel
@@ -15,69 +17,20 @@ from .vision import Qwen2VisionTransformerPretrainedModel
 
 # Arguments transformers-style callers pass that carry no information for us.
 _IGNORED_KWARGS = {"cache_position", "return_dict", "output_attentions", "output_hidden_states",
-                   "num_items_in_batch", "second_per_grid_ts"}
+                   "num_items_in_batch", "second_per_grid_ts", "max_length_q", "max_length_k"}
+# Packed-sequence boundaries (FlashAttention-style cumulative lengths), handed on to the decoder.
+PACKING_KWARGS = ("cu_seq_lens", "cu_seq_lens_q", "cu_seq_lens_k")
 
 
 def _check_kwargs(kwargs: dict) -> None:
-    unknown = set(kwargs) - _IGNORED_KWARGS
+    unknown = set(kwargs) - _IGNORED_KWARGS - set(PACKING_KWARGS)
     if unknown:
         raise TypeError(f"Unexpected forward arguments: {sorted(unknown)}")
-    if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-        raise ValueError("output_attentions / output_hidden_states are not supported by qwen2vl.")
-
-
-class Qwen2VLPreTrainedModel(nn.Module):
-    """Weight init as the reference (normal(0, initializer_range), zero biases, unit norms)."""
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.text_config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-            if module.padding_idx is not None:
-                module.weight.data[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif hasattr(module, "variance_epsilon"):
-            nn.init.ones_(module.weight)
-
-    def init_weights(self) -> None:
-        if any(p.is_meta for p in self.parameters()):
-            return  # built for loading: real tensors come from the checkpoint
-        with torch.no_grad():
-            self.apply(self._init_weights)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def set_attn_implementation(self, impl: str) -> None:
-        check_backend(impl)
-        self.config.attn_implementation = impl
-        for m in self.modules():
-            if m is not self and hasattr(m, "set_attn_implementation") and not isinstance(m, Qwen2VLPreTrainedModel):
-                m.set_attn_implementation(impl)
-
-    def gradient_checkpointing_enable(self, **_: object) -> None:
-        for m in self.modules():
-            if hasattr(m, "gradient_checkpointing"):
-                m.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        for m in self.modules():
-            if hasattr(m, "gradient_checkpointing"):
-                m.gradient_checkpointing = False
 
 
 class Qwen2VLModel(Qwen2VLPreTrainedModel):
+    config_class = Qwen2VLConfig
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -174,10 +127,14 @@ class Qwen2VLModel(Qwen2VLPreTrainedModel):
         if cache is not None and rope_deltas is not None:
             cache.rope_deltas = rope_deltas
 
+        passed = {k: kwargs[k] for k in (*PACKING_KWARGS, "output_hidden_states", "output_attentions")
+                  if kwargs.get(k) is not None}
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=cache, use_cache=use_cache)
-        return Qwen2VLModelOutputWithPast(last_hidden_state=out.last_hidden_state,
-                                          past_key_values=out.past_key_values, rope_deltas=rope_deltas)
+                                  position_ids=position_ids, past_key_values=cache, use_cache=use_cache, **passed)
+        result = Qwen2VLModelOutputWithPast(last_hidden_state=out.last_hidden_state,
+                                            past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+                                            attentions=out.attentions, rope_deltas=rope_deltas)
+        return result if kwargs.get("return_dict", True) is not False else result.to_tuple()
 
     def _positions(self, input_ids, attention_mask, image_grid_thw, video_grid_thw, cache, rope_deltas, b, s,
                    device):
@@ -209,6 +166,7 @@ class Qwen2VLModel(Qwen2VLPreTrainedModel):
 
 
 class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
+    config_class = Qwen2VLConfig
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config):
@@ -220,8 +178,11 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
             with torch.no_grad():
                 self._init_weights(self.lm_head)
         self.tie_weights()
+        from ..generation.config import GenerationConfig
 
-    def tie_weights(self) -> None:
+        self.generation_config = GenerationConfig.from_model_config(config)
+
+    def tie_weights(self, *args, **kwargs) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
@@ -236,8 +197,14 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
     def get_output_embeddings(self):
         return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
 
     def get_image_features(self, pixel_values, image_grid_thw):
         return self.model.get_image_features(pixel_values, image_grid_thw)
@@ -260,7 +227,8 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
                          image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, rope_deltas=rope_deltas,
-                         image_embeds=image_embeds, video_embeds=video_embeds, **kwargs)
+                         image_embeds=image_embeds, video_embeds=video_embeds,
+                         **{k: v for k, v in kwargs.items() if k != "return_dict"})
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             if logits_to_keep > 0:
@@ -271,23 +239,23 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items)
-        return Qwen2VLCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                             rope_deltas=out.rope_deltas)
+        result = Qwen2VLCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                               hidden_states=out.hidden_states, attentions=out.attentions,
+                                               rope_deltas=out.rope_deltas)
+        return result if kwargs.get("return_dict", True) is not False else result.to_tuple()
 
-    # ------------------------------------------------------------------------------------------ IO
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        from ..loading import from_pretrained
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         from .fused_decode import choose_decoding_backends
 
-        model = from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         choose_decoding_backends(model)  # CPU backends for decoding measured (or read) now, not at the first token
         return model
 
-    def save_pretrained(self, save_directory, max_shard_size="5GB", **kwargs) -> None:
-        from ..loading import save_pretrained
-
-        save_pretrained(self, save_directory, max_shard_size=max_shard_size, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs) -> dict:
+        """The forward kwargs of one generation step (PEFT wraps this; our `generate` keeps its own state)."""
+        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
+                **kwargs}
 
     def generate(self, *args, **kwargs):
         from ..generation import generate

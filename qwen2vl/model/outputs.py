@@ -44,6 +44,8 @@ class VisionFeatures(tuple):
 class Qwen2VLModelOutputWithPast(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None   # L+1 of (B,S,H), the last one normed
+    attentions: tuple[torch.Tensor, ...] | None = None      # L of (B,Hq,S,K), eager attention only
     rope_deltas: torch.Tensor | None = None
 
 
@@ -52,4 +54,6 @@ class Qwen2VLCausalLMOutputWithPast(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     rope_deltas: torch.Tensor | None = None

@@ -11,14 +11,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..configuration import Qwen2VLTextConfig
 from ..kernels.cpu import Linear
 from ..kernels.cpu_ops import rms_norm as rms_norm_kernel
 from ..kernels.cpu_ops import rope as rope_kernel
 from ..kernels.cpu_ops import silu_mul_
-from .attention import VarlenBatch, text_attention, varlen_batch
+from .attention import VarlenBatch, attention_probs, text_attention, varlen_batch
 from .cache import KVCache
 from .fused_decode import fused_decode_step
 from .outputs import ModelOutput
+from .pretrained import Qwen2VLPreTrainedModel
+from .introspection import output_flags, recording_attentions
+from .packing import check_packed_allowed, packed_segments, packed_varlen, segment_mask, segments_from_cu_seq_lens
 from .rope_index import text_positions_from_cache
 from .vision import rotate_half
 
@@ -71,6 +75,7 @@ class Qwen2VLAttention(nn.Module):
         self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False)
         self.attn_implementation = getattr(config, "attn_implementation", None) or "sdpa"
+        self.recorded_attentions: list | None = None   # set by Qwen2VLTextModel.forward(output_attentions=True)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, varlen: VarlenBatch | None = None):
         b, s, _ = x.shape
@@ -87,6 +92,8 @@ class Qwen2VLAttention(nn.Module):
             k = k * c + rotate_half(k) * sn
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        if self.recorded_attentions is not None:  # output_attentions (eager only): this call's probabilities
+            self.recorded_attentions.append(attention_probs(q, k, mask, self.scale))
         o = text_attention(self.attn_implementation, q, k, v, mask, self.scale, varlen=varlen)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
 
@@ -127,12 +134,16 @@ class Qwen2VLDecoderLayer(nn.Module):
 class BaseModelOutputWithPast(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None   # L+1 of (B,S,H): embeddings, each layer (last normed)
+    attentions: tuple[torch.Tensor, ...] | None = None      # L of (B,Hq,S,K) probabilities (eager only)
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, past: list[int], s: int, device,
+                         segments: torch.Tensor | None = None,
                          ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Boolean mask (B,1,S,K) True = attend (or None for plain causal), plus key_valid (B,K) and
-    query_valid (B,S). Query i of row b sits at slot past[b]+i; it sees valid keys at slots <= its own."""
+    query_valid (B,S). Query i of row b sits at slot past[b]+i; it sees valid keys at slots <= its own.
+    `segments` (B,S) (packed rows, no past): keys only within the query's own sample."""
     b = len(past)
     kv_len = max(past) + s
     if attention_mask is not None and attention_mask.shape[-1] != kv_len:
@@ -146,17 +157,34 @@ def build_attention_mask(attention_mask: torch.Tensor | None, past: list[int], s
     query_valid = torch.ones(b, s, dtype=torch.bool, device=device) if attention_mask is None \
         else attention_mask[:, -s:].bool()
     uniform = len(set(past)) <= 1
-    if uniform and (attention_mask is None or bool(key_valid.all())):  # no pads: no mask (and no sync)
-        return None, key_valid, query_valid
+    if segments is None and uniform and (attention_mask is None or bool(key_valid.all())):
+        return None, key_valid, query_valid  # no pads: no mask (and no sync)
     q_slot = past_t + torch.arange(s, device=device)[None, :]          # (B,S)
     mask = slots[None, None, :] <= q_slot[..., None]                    # causal (B,S,K)
     mask = mask & key_valid[:, None, :]
+    if segments is not None:
+        mask = mask & segment_mask(segments)[:, 0]
     # Pad queries would see no key at all (NaN rows); let every query see its own slot.
     mask = mask | (slots[None, None, :] == q_slot[..., None])
     return mask[:, None], key_valid, query_valid
 
 
-class Qwen2VLTextModel(nn.Module):
+def _packed_segments(position_ids, new_mask, kwargs, b, s, device) -> torch.Tensor | None:
+    """Segment ids (B,S) of packed samples, from `cu_seq_lens[_q]` if given, else detected in position_ids."""
+    cu = next((kwargs[k] for k in ("cu_seq_lens", "cu_seq_lens_q", "cu_seq_lens_k") if kwargs.get(k) is not None),
+              None)
+    if cu is not None:
+        return segments_from_cu_seq_lens(cu, b, s, device)
+    if s < 2:
+        return None
+    valid = torch.ones(b, s, dtype=torch.bool, device=device) if new_mask is None else new_mask.bool()
+    return packed_segments(position_ids, valid)
+
+
+class Qwen2VLTextModel(Qwen2VLPreTrainedModel):
+    config_class = Qwen2VLTextConfig
+    _no_split_modules = ["Qwen2VLDecoderLayer"]
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -169,9 +197,8 @@ class Qwen2VLTextModel(nn.Module):
     def get_input_embeddings(self):
         return self.embed_tokens
 
-    def set_attn_implementation(self, impl: str) -> None:
-        for layer in self.layers:
-            layer.self_attn.attn_implementation = impl
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
@@ -203,26 +230,41 @@ class Qwen2VLTextModel(nn.Module):
         if position_ids.shape != (3, b, s):
             raise ValueError(f"position_ids must be (3, {b}, {s}), got {tuple(position_ids.shape)}")
 
-        mask, key_valid, query_valid = build_attention_mask(attention_mask, past, s, device)
+        segments = _packed_segments(position_ids, new_mask, kwargs, b, s, device)
+        check_packed_allowed(segments, cache, past)
+        mask, key_valid, query_valid = build_attention_mask(attention_mask, past, s, device, segments)
         varlen = None
         if device.type == "cuda" and self.layers and \
                 self.layers[0].self_attn.attn_implementation == "flash_attention_2":
             # Where the real tokens sit, once for all layers (no host sync per layer).
-            varlen = varlen_batch(key_valid, query_valid, all_valid=mask is None)
+            varlen = packed_varlen(segments, query_valid) if segments is not None else \
+                varlen_batch(key_valid, query_valid, all_valid=mask is None)
         cos, sin = mrope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
                                  self.config.mrope_section, inputs_embeds.dtype)
         x = inputs_embeds
-        fused = fused_decode_step(self.layers, x, cos, sin, mask, cache) if s == 1 else None
+        want_hidden, want_attn = output_flags(self, kwargs)
+        hidden = [x] if want_hidden else None
+        fused = fused_decode_step(self.layers, x, cos, sin, mask, cache) if s == 1 and not (
+            want_hidden or want_attn) else None
         if fused is not None:  # CPU decoding: all layers in one kernel call (model/fused_decode.py)
             x = fused
         else:
-            for layer in self.layers:
-                if self.gradient_checkpointing and self.training and cache is None:
-                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, varlen, use_reentrant=False)
-                else:
-                    x = layer(x, cos, sin, mask, cache, varlen)
+            with recording_attentions(self.layers, want_attn) as attentions:
+                for layer in self.layers:
+                    if self.gradient_checkpointing and self.training and cache is None:
+                        x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, varlen,
+                                                              use_reentrant=False)
+                    else:
+                        x = layer(x, cos, sin, mask, cache, varlen)
+                    if hidden is not None:
+                        hidden.append(x)
         x = self.norm(x)
+        if hidden is not None:
+            hidden[-1] = x  # as the reference: the last entry is the normed output
         if cache is not None:
             added = [s] * b if new_mask is None else new_mask.sum(-1).tolist()
             cache.advance(s, added)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None)
+        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None,
+                                      hidden_states=tuple(hidden) if hidden is not None else None,
+                                      attentions=tuple(attentions) if want_attn else None)
+        return out if kwargs.get("return_dict", True) is not False else out.to_tuple()

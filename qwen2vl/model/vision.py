@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 from ..kernels import choose
 from ..kernels import cpu_ops as cpu_kernels
+from ..configuration import Qwen2VLVisionConfig
 from ..kernels.cpu import has_native_bf16_matmul
 from ..kernels.prepacked import PrepackedLinear
 from .attention import vision_attention, vision_segments
+from .pretrained import Qwen2VLPreTrainedModel
 from .rope_index import vision_cu_seqlens, vision_position_ids
 
 
@@ -172,8 +174,13 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.hidden))
 
 
-class Qwen2VisionTransformerPretrainedModel(nn.Module):
-    def __init__(self, config, attn_implementation: str = "sdpa"):
+class Qwen2VisionTransformerPretrainedModel(Qwen2VLPreTrainedModel):
+    config_class = Qwen2VLVisionConfig
+    main_input_name = "pixel_values"
+    _no_split_modules = ["Qwen2VLVisionBlock"]
+
+    def __init__(self, config, attn_implementation: str | None = None):
+        attn_implementation = attn_implementation or getattr(config, "attn_implementation", None) or "sdpa"
         super().__init__()
         self.config = config
         self.spatial_merge_size = config.spatial_merge_size
@@ -187,9 +194,8 @@ class Qwen2VisionTransformerPretrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embed.proj.weight.dtype
 
-    def set_attn_implementation(self, impl: str) -> None:
-        for blk in self.blocks:
-            blk.attn.attn_implementation = impl
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
 
     def validate(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
         if grid_thw is None:

@@ -188,11 +188,21 @@ class ProcessorConfigMixin:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        Path(json_file_path).write_text(self.to_json_string(), encoding="utf-8")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
         os.makedirs(save_directory, exist_ok=True)
         path = Path(save_directory) / self.config_name
-        path.write_text(self.to_json_string(), encoding="utf-8")
+        self.to_json_file(path)
         return [str(path)]
+
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike):
+        try:
+            return cls.from_dict(json.loads(Path(json_file).read_text(encoding="utf-8")))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{json_file} is not valid JSON: {e}") from None
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], **overrides: Any):

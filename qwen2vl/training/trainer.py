@@ -52,6 +52,13 @@ class TrainingArguments:
     num_workers: int = 0
     progress: bool = True
     processor_kwargs: dict = field(default_factory=dict)
+    # LoRA (PEFT): rank > 0 wraps the model with `qwen2vl.lora.apply_lora`; only adapters train, and checkpoints
+    # are PEFT adapter folders (adapter_config.json + adapter_model.safetensors) plus the processor files.
+    lora_r: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target: list | None = None         # text projection names (default: all seven)
+    lora_vision: bool = False               # also the ViT linears and the merger
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,6 +149,12 @@ class Trainer:
         random.seed(a.seed)
         torch.manual_seed(a.seed)
         model = self.model.to(self.device)
+        if a.lora_r > 0:
+            from ..lora import apply_lora, is_peft_model
+
+            if not is_peft_model(model):
+                model = self.model = apply_lora(model, r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout,
+                                                targets=a.lora_target, vision=a.lora_vision)
         freeze(model, a.freeze_vision_tower, a.freeze_merger, a.freeze_language_model)
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("every parameter is frozen; nothing to train")
