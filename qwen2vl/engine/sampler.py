@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import guided
 from ..generation.logits import (NEG_INF, apply_repetition_penalty, min_p_filter, sample_from_scores,
                                  temperature_warp, top_k_filter, top_p_filter)
 
@@ -58,6 +59,10 @@ def warp(scores: torch.Tensor, params) -> torch.Tensor:
 def sample(logits: torch.Tensor, seqs) -> list[int]:
     """logits (n, V) for the n sequences `seqs` (same order) → next token id per sequence."""
     scores = logits.float()
+    guides = [s.guide for s in seqs]
+    constrained = any(g is not None for g in guides)
+    if constrained:  # grammar masks first: penalties and warpers then only see allowed tokens
+        scores = guided.mask_logits(scores, guides)
     penalised = [i for i, s in enumerate(seqs) if _needs_penalties(s)]
     if penalised:
         scores = scores.clone()
@@ -74,4 +79,7 @@ def sample(logits: torch.Tensor, seqs) -> list[int]:
         warped = warp(scores.index_select(0, idx), seqs[rows[0]].request.params)
         for j, i in enumerate(rows):
             out[i] = sample_from_scores(warped[j:j + 1], seqs[i].generator)[0]
-    return out.tolist()
+    tokens = out.tolist()
+    if constrained:
+        guided.advance(guides, tokens)
+    return tokens
