@@ -19,6 +19,7 @@ from ..engine import AsyncEngine, SamplingParams
 from ..engine.sequence import EngineDead, EngineError, QueueFull, RequestRejected
 from . import protocol as P
 from .media import as_api_error, to_conversation
+from .structured import constraint_kwargs
 
 logger = logging.getLogger("qwen2vl.server")
 _DISCONNECT_POLL_S = 0.25
@@ -62,6 +63,7 @@ class ChatHandler:
             v = getattr(req, name)
             if v is not None:
                 d[name] = v
+        d.update(constraint_kwargs(req))  # structured output (400 for a bad constraint)
         try:
             return SamplingParams(
                 n=req.n, max_tokens=req.max_completion_tokens or req.max_tokens, stop=req.stop,
