@@ -95,3 +95,23 @@ def test_bad_constraints_get_400(client, extra, message):
     with pytest.raises(openai.BadRequestError) as err:
         ask(client, **extra)
     assert message in err.value.body["message"]
+
+
+def test_logprobs_shape_stream_and_errors(client):
+    kw = dict(model=NAME, messages=MSG, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw).choices[0]
+    content = r.logprobs.content
+    assert len(content) == 10 or r.finish_reason == "stop"
+    assert b"".join(bytes(t.bytes) for t in content).decode("utf-8", "replace").startswith(r.message.content)
+    for t in content:
+        tops = [x.logprob for x in t.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and t.logprob == pytest.approx(tops[0])
+        assert t.token == t.top_logprobs[0].token and t.logprob <= 0
+    streamed = [c.choices[0].logprobs for c in client.chat.completions.create(stream=True, **kw)
+                if c.choices and c.choices[0].logprobs]
+    flat = [t for lp in streamed for t in lp.content]
+    assert [(t.token, round(t.logprob, 4)) for t in flat] == [(t.token, round(t.logprob, 4)) for t in content]
+    assert client.chat.completions.create(model=NAME, messages=MSG, max_tokens=2).choices[0].logprobs is None
+    for bad in (dict(logprobs=True, top_logprobs=21), dict(top_logprobs=2)):
+        with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+            client.chat.completions.create(model=NAME, messages=MSG, max_tokens=2, **bad)

@@ -5,6 +5,7 @@ logits-processor form for generate(). Tiny random checkpoint with the demo token
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -100,3 +101,33 @@ def test_generate_logits_processor_matches_engine(llm):
         assert re.fullmatch(r"[0-9]{4}", tok.decode(row[ids.shape[1]:], skip_special_tokens=True))
     with pytest.raises(ValueError, match="needs one of"):
         GrammarLogitsProcessor(tok)
+
+
+def test_logprobs_equal_log_softmax_of_generate_logits(llm):
+    tok = llm.get_tokenizer()
+    prompt = llm.processor.apply_chat_template(CONV, add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tok.encode(prompt)])
+    greedy, sampled = chat(llm, [SamplingParams(temperature=0, max_tokens=12, logprobs=5, ignore_eos=True),
+                                 SamplingParams(temperature=1.5, top_k=3, seed=2, max_tokens=12, logprobs=0,
+                                                repetition_penalty=1.3)])
+    out = llm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                             return_dict_in_generate=True, output_logits=True)
+    assert out.sequences[0, ids.shape[1]:].tolist() == greedy.token_ids
+    for step, entry in enumerate(greedy.logprobs):
+        ref = torch.log_softmax(out.logits[step][0], -1)
+        top = ref.topk(5)
+        assert abs(entry.logprob - ref[greedy.token_ids[step]].item()) <= 1e-4
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert max(abs(a - b) for (_, a), b in zip(entry.top, top.values.tolist())) <= 1e-4
+        assert entry.top[0][1] == pytest.approx(entry.logprob)  # greedy: the sampled token is the top one
+        lps = [lp for _, lp in entry.top]
+        assert lps == sorted(lps, reverse=True) and sum(math.exp(x) for x in lps) <= 1 + 1e-5
+    # sampled with temperature / top_k / penalty: still the raw model distribution (teacher-forced reference)
+    full = torch.cat([ids, torch.tensor([sampled.token_ids])], 1)
+    with torch.no_grad():
+        logits = llm.model(input_ids=full).logits[0, ids.shape[1] - 1:-1].float()
+    ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(sampled.token_ids)[:, None])[:, 0]
+    assert [e.top for e in sampled.logprobs] == [[]] * 12
+    assert torch.allclose(torch.tensor([e.logprob for e in sampled.logprobs]), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)

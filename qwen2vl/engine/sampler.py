@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import guided
+from . import guided, logprobs
 from ..generation.logits import (NEG_INF, apply_repetition_penalty, min_p_filter, sample_from_scores,
                                  temperature_warp, top_k_filter, top_p_filter)
 
@@ -63,6 +63,7 @@ def sample(logits: torch.Tensor, seqs) -> list[int]:
     constrained = any(g is not None for g in guides)
     if constrained:  # grammar masks first: penalties and warpers then only see allowed tokens
         scores = guided.mask_logits(scores, guides)
+    masked = scores
     penalised = [i for i, s in enumerate(seqs) if _needs_penalties(s)]
     if penalised:
         scores = scores.clone()
@@ -82,4 +83,5 @@ def sample(logits: torch.Tensor, seqs) -> list[int]:
     tokens = out.tolist()
     if constrained:
         guided.advance(guides, tokens)
+    logprobs.record(masked, seqs, tokens)  # of the raw (grammar-masked) distribution: see engine/logprobs.py
     return tokens

@@ -99,7 +99,7 @@ class ChatCompletionRequest(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
     request_id: str | None = None
     response_format: ResponseFormat | None = None
@@ -119,8 +119,8 @@ class ChatCompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.logprobs:
-            raise ValueError("logprobs are not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream=true")
         return self

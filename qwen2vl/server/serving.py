@@ -19,6 +19,7 @@ from ..engine import AsyncEngine, SamplingParams
 from ..engine.sequence import EngineDead, EngineError, QueueFull, RequestRejected
 from . import protocol as P
 from .media import as_api_error, to_conversation
+from .logprobs import openai_logprobs
 from .structured import constraint_kwargs
 
 logger = logging.getLogger("qwen2vl.server")
@@ -69,7 +70,8 @@ class ChatHandler:
                 n=req.n, max_tokens=req.max_completion_tokens or req.max_tokens, stop=req.stop,
                 stop_token_ids=req.stop_token_ids, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
                 include_stop_str_in_output=req.include_stop_str_in_output,
-                skip_special_tokens=req.skip_special_tokens, **d)
+                skip_special_tokens=req.skip_special_tokens,
+                logprobs=(req.top_logprobs or 0) if req.logprobs else None, **d)
         except (ValueError, TypeError) as e:
             raise P.bad_request(str(e)) from None
 
@@ -111,6 +113,8 @@ class ChatHandler:
         if final is None:  # client went away
             return Response(status_code=499)
         choices = [P.chat_choice(c.index, c.text, c.finish_reason, c.stop_reason) for c in final.outputs]
+        for choice, c in zip(choices, final.outputs):
+            choice["logprobs"] = openai_logprobs(self.engine.engine.tokenizer, c.token_ids, c.logprobs)
         return JSONResponse(P.chat_response(rid, created, model, choices,
                                             P.usage(n_prompt, final.num_output_tokens)))
 
@@ -152,10 +156,13 @@ class ChatHandler:
             async for out in stream:
                 n_out = out.num_output_tokens
                 for c in out.outputs:
-                    if done[c.index] or not (c.delta_text or c.finish_reason):
+                    if done[c.index] or not (c.delta_text or c.finish_reason or c.delta_logprobs):
                         continue
                     delta = {"content": c.delta_text} if c.delta_text else {}
-                    yield _sse(P.chunk(rid, created, model, [P.chunk_choice(c.index, delta, c.finish_reason)]))
+                    choice = P.chunk_choice(c.index, delta, c.finish_reason)
+                    choice["logprobs"] = openai_logprobs(self.engine.engine.tokenizer, c.delta_token_ids,
+                                                         c.delta_logprobs)
+                    yield _sse(P.chunk(rid, created, model, [choice]))
                     done[c.index] = c.finish_reason is not None
             if include_usage:
                 yield _sse(P.chunk(rid, created, model, [], P.usage(n_prompt, n_out)))
