@@ -20,6 +20,7 @@ from ..engine.sequence import EngineDead, EngineError, QueueFull, RequestRejecte
 from . import protocol as P
 from .media import as_api_error, to_conversation
 from .logprobs import openai_logprobs
+from . import tools
 from .structured import constraint_kwargs
 
 logger = logging.getLogger("qwen2vl.server")
@@ -75,8 +76,9 @@ class ChatHandler:
         except (ValueError, TypeError) as e:
             raise P.bad_request(str(e)) from None
 
-    def _process(self, messages):  # processing thread
-        conv, limits = to_conversation(messages, self.settings.media)
+    def _process(self, req):  # processing thread
+        conv, limits = to_conversation(req.messages, self.settings.media)
+        conv = tools.render(req, conv)  # tool definitions, calls and results in Qwen's Hermes format
         return self.engine.engine.inputs.process({"messages": conv}, media_limits=limits)
 
     async def __call__(self, request: Request, body: dict) -> Response:
@@ -90,7 +92,7 @@ class ChatHandler:
                              "model_not_found")
         params = self.sampling_params(req)
         try:
-            prompt = await self.engine.run_in_pool(self._process, req.messages)
+            prompt = await self.engine.run_in_pool(self._process, req)
         except P.APIError:
             raise
         except (ValueError, TypeError, OSError) as e:  # media / processor validation (MediaError is a ValueError)
@@ -107,7 +109,8 @@ class ChatHandler:
         n_prompt = len(prompt.token_ids)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _SSEResponse(self._stream(stream, rid, created, model, req.n, n_prompt, include_usage),
+            parsers = [tools.StreamParser() for _ in range(req.n)] if tools.active(req) else None
+            return _SSEResponse(self._stream(stream, rid, created, model, req.n, n_prompt, include_usage, parsers),
                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         final = await self._collect(stream, request, rid)
         if final is None:  # client went away
@@ -115,6 +118,8 @@ class ChatHandler:
         choices = [P.chat_choice(c.index, c.text, c.finish_reason, c.stop_reason) for c in final.outputs]
         for choice, c in zip(choices, final.outputs):
             choice["logprobs"] = openai_logprobs(self.engine.engine.tokenizer, c.token_ids, c.logprobs)
+            if tools.active(req):
+                tools.apply_to_choice(choice, c.text)
         return JSONResponse(P.chat_response(rid, created, model, choices,
                                             P.usage(n_prompt, final.num_output_tokens)))
 
@@ -147,7 +152,7 @@ class ChatHandler:
                 task.cancel()
                 self.engine.abort(rid)
 
-    async def _stream(self, stream, rid, created, model, n, n_prompt, include_usage):
+    async def _stream(self, stream, rid, created, model, n, n_prompt, include_usage, parsers=None):
         done = [False] * n
         n_out = 0
         try:
@@ -159,7 +164,10 @@ class ChatHandler:
                     if done[c.index] or not (c.delta_text or c.finish_reason or c.delta_logprobs):
                         continue
                     delta = {"content": c.delta_text} if c.delta_text else {}
-                    choice = P.chunk_choice(c.index, delta, c.finish_reason)
+                    finish = c.finish_reason
+                    if parsers is not None:  # tool calls: content streams until <tool_call>, calls at the end
+                        delta, finish = tools.stream_delta(parsers[c.index], c.delta_text, finish)
+                    choice = P.chunk_choice(c.index, delta, finish)
                     choice["logprobs"] = openai_logprobs(self.engine.engine.tokenizer, c.delta_token_ids,
                                                          c.delta_logprobs)
                     yield _sse(P.chunk(rid, created, model, [choice]))

@@ -5,6 +5,7 @@ constraint `SamplingParams` takes (`json_schema` / `regex` / `choice` / `grammar
   "strict"}}` → that schema. With `strict: true` every object schema that does not say otherwise gets
   `additionalProperties: false` (OpenAI's strict mode: only the declared keys appear).
 - `guided_json` (schema), `guided_regex`, `guided_choice` (list of strings), `guided_grammar` (Lark or GBNF).
+- tool_choice "required" / a named function: the tool-call grammar of `server/tools.py`.
 At most one may be given. The constraint is compiled here, so a bad one is a 400 with llguidance's message (an
 unsupported JSON-Schema keyword is named: 'Unimplemented keys: ["..."]') before any prompt processing.
 """
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 
 from ..engine import guided
 from . import protocol as P
+from . import tools
 
 
 def strict_schema(schema):
@@ -46,6 +48,9 @@ def requested_constraints(req: P.ChatCompletionRequest) -> dict[str, tuple[str, 
         value = getattr(req, name)
         if value is not None:
             found[name] = (kind, value)
+    tool_grammar = tools.constraint(req)  # tool_choice "required" / named function
+    if tool_grammar is not None:
+        found["tool_choice"] = ("grammar", tool_grammar)
     return found
 
 
