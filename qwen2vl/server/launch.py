@@ -12,6 +12,7 @@ import threading
 
 from ..engine import AsyncEngine, EngineConfig, LLMEngine
 from .app import ServerSettings, create_app
+from . import media_defaults
 from .media import MediaPolicy
 
 logger = logging.getLogger("qwen2vl.server")
@@ -54,6 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--max-video-bytes", type=int, default=200 * 1024**2)
     m.add_argument("--max-request-bytes", type=int, default=32 * 1024**2, help="request body size cap")
     m.add_argument("--media-timeout", type=float, default=10.0, help="seconds per remote fetch phase")
+    m.add_argument("--min-pixels", type=int, default=None,
+                   help="default min_pixels of images and videos (a request's own value wins)")
+    m.add_argument("--max-pixels", type=int, default=None,
+                   help="default max_pixels of images and videos (a request's own value wins, up to "
+                        "--max-image-pixels)")
+    m.add_argument("--fps", type=float, default=None, help="default video sampling rate (frames per second)")
+    m.add_argument("--mm-processor-kwargs", default=None,
+                   help='vLLM-style JSON defaults, e.g. \'{"max_pixels": 401408, "fps": 1}\' (flags above win)')
     p.add_argument("--log-level", default="info")
     return p
 
@@ -95,7 +104,8 @@ def settings_from(args, engine: AsyncEngine | None = None) -> ServerSettings:
     policy = MediaPolicy(allow_remote=args.allow_remote_media, allowed_local_media_path=args.allowed_local_media_path,
                          max_images=args.max_images_per_request, max_videos=args.max_videos_per_request,
                          max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
-                         max_video_bytes=args.max_video_bytes, timeout=args.media_timeout)
+                         max_video_bytes=args.max_video_bytes, timeout=args.media_timeout,
+                         defaults=media_defaults.from_args(args))
     name = args.served_model_name or str(args.model)
     return ServerSettings(served_model_name=name, model_aliases=(str(args.model),), api_key=args.api_key,
                           media=policy, max_request_bytes=args.max_request_bytes,
@@ -114,6 +124,10 @@ def run(args) -> int:
     """Blocking: serve until SIGINT / SIGTERM, then shut the engine down cleanly."""
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise SystemExit(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a directory")
+    try:
+        media_defaults.from_args(args)  # bad --min-pixels / --max-pixels / --fps / --mm-processor-kwargs
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     tp = getattr(args, "tensor_parallel_size", 1)
     if tp < 1:

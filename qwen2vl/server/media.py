@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass, replace
 
 from ..processing import media
+from .media_defaults import MediaDefaults
 from .protocol import APIError, ChatMessage, bad_request
 
 
@@ -32,6 +33,7 @@ class MediaPolicy:
     max_image_bytes: int = 20 * 1024**2
     max_video_bytes: int = 200 * 1024**2
     timeout: float = 10.0
+    defaults: MediaDefaults = MediaDefaults()  # server-wide min/max pixels and fps (media_defaults.py)
 
     def limits(self, allow_local: bool = False) -> media.MediaLimits:
         return media.MediaLimits(max_image_pixels=self.max_image_pixels, max_image_bytes=self.max_image_bytes,
@@ -122,7 +124,7 @@ def to_conversation(messages: list[ChatMessage], policy: MediaPolicy) -> tuple[l
                     raise bad_request(f"{where}: images are only supported in user messages.", "messages")
                 block = {"type": "image", "image": _load_image(part.image_url.url, policy, f"{where} image")}
                 block.update(_pixel_bounds(part.image_url, policy, where))
-                parts.append(block)
+                parts.append(policy.defaults.apply(block, video=False))
             else:
                 n_vid += 1
                 if n_vid > policy.max_videos:
@@ -136,7 +138,7 @@ def to_conversation(messages: list[ChatMessage], policy: MediaPolicy) -> tuple[l
                 if v.fps is not None and v.num_frames is not None:
                     raise bad_request(f"{where}: fps and num_frames are mutually exclusive.", "messages")
                 block.update({k: getattr(v, k) for k in ("fps", "num_frames") if getattr(v, k) is not None})
-                parts.append(block)
+                parts.append(policy.defaults.apply(block, video=True))
         conv.append({"role": role, "content": parts})
     return conv, replace(policy.limits(allow_local=local_videos))
 
