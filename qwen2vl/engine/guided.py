@@ -123,7 +123,8 @@ class Guide:
 def allowed_mask(guides: list[Guide | None], vocab: int) -> torch.Tensor:
     """(n, vocab) bool: True where row i may sample the token (all True for a row without a guide)."""
     n = len(guides)
-    bits = torch.full((n, (vocab + 31) // 32), -1, dtype=torch.int32)
+    # numpy, not torch.full: a torch fill this size wakes the intra-op thread pool (ms on a busy machine)
+    bits = torch.from_numpy(np.full((n, (vocab + 31) // 32), -1, dtype=np.int32))
     work = [(g.matcher, i) for i, g in enumerate(guides) if g is not None and not g.failed]
     if len(work) >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) >= PARALLEL_MIN_CPUS:
         llg_torch.fill_next_token_bitmask_par(guides[work[0][1]].gt.executor, work, bits)
