@@ -56,6 +56,21 @@ def test_round_trip_prompt_is_the_hermes_format():
         {"name": "add", "arguments": '{"a": 1, "b": 2}'}]
 
 
+def test_stream_parser_sends_each_call_when_its_block_closes():
+    text = ('Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call>')
+    parser, content, seen = tools.StreamParser(), "", []
+    for i, ch in enumerate(text):
+        piece, calls = parser.feed(ch)
+        content += piece
+        seen += [(i, c["index"], c["function"]["arguments"]) for c in calls]
+        assert "<" not in content  # a partial <tool_call> tag is never sent as content
+    assert content == "Sure.\n" and parser.finish() == ("", [])
+    first_close = text.index("</tool_call>") + len("</tool_call>") - 1
+    assert seen == [(first_close, 0, '{"a": 1, "b": 2}'), (len(text) - 1, 1, '{"a": 3, "b": 4}')]
+    assert tools.stream_delta(tools.StreamParser(), "no calls", "stop") == ({"content": "no calls"}, "stop")
+
+
 def call(client, **kw):  # noqa: F811
     kw.setdefault("max_tokens", 150)
     return client.chat.completions.create(model=NAME, messages=ROUND_TRIP[:1], tools=TOOLS, **kw).choices[0]

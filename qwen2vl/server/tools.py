@@ -133,15 +133,17 @@ def apply_to_choice(choice: dict, text: str) -> None:
 
 
 class StreamParser:
-    """Streams content up to the first `<tool_call>` (holding back a possible partial tag), buffers the rest and
-    returns the calls when the choice ends: `feed(delta) -> content to send`, `finish() -> (content, calls)`."""
+    """One streamed choice: content is sent as it comes up to the first `<tool_call>` (a possible partial tag is
+    held back); after it, each call is sent as soon as its block closes. `feed(delta) -> (content, new calls)`,
+    `finish() -> (content, remaining calls)`; calls carry their OpenAI `index`."""
 
     def __init__(self):
         self.pending = ""
         self.in_calls = False
         self.tail = ""
+        self.sent = 0  # calls sent so far
 
-    def feed(self, delta: str) -> str:
+    def _content(self, delta: str) -> str:
         if self.in_calls:
             self.tail += delta
             return ""
@@ -156,23 +158,32 @@ class StreamParser:
         out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
         return out
 
+    def _new_calls(self, calls: list[dict]) -> list[dict]:
+        new = [{"index": self.sent + i, **c} for i, c in enumerate(calls[self.sent:])]
+        self.sent += len(new)
+        return new
+
+    def feed(self, delta: str) -> tuple[str, list[dict]]:
+        content = self._content(delta)
+        return content, self._new_calls(parse(self.tail)[1]) if self.in_calls else []
+
     def finish(self) -> tuple[str, list[dict]]:
-        content, calls = parse(self.tail)
+        _, calls = parse(self.tail)
         if not calls:
             return self.pending + self.tail, []
-        return self.pending + (content or ""), calls
+        return self.pending, self._new_calls(calls)
 
 
 def stream_delta(parser: StreamParser, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-    """One streamed step of a choice → (delta, finish_reason): content as it comes, the calls (each complete,
-    with its index) on the last chunk, whose finish_reason is then "tool_calls"."""
-    content = parser.feed(text)
-    calls = []
+    """One streamed step of a choice → (delta, finish_reason); the last chunk's finish_reason is "tool_calls"
+    when calls were sent."""
+    content, calls = parser.feed(text)
     if finish_reason is not None:
-        rest, calls = parser.finish()
-        content += rest
+        rest, more = parser.finish()
+        content, calls = content + rest, calls + more
     delta: dict = {"content": content} if content else {}
     if calls:
-        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
-        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        delta["tool_calls"] = calls
+    if finish_reason == "stop" and parser.sent:
+        finish_reason = "tool_calls"
     return delta, finish_reason
