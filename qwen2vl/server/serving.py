@@ -4,6 +4,9 @@ Streaming sends one `chat.completion.chunk` per new text delta and choice (first
 finish reason on the choice's last chunk, an optional usage chunk (`stream_options.include_usage`) and
 `data: [DONE]`. A client that disconnects (stream cancelled, or `request.is_disconnected()` while waiting for
 a non-streamed answer) aborts its request in the engine.
+Structured output (`response_format`, `guided_*`) becomes a SamplingParams constraint (`structured.py`), tools
+are rendered into the conversation and parsed back out of the text (`tools.py`), and `logprobs` are rendered
+in the OpenAI shape (`logprobs.py`).
 """
 from __future__ import annotations
 
