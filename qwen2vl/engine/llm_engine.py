@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import guided
 from .inputs import InputProcessor, ProcessedPrompt
 from .kv_pool import KVPool, kv_bytes_per_token, parse_memory
 from .prefix_cache import PrefixCache, token_keys
@@ -100,6 +101,7 @@ class LLMEngine:
         self.tokenizer = self.inputs.tokenizer
         eos = config.eos_token_ids if config.eos_token_ids is not None else default_eos_ids(model, self.tokenizer)
         self.eos_ids = frozenset(eos)
+        self.guide_tokenizer: guided.GuideTokenizer | None = None  # built at the first constrained request
         self._ids = itertools.count()
         self.peak_running = 0  # most sequences decoded together so far (observability)
         self.partial: Request | None = None  # the request whose prompt is being prefilled over several steps
@@ -139,6 +141,7 @@ class LLMEngine:
                 "completion). Please reduce the length of the messages or completion.")
         if max_tokens != params.max_tokens:
             params = params.clone(max_tokens=max_tokens)
+        grammar = self._compile_grammar(params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, pp.token_ids, params, mm=pp.mm, prompt=pp.prompt, tokenizer=self.tokenizer,
                       device=self.runner.device, eos_ids=self.eos_ids)
@@ -149,7 +152,22 @@ class LLMEngine:
                                   cfg.vision_config.spatial_merge_size,
                                   {cfg.image_token_id: _grid(pp.mm.image_grid_thw),
                                    cfg.video_token_id: _grid(pp.mm.video_grid_thw)})
+        if grammar is not None:
+            for s in req.seqs:
+                s.guide = guided.Guide(self.guide_tokenizer, grammar)
         return req
+
+    def _compile_grammar(self, params: SamplingParams) -> str | None:
+        """The request's llguidance grammar (None if unconstrained); a bad one is RequestRejected (HTTP 400)."""
+        try:
+            grammar = guided.compile_grammar(params)
+        except ValueError as e:
+            raise RequestRejected(str(e)) from None
+        if grammar is not None and self.guide_tokenizer is None:
+            if self.tokenizer is None:
+                raise RequestRejected("Structured output needs a tokenizer (the engine has none).")
+            self.guide_tokenizer = guided.GuideTokenizer(self.tokenizer, self.runner.vocab, self.eos_ids)
+        return grammar
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
         request = self.make_request(prompt, params, request_id)

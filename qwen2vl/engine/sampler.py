@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import guided, logprobs
 from ..generation.logits import (NEG_INF, apply_repetition_penalty, min_p_filter, sample_from_scores,
                                  temperature_warp, top_k_filter, top_p_filter)
 
@@ -56,12 +57,24 @@ def warp(scores: torch.Tensor, params) -> torch.Tensor:
     return scores
 
 
+def mask(logits: torch.Tensor, seqs) -> torch.Tensor:
+    """logits (n, V) → float32 scores with each constrained row's grammar mask applied (engine/guided.py)."""
+    scores = logits.float()
+    guides = [s.guide for s in seqs]
+    if any(g is not None for g in guides):  # grammar masks first: penalties and warpers then only see allowed tokens
+        scores = guided.mask_logits(scores, guides)
+    return scores
+
+
 def process(logits: torch.Tensor, seqs) -> tuple[torch.Tensor, list[list[int]]]:
     """logits (n, V) for the n sequences `seqs` (same order) → (scores (n, V) float32, sampled row groups).
 
-    Greedy rows get the penalties only (their token is the argmax); sampled rows also the warpers of their
-    params. Each group lists the rows that share warper settings (they are filtered together)."""
-    scores = logits.float()
+    Greedy rows get the grammar mask and the penalties only (their token is the argmax); sampled rows also the
+    warpers of their params. Each group lists the rows that share warper settings (they are filtered together)."""
+    return _process(mask(logits, seqs), seqs)
+
+
+def _process(scores: torch.Tensor, seqs) -> tuple[torch.Tensor, list[list[int]]]:
     penalised = [i for i, s in enumerate(seqs) if _needs_penalties(s)]
     if penalised:
         scores = scores.clone()
@@ -82,9 +95,15 @@ def process(logits: torch.Tensor, seqs) -> tuple[torch.Tensor, list[list[int]]]:
 
 def sample(logits: torch.Tensor, seqs) -> list[int]:
     """logits (n, V) for the n sequences `seqs` (same order) → next token id per sequence."""
-    scores, groups = process(logits, seqs)
+    masked = mask(logits, seqs)
+    scores, groups = _process(masked, seqs)
     out = scores.argmax(-1)
     for rows in groups:
         for i in rows:
             out[i] = sample_from_scores(scores[i:i + 1], seqs[i].generator)[0]
-    return out.tolist()
+    tokens = out.tolist()
+    guides = [s.guide for s in seqs]
+    if any(g is not None for g in guides):
+        guided.advance(guides, tokens)
+    logprobs.record(masked, seqs, tokens)  # of the raw (grammar-masked) distribution: see engine/logprobs.py
+    return tokens

@@ -31,6 +31,13 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # structured output (at most one; see qwen2vl.engine.guided): a JSON schema (dict or JSON text), a regex,
+    # a list of allowed strings, or a Lark / GBNF grammar
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    logprobs: int | None = None  # log-probabilities of the sampled token and of the top-k (0..20) per step
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +78,8 @@ class SamplingParams:
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         need(all(0 <= t <= MAX_TOP_K for t in self.stop_token_ids), "stop_token_ids",
              "must be token ids (non-negative integers)")
+        need(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), "logprobs",
+             "must be None or an integer in [0, 20]")
 
     @property
     def greedy(self) -> bool:

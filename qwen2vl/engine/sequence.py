@@ -80,6 +80,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.generator = generator
+        self.guide = None  # a qwen2vl.engine.guided.Guide when the request is constrained
+        self.logprobs: list | None = [] if request.params.logprobs is not None else None  # engine/logprobs.py
         self.detok = IncrementalDetokenizer(request.tokenizer, request.prompt_token_ids, request.params)
         self._sent_tokens = 0
         self._sent_text = 0
@@ -126,7 +128,9 @@ class Sequence:
         text = self.detok.visible_text(final=self.finished)
         out = CompletionOutput(index=self.index, text=text, token_ids=list(self.output_ids),
                                finish_reason=self.finish_reason, stop_reason=self.stop_reason,
-                               delta_text=text[self._sent_text:], delta_token_ids=self.output_ids[self._sent_tokens:])
+                               delta_text=text[self._sent_text:], delta_token_ids=self.output_ids[self._sent_tokens:],
+                               logprobs=None if self.logprobs is None else list(self.logprobs),
+                               delta_logprobs=None if self.logprobs is None else self.logprobs[self._sent_tokens:])
         if delta:
             self._sent_text, self._sent_tokens = len(text), len(self.output_ids)
         return out
@@ -180,6 +184,8 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string / stop token id that ended it (None for EOS)
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None  # one engine.logprobs.TokenLogprob per token when SamplingParams.logprobs is set
+    delta_logprobs: list | None = None
 
     @property
     def finished(self) -> bool:

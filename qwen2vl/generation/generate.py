@@ -29,6 +29,7 @@ from .config import DEFAULT_NEW_TOKENS, GenerationConfig
 from .continuation import check_continuation, prefill_continuation
 from .inputs import check_prompt, encode_vision, plan_vision
 from .logits import NEG_INF, LogitsPipeline, seen_tokens
+from .processors import apply_processors, as_processor_list
 from .static_decode import get_static_decoder
 from .stopping import FinishedFlags, StopStringChecker
 
@@ -161,13 +162,14 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              return_dict_in_generate=None, output_scores=None, output_logits=None, use_cache=None,
              max_length=None, min_length=None, compile=None, num_beams=None, length_penalty=None,
              early_stopping=None, bad_words_ids=None, remove_invalid_values=None, output_hidden_states=None,
-             output_attentions=None, past_key_values=None, **kwargs):
+             output_attentions=None, past_key_values=None, logits_processor=None, **kwargs):
     """Generate continuations of left-padded prompts `input_ids (B,S)`; see the module docstring.
 
     `mm_token_type_ids` is accepted and ignored (placeholders are found from the ids). `use_cache=False` is
     accepted for API compatibility; the KV cache is always used (same tokens, far less compute).
     `past_key_values`: the cache a previous call returned (`return_dict_in_generate=True`): `input_ids` is then
-    the whole conversation and only its uncached part is prefilled (see `continuation.py`)."""
+    the whole conversation and only its uncached part is prefilled (see `continuation.py`).
+    `logits_processor`: callables `(input_ids (R, L), scores (R, V)) -> scores` (see `processors`)."""
     if kwargs:
         raise TypeError(f"generate() got unexpected arguments: {sorted(kwargs)}")
     options = dict(locals())
@@ -193,10 +195,13 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                        video_grid_thw)
     device = model.device
     gen = _make_generator(seed, generator, device) if cfg.do_sample else None
+    procs = as_processor_list(logits_processor)
+    if procs and cfg.num_beams > 1:
+        raise ValueError("logits_processor is not supported together with beam search (num_beams > 1).")
 
     with torch.no_grad():
         return _run(model, cfg, input_ids.to(device).long(), mask.to(device), plan, n, max_new, pad, eos,
-                    stopper, streamer, gen, dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                    stopper, streamer, gen, procs, dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                                  pixel_values_videos=pixel_values_videos,
                                                  video_grid_thw=video_grid_thw), (past_key_values, past))
 
@@ -232,7 +237,8 @@ def _record(store: list, value: torch.Tensor, run: _Running, pad_row: torch.Tens
     store.append(full)
 
 
-def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, gen, media, cont=(None, None)):
+def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, gen, procs, media,
+         cont=(None, None)):
     device, s = ids.device, ids.shape[1]
     vocab = model.config.text_config.vocab_size
     if streamer is not None:
@@ -289,7 +295,8 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
             static.adopt(cache, mask)
             cache = None
         for step in range(max_new):
-            scores = pipeline(logits, run.seen, step, lambda: out[run.rows, :s + step])
+            custom = apply_processors(procs, out[run.rows, :s + step], logits) if procs else logits
+            scores = pipeline(custom, run.seen, step, lambda: out[run.rows, :s + step])
             tokens = torch.where(run.finished, pad, pipeline.select(scores, gen))
             steps_with_work += (~run.finished).any()
             if want_scores:

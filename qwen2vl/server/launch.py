@@ -14,6 +14,7 @@ from ..engine import AsyncEngine, EngineConfig, LLMEngine
 from .app import ServerSettings, create_app
 from .fetch import FetchPolicy
 from .guards import default_allowed_hosts
+from . import media_defaults
 from .media import MediaPolicy
 
 logger = logging.getLogger("qwen2vl.server")
@@ -92,6 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds in-flight requests get to finish before they are ended with 503")
     p.add_argument("--web-ui", action=argparse.BooleanOptionalAction, default=True,
                    help="serve the chat page at / (default on; --no-web-ui turns it off)")
+    m.add_argument("--min-pixels", type=int, default=None,
+                   help="default min_pixels of images and videos (a request's own value wins)")
+    m.add_argument("--max-pixels", type=int, default=None,
+                   help="default max_pixels of images and videos (a request's own value wins, up to "
+                        "--max-image-pixels)")
+    m.add_argument("--fps", type=float, default=None, help="default video sampling rate (frames per second)")
+    m.add_argument("--mm-processor-kwargs", default=None,
+                   help='vLLM-style JSON defaults, e.g. \'{"max_pixels": 401408, "fps": 1}\' (flags above win)')
     p.add_argument("--log-level", default="info")
     return p
 
@@ -140,7 +149,7 @@ def settings_from(args, engine: AsyncEngine | None = None) -> ServerSettings:
                          max_images=args.max_images_per_request, max_videos=args.max_videos_per_request,
                          max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
                          max_video_bytes=args.max_video_bytes, max_video_frames=args.max_video_frames,
-                         max_prompt_chars=args.max_prompt_chars, fetch=fetch)
+                         max_prompt_chars=args.max_prompt_chars, fetch=fetch, defaults=media_defaults.from_args(args))
     name = args.served_model_name or str(args.model)
     hosts = tuple(args.allowed_hosts) if args.allowed_hosts else default_allowed_hosts(args.host)
     return ServerSettings(served_model_name=name, model_aliases=(str(args.model),), api_key=args.api_key,
@@ -181,6 +190,10 @@ def run(args) -> int:
     """Blocking: serve until SIGINT / SIGTERM, then shut the engine down cleanly."""
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise SystemExit(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a directory")
+    try:
+        media_defaults.from_args(args)  # bad --min-pixels / --max-pixels / --fps / --mm-processor-kwargs
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     tp = getattr(args, "tensor_parallel_size", 1)
     if tp < 1:

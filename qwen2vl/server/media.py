@@ -27,6 +27,7 @@ from ..processing import media
 from ..processing.image_processing import number_of_patches
 from .fetch import FETCH_FAILED, FetchError, FetchPolicy, MediaFetcher
 from .local_files import LocalFileError, read_local, relative_parts
+from .media_defaults import MediaDefaults
 from .protocol import APIError, ChatMessage, bad_request
 
 QWEN_VL_UTILS_FPS = 2.0  # qwen-vl-utils' default sampling rate when a video names neither fps nor num_frames
@@ -44,6 +45,7 @@ class MediaPolicy:
     max_video_frames: int = 768
     max_prompt_chars: int | None = None  # None: 16 characters per token of context
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
+    defaults: MediaDefaults = MediaDefaults()  # server-wide min/max pixels and fps (media_defaults.py)
 
     def limits(self, max_vision_tokens: int | None = None) -> media.MediaLimits:
         # Everything reaches the processor as bytes: it never opens files or URLs itself.
@@ -110,7 +112,9 @@ def _video_options(v, policy: MediaPolicy, where: str) -> dict:
                           f"{policy.max_video_frames} frames (--max-video-frames).", "messages")
     if v.num_frames is not None:
         return {"num_frames": v.num_frames}
-    return {"fps": v.fps if v.fps is not None else QWEN_VL_UTILS_FPS}
+    if v.fps is not None:
+        return {"fps": v.fps}
+    return {"fps": policy.defaults.fps if policy.defaults.fps is not None else QWEN_VL_UTILS_FPS}
 
 
 def plan_media(messages: list[ChatMessage], policy: MediaPolicy, max_model_len: int
@@ -145,6 +149,7 @@ def plan_media(messages: list[ChatMessage], policy: MediaPolicy, max_model_len: 
             block = {"type": kind, kind: None, **_pixel_bounds(src, policy, where)}
             if kind == "video":
                 block.update(_video_options(src, policy, where))
+            policy.defaults.apply(block, video=kind == "video")  # server-wide defaults fill what the request left out
             item = MediaItem(kind, src.url, where, block)
             _check_source(item, policy)
             items.append(item)

@@ -49,11 +49,47 @@ class VideoPart(_Strict):
 ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = "{}"  # a JSON object, as text (OpenAI)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages (rendered by server/tools.py)
+    tool_call_id: str | None = None  # tool messages
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -61,7 +97,21 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
-UNSUPPORTED = ("top_logprobs", "tools", "tool_choice", "response_format", "functions", "function_call")
+UNSUPPORTED = ("functions", "function_call")  # the legacy function-calling fields: refused, never ignored
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}` (structured output)."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class ChatCompletionRequest(BaseModel):
@@ -88,14 +138,19 @@ class ChatCompletionRequest(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: bool | None = None
-    top_logprobs: Any = None  # fields below are refused (400) while unsupported, never silently ignored
-    tools: Any = None
-    tool_choice: Any = None
-    response_format: Any = None
-    functions: Any = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    functions: Any = None  # refused (400): use `tools`
     function_call: Any = None
     user: str | None = None
     request_id: str | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM extras (structured output, see server/structured.py)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -108,11 +163,19 @@ class ChatCompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.logprobs:
-            raise ValueError("logprobs are not supported by this server")
+        if self.tool_choice is None:
+            self.tool_choice = "auto" if self.tools else "none"
+        if self.tool_choice not in ("none", "auto") and not self.tools:
+            raise ValueError("tool_choice 'required' or a named function needs `tools`")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+                t.function.name for t in self.tools}:
+            raise ValueError(f"tool_choice names the function {self.tool_choice.function.name!r}, which is not "
+                             "in `tools`")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
         for name in UNSUPPORTED:
             if getattr(self, name) is not None:
-                raise ValueError(f"`{name}` is not supported by this server yet")
+                raise ValueError(f"`{name}` is not supported by this server (use `tools` / `tool_choice`)")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream=true")
         return self

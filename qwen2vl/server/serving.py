@@ -10,6 +10,9 @@ finish reason on the choice's last chunk, an optional usage chunk (`stream_optio
 shutdown timeout (`Lifecycle.stopped`), non-streamed requests get a JSON 503 and streams an error event and
 `[DONE]`. Errors: bad input 400; out of memory 503 "overloaded"; anything else 500 with the request id (the
 traceback is logged, never sent); messages never carry server paths.
+Structured output (`response_format`, `guided_*`) becomes a SamplingParams constraint (`structured.py`), tools
+are rendered into the conversation and parsed back out of the text (`tools.py`), and `logprobs` are rendered
+in the OpenAI shape (`logprobs.py`).
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ from ..engine.sequence import EngineDead, EngineError, QueueFull, RequestRejecte
 from . import protocol as P
 from .media import fetch_remote, load_media, plan_media
 from .metrics import RequestClock
+from .logprobs import openai_logprobs
+from . import tools
+from .structured import constraint_kwargs
 
 logger = logging.getLogger("qwen2vl.server")
 _DISCONNECT_POLL_S = 0.25
@@ -121,18 +127,21 @@ class ChatHandler:
             raise P.bad_request(f"stop_token_ids must be token ids in [0, {vocab}), got {bad[0]}.", "stop_token_ids")
         if isinstance(d.get("top_k"), int) and vocab <= d["top_k"] < 2**31:
             d["top_k"] = 0  # keeping at least the whole vocabulary is no filter at all
+        d.update(constraint_kwargs(req))  # structured output (400 for a bad constraint)
         try:
             return SamplingParams(
                 n=req.n, max_tokens=req.max_completion_tokens or req.max_tokens, stop=req.stop,
                 stop_token_ids=req.stop_token_ids, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
                 include_stop_str_in_output=req.include_stop_str_in_output,
-                skip_special_tokens=req.skip_special_tokens, **d)
+                skip_special_tokens=req.skip_special_tokens,
+                logprobs=(req.top_logprobs or 0) if req.logprobs else None, **d)
         except (ValueError, TypeError) as e:
             raise P.bad_request(str(e)) from None
 
-    def _process(self, conv, items, rid):  # processing thread
+    def _process(self, req, conv, items, rid):  # processing thread
         eng = self.engine.engine
         limits = load_media(conv, items, self.settings.media, eng.inputs.processor, eng.max_model_len)
+        conv = tools.render(req, conv)  # tool definitions, calls and results in Qwen's Hermes format
         pp = eng.inputs.process({"messages": conv}, media_limits=limits)
         eng.encode_media(pp)  # the vision tower runs here, off the step thread: running streams keep going
         return pp
@@ -145,7 +154,7 @@ class ChatHandler:
             await fetch_remote(items, self.settings.media, self.fetcher)
         with self.stages.stage("preprocessing"):
             try:
-                return await self.engine.run_in_pool(self._process, conv, items, rid)
+                return await self.engine.run_in_pool(self._process, req, conv, items, rid)
             except P.APIError:
                 raise
             except (ValueError, TypeError, OSError) as e:  # media / processor validation (MediaError: ValueError)
@@ -191,13 +200,18 @@ class ChatHandler:
         created, n_prompt = P.now(), len(prompt.token_ids)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _SSEResponse(self._stream(stream, rid, created, req.n, n_prompt, include_usage, clock),
+            parsers = [tools.StreamParser() for _ in range(req.n)] if tools.active(req) else None
+            return _SSEResponse(self._stream(stream, rid, created, req.n, n_prompt, include_usage, clock, parsers),
                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         final = await self._collect(stream, request, rid, clock)
         if final is None:  # client went away
             return Response(status_code=499)
         clock.finish(n_prompt)
         choices = [P.chat_choice(c.index, c.text, c.finish_reason, c.stop_reason) for c in final.outputs]
+        for choice, c in zip(choices, final.outputs):
+            choice["logprobs"] = openai_logprobs(self.engine.engine.tokenizer, c.token_ids, c.logprobs)
+            if tools.active(req):
+                tools.apply_to_choice(choice, c.text)
         return JSONResponse(P.chat_response(rid, created, s.served_model_name, choices,
                                             P.usage(n_prompt, final.num_output_tokens, final.num_cached_tokens)))
 
@@ -232,7 +246,7 @@ class ChatHandler:
                 task.cancel()
                 self.engine.abort(rid)
 
-    async def _stream(self, stream, rid, created, n, n_prompt, include_usage, clock: RequestClock):
+    async def _stream(self, stream, rid, created, n, n_prompt, include_usage, clock: RequestClock, parsers=None):
         model = self.settings.served_model_name
         done = [False] * n
         n_out = n_cached = 0
@@ -243,10 +257,16 @@ class ChatHandler:
                 clock.token(out.num_output_tokens - n_out)
                 n_out, n_cached = out.num_output_tokens, out.num_cached_tokens
                 for c in out.outputs:
-                    if done[c.index] or not (c.delta_text or c.finish_reason):
+                    if done[c.index] or not (c.delta_text or c.finish_reason or c.delta_logprobs):
                         continue
                     delta = {"content": c.delta_text} if c.delta_text else {}
-                    yield _sse(P.chunk(rid, created, model, [P.chunk_choice(c.index, delta, c.finish_reason)]))
+                    finish = c.finish_reason
+                    if parsers is not None:  # tool calls: content streams until <tool_call>, calls at the end
+                        delta, finish = tools.stream_delta(parsers[c.index], c.delta_text, finish)
+                    choice = P.chunk_choice(c.index, delta, finish)
+                    choice["logprobs"] = openai_logprobs(self.engine.engine.tokenizer, c.delta_token_ids,
+                                                         c.delta_logprobs)
+                    yield _sse(P.chunk(rid, created, model, [choice]))
                     done[c.index] = c.finish_reason is not None
             clock.finish(n_prompt)
             if include_usage:
