@@ -248,9 +248,10 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         from .fused_decode import choose_decoding_backends
 
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        choose_decoding_backends(model)  # CPU backends for decoding measured (or read) now, not at the first token
-        return model
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # CPU backends for decoding measured (or read) now, not at the first token
+        choose_decoding_backends(loaded[0] if isinstance(loaded, tuple) else loaded)  # (model, info) on request
+        return loaded
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs) -> dict:
         """The forward kwargs of one generation step (PEFT wraps this; our `generate` keeps its own state)."""
