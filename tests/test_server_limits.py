@@ -169,10 +169,13 @@ def test_stalled_uploads_time_out_and_connections_are_capped(srv):
     ({"stop_token_ids": [10**6]}, None, "stop_token_ids"),
     ({"top_k": 1e12}, None, "top_k"),
     (None, b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}', "Infinity"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, None, "not supported"),
-    ({"tool_choice": "auto"}, None, "not supported"),
-    ({"response_format": {"type": "json_object"}}, None, "not supported"),
-    ({"top_logprobs": 2}, None, "not supported"),
+    # fields that are never silently ignored: refused, or (tools, response_format, logprobs) checked
+    ({"functions": [{"name": "f"}]}, None, "not supported"),
+    ({"function_call": "auto"}, None, "not supported"),
+    ({"tool_choice": "required"}, None, "needs `tools`"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, None,
+     "Invalid type: nope"),
+    ({"top_logprobs": 2}, None, "requires logprobs"),
 ])
 def test_validation(srv, extra, raw, needle):
     body = {"messages": HI, "max_tokens": 2, **(extra or {})}
