@@ -266,7 +266,7 @@ def main(path: str = "qwen2vl-demo") -> None:
     from qwen2vl.processing import AutoProcessor
 
     model, processor = Qwen2VLForConditionalGeneration.from_pretrained(path), AutoProcessor.from_pretrained(path)
-    train_gen = [{**ex, "kind": ex["meta"]["kind"]} for ex in held_out_set(320)]
+    train_gen = [{**ex, "kind": ex["meta"]["kind"]} for ex in held_out_set(240)]
     sets = (("training generator, held-out seed (pictures + clips)", train_gen),
             ("second renderer, pictures, held-out phrasings", image_set()),
             ("second renderer, clips, held-out phrasings", clip_set()))

@@ -32,6 +32,22 @@ def user_drawing(shape: str, color: str, size: tuple[int, int]) -> Image.Image:
     return img
 
 
+@pytest.fixture(scope="module", autouse=True)
+def load_once():
+    """The in-process runs share one loaded model (each still goes through argument parsing, message building,
+    the processor and streamed generation); loading itself is covered by the subprocess test."""
+    real, cache = cli._load, {}
+
+    def cached(args):
+        if args.model not in cache:
+            cache[args.model] = real(args)
+        return cache[args.model]
+
+    cli._load = cached
+    yield
+    cli._load = real
+
+
 def run_inprocess(capsys, *args) -> str:
     assert cli.main(["run", *args]) == 0
     return capsys.readouterr().out.strip()
