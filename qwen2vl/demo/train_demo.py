@@ -7,13 +7,16 @@ processor keeps their aspect and gives them 4-12 visual tokens: naive dynamic re
 question kind, and short clips through the video processor (4 sampled frames -> 2 temporal patches).
 
 Recipe: conversations of 1-3 questions about one picture or clip, AdamW cosine, plus an alignment loss (the tied LM
-head applied to each image token should name the colour and shape under it, ``align``). The bundled model is two
-stages (1100 steps x 32 at 1e-3, then 300 steps x 32 at 4e-4 on fresh data from another seed), torch on 1 thread:
+head applied to each image token should name the colour and shape under it, ``align``). The bundled model is three
+stages (1100 steps x 32 at 1e-3, then 300 at 4e-4 and 300 at 3e-4, each on fresh data from another seed), torch on
+1 thread:
 
     python -m qwen2vl.demo.train_demo --out /tmp/stage1 --steps 1100 --checkpoint-dir /tmp/demo-ck
-    python -m qwen2vl.demo.train_demo --init-from /tmp/demo-ck --steps 300 --lr 4e-4 --warmup 20 --data-seed 3
+    python -m qwen2vl.demo.train_demo --out /tmp/stage2 --init-from /tmp/demo-ck --steps 300 --lr 4e-4 --warmup 20 \
+        --data-seed 3 --checkpoint-dir /tmp/demo-ck2
+    python -m qwen2vl.demo.train_demo --init-from /tmp/demo-ck2 --steps 300 --lr 3e-4 --warmup 20 --data-seed 4
 
-(``--checkpoint-dir`` keeps ``checkpoint-<step>`` folders and the final float32 weights, which the second stage
+(``--checkpoint-dir`` keeps ``checkpoint-<step>`` folders and the final float32 weights, which the next stage
 starts from; without ``--out`` the result goes to qwen2vl/demo/model with the example pictures.)
     python -m qwen2vl.demo.train_demo --out /tmp/demo --steps 200 --eval-every 100    # a quick trial
 
