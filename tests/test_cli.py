@@ -52,11 +52,11 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_chat_two_turns_about_an_image():
-    script = f"/image {EXAMPLE1}\nHow many shapes are there?\nWhat is in the top right?\n/exit\n"
+    script = f"/image {EXAMPLE1}\nHow many shapes are there?\nWhat color is the circle?\n/exit\n"
     out = qwen2vl("chat", stdin=script)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line and not line.startswith("(")]
-    assert lines == ["There are 3 shapes.", "There is a blue square in the top right."]
+    assert lines == ["There are 3 shapes.", "The circle is red."]
 
 
 def test_python_dash_m_help():

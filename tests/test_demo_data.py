@@ -1,14 +1,17 @@
-"""Synthetic demo data (qwen2vl.demo.data) and the demo tokenizer (qwen2vl.demo.build_tokenizer)."""
+"""Synthetic demo data (qwen2vl.demo: scenes, questions, video, data) and the demo tokenizer (build_tokenizer)."""
 import collections
 import io
 import json
 import os
+import random
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from qwen2vl.demo import build_tokenizer as bt
-from qwen2vl.demo import data
+from qwen2vl.demo import data, questions, scenes, video
+from qwen2vl.demo.align import token_targets
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "qwen2-vl", "Qwen2-VL-2B-Instruct")
 
@@ -21,7 +24,7 @@ def _png(img):
 
 @pytest.fixture(scope="module")
 def dataset():
-    return data.make_dataset(400, seed=0, text_only_prob=0.05)
+    return data.make_dataset(400, seed=0, text_only_prob=0.03, video_prob=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -31,146 +34,154 @@ def tok():
 
 # ----------------------------------------------------------------------------------------------- data
 def test_deterministic():
-    a, b = data.make_dataset(25, seed=7), data.make_dataset(25, seed=7)
+    a, b = data.make_dataset(25, seed=7, video_prob=0.3), data.make_dataset(25, seed=7, video_prob=0.3)
     for x, y in zip(a, b):
         assert (x["question"], x["answer"], x["meta"]) == (y["question"], y["answer"], y["meta"])
-        assert _png(x["image"]) == _png(y["image"])
+        if x["image"] is not None:
+            assert _png(x["image"]) == _png(y["image"])
+        else:
+            assert np.array_equal(x["video"], y["video"])
     c = data.make_dataset(25, seed=8)
     assert [x["answer"] for x in a] != [x["answer"] for x in c]
 
 
 def test_draw_false_same_stream():
-    a = data.make_dataset(40, seed=3)
-    b = data.make_dataset(40, seed=3, draw=False)
-    def key(x):
-        return x["question"], x["answer"], x["meta"]
-    assert [key(x) for x in a] == [key(x) for x in b]
-    assert all(x["image"] is None for x in b)
-    assert _png(data.render(a[5]["meta"])) == _png(a[5]["image"])
+    a = data.make_dataset(40, seed=3, video_prob=0.2)
+    b = data.make_dataset(40, seed=3, video_prob=0.2, draw=False)
+    assert [(x["question"], x["answer"], x["meta"]) for x in a] == [(x["question"], x["answer"], x["meta"]) for x in b]
+    assert all(x["image"] is None and x["video"] is None for x in b)
+    i = next(i for i, x in enumerate(a) if x["image"] is not None)
+    assert _png(data.render(a[i]["meta"])) == _png(a[i]["image"])
 
 
-def test_images_and_sentences(dataset):
+def test_variety(dataset):
+    kinds = collections.Counter(ex["meta"]["kind"] for ex in dataset)
+    assert set(kinds) == set(data.QUESTION_KINDS), kinds
+    pics = [ex for ex in dataset if ex["image"] is not None]
+    sizes = {ex["image"].size for ex in pics}
+    assert len(sizes) > 100 and min(min(s) for s in sizes) >= 56 and max(max(s) for s in sizes) <= 448
+    assert any(w >= 2 * h for w, h in sizes) and any(h >= 2 * w for w, h in sizes)
+    counts = collections.Counter(len(ex["meta"]["scene"]["shapes"]) for ex in pics)
+    assert set(counts) == set(range(1, 7)), counts
+    shapes = [s for ex in pics for s in ex["meta"]["scene"]["shapes"]]
+    assert {s["outline"] > 0 for s in shapes} == {True, False}
+    assert {ex["meta"]["scene"]["noise"] > 0 for ex in pics} == {True, False}
+    assert {ex["meta"]["scene"]["aa"] for ex in pics} == {True, False}
+    for kind in ("color", "count_all", "describe", "where"):
+        assert len({ex["question"] for ex in dataset if ex["meta"]["kind"] == kind}) >= 4, kind
+    for ex in dataset:  # full sentences
+        assert (ex["answer"][:1].isupper() or ex["answer"][:1].isdigit()) and ex["answer"].endswith(".")
+        assert len(ex["answer"].split()) >= 2
+
+
+def test_answers_follow_the_scene(dataset):
     for ex in dataset:
-        if ex["meta"]["kind"] != "text_only":
-            assert ex["image"].mode == "RGB" and ex["image"].size == (data.IMAGE_SIZE, data.IMAGE_SIZE)
-        assert ex["question"].endswith(("?", "."))
-        assert ex["answer"].endswith(".") and len(ex["answer"].split()) >= 3, ex["answer"]
-        assert ex["answer"][0].isupper()
-    assert data.IMAGE_SIZE % 28 == 0
-    with pytest.raises(ValueError):
-        data.make_example(__import__("random").Random(0), size=100)
-
-
-def test_all_kinds_appear(dataset):
-    counts = collections.Counter(ex["meta"]["kind"] for ex in dataset)
-    assert set(counts) == set(data.QUESTION_KINDS), counts
-    assert "text_only" not in {ex["meta"]["kind"] for ex in data.make_dataset(200, seed=1)}  # off by default
-    for kinds in (["color_of"], ["read_word"], ["describe"], ["text_only"], ["exists", "shape_at"]):
-        assert {ex["meta"]["kind"] for ex in data.make_dataset(30, seed=2, kinds=kinds)} <= set(kinds)
-
-
-def test_exists_balanced():
-    exists = [ex["answer"].startswith("Yes") for ex in data.make_dataset(300, 4, kinds=["exists"])]
-    assert 0.35 < sum(exists) / len(exists) < 0.65
-
-
-def _n(answer):
-    word = answer.split()[2]
-    return 0 if word == "no" else int(word)
-
-
-def test_answers_match_meta(dataset):
-    for ex in dataset:
-        m, q, a = ex["meta"], ex["question"], ex["answer"]
-        shapes, kind, arg = m["shapes"], m["kind"], m["arg"]
-        if kind == "count_all":
-            assert _n(a) == len(shapes) and 1 <= len(shapes) <= 4
-            assert a == ("There is 1 shape." if len(shapes) == 1 else f"There are {len(shapes)} shapes.")
-        elif kind == "count_shape":
-            assert _n(a) == sum(s["shape"] == arg for s in shapes) and arg in q
-        elif kind == "count_color":
-            assert _n(a) == sum(s["color"] == arg for s in shapes) and arg in q
-        elif kind == "color_of":
-            (s,) = [s for s in shapes if s["shape"] == arg]
-            assert a == f"The {arg} is {s['color']}."
-        elif kind == "shape_at":
-            here = [s for s in shapes if s["quadrant"] == arg]
-            assert (a.startswith("There is nothing") == (not here)) and arg in a
-        elif kind == "exists":
-            present = any([s["color"], s["shape"]] == arg for s in shapes)
-            assert a.startswith("Yes") == present
-        elif kind in ("describe", "read_word") and m["word"]:
-            assert m["word"] in data.WORDS and a.endswith(f"{m['word']}.") and not shapes
-        elif kind == "describe":
-            assert len(shapes) == 1 and a == f"A {shapes[0]['color']} {shapes[0]['shape']}."
-        else:
-            assert kind == "text_only" and ex["image"] is None and (q, a) in data.TEXT_ONLY_QA
-
-
-def test_pixels_match_meta(dataset):
-    """Each shape's centre has its palette colour, each shape stays inside its own quadrant, empty quadrants
-    are plain background."""
-    half = data.IMAGE_SIZE // 2
-    for ex in dataset[:150]:
-        if ex["image"] is None or ex["meta"]["word"]:
+        kind, scene, arg, ans = ex["meta"]["kind"], ex["meta"]["scene"], ex["meta"]["arg"], ex["answer"]
+        if scene is None:
             continue
-        px = ex["image"].load()
-        used = set()
-        for s in ex["meta"]["shapes"]:
-            cx, cy = s["center"]
-            got = px[cx, cy]
-            nearest = min(data.COLORS, key=lambda c: sum((u - v) ** 2 for u, v in zip(data.COLORS[c], got)))
-            assert nearest == s["color"]
-            q = data.QUADRANTS.index(s["quadrant"])
-            x0, y0, r = (q % 2) * half, (q // 2) * half, s["extent"] / 2
-            assert x0 <= cx - r and cx + r < x0 + half and y0 <= cy - r and cy + r < y0 + half
-            assert s["extent"] >= 24
-            used.add(q)
-        for q in set(range(4)) - used:
-            x0, y0 = (q % 2) * half, (q // 2) * half
-            crop = ex["image"].crop((x0, y0, x0 + half, y0 + half))
-            assert len(crop.getcolors()) == 1
+        sh = scene["shapes"]
+        if kind == "count_all":
+            n = len(sh)
+            assert ans == (f"There are {n} shapes." if n > 1 else "There is 1 shape.")
+        elif kind == "count_shape":
+            assert data.meaning(ans) in ([str(sum(s["shape"] == arg for s in sh)), arg], ["no", arg])
+        elif kind == "exists":
+            assert ans.startswith("Yes") == any([s["color"], s["shape"]] == arg for s in sh)
+        elif kind == "describe":
+            assert sorted(data.meaning(ans)) == sorted(
+                ([str(len(sh))] if len(sh) > 1 else []) + [w for s in sh for w in (s["color"], s["shape"])])
+        elif kind == "shape":
+            big = max(sh, key=scenes.area)
+            assert big["shape"] in ans and all(scenes.area(s) * 1.5 <= scenes.area(big) for s in sh if s is not big)
 
 
-def test_word_images_have_ink():
-    for ex in data.make_dataset(10, seed=5, kinds=["read_word"]):
-        colors = ex["image"].getcolors()
-        assert len(colors) == 2 and min(c for c, _ in colors) > 300  # background + ink, enough ink to read
+def test_regions():
+    s = {"shape": "circle", "center": [10, 90], "extent": 10}
+    assert scenes.region(s, (100, 100)) == ("bottom", "left")
+    assert scenes.region({**s, "center": [50, 50]}, (100, 100)) == ("middle", "center")
+    assert scenes.region({**s, "center": [35, 50]}, (100, 100)) is None  # on a third-line: never asked
+    scene = {"size": [300, 100], "shapes": [{"shape": "square", "color": "red", "center": [250, 20], "extent": 20}]}
+    assert questions.answer("where", scene, "the square") == "The square is in the top right."
+    assert questions.answer("what_at", scene, ["top", "right"]) == "There is a red square in the top right."
+    assert questions.answer("what_at", scene, ["middle", "center"]) == "There is nothing in the center."
 
 
-def test_answer_is_correct():
-    assert data.answer_is_correct(" There is 1 shape.\n", "There is 1 shape.")
-    assert not data.answer_is_correct("There is 1 shape", "There is 1 shape.")
-    assert not data.answer_is_correct("There are 2 shapes.", "There is 1 shape.")
+def test_pixels_match_the_scene():
+    rng = random.Random(5)
+    for _ in range(30):
+        scene = scenes.sample_scene(rng)
+        img = np.asarray(scenes.render({**scene, "noise": 0}), dtype=int)
+        for s in scene["shapes"]:
+            if s["outline"] == 0 and s["extent"] >= 12:
+                x, y = (round(v) for v in s["center"])
+                y = min(y + round(s["extent"] * 0.15), img.shape[0] - 1) if s["shape"] == "triangle" else y
+                assert np.abs(img[y, x] - s["rgb"]).max() <= 12, (s, img[y, x])
+        assert (img[0, 0] == scene["background"]).all() or any(scenes.contains(s, 0.5, 0.5) for s in scene["shapes"])
+
+
+@pytest.mark.parametrize("event", ["move", "appear", "recolor"])
+def test_clips_show_their_event(event):
+    from qwen2vl.processing.video_processing import sample_frame_indices
+
+    rng = random.Random(11)
+    for _ in range(10):
+        clip = video.sample_clip(rng, event)
+        frames = video.render_clip({**clip, "noise": 0}).astype(int)
+        idx = sample_frame_indices(len(frames), num_frames=video.SAMPLED_FRAMES)
+        ink = [np.abs(frames[i] - clip["background"]).sum(-1) > 60 for i in idx]
+        if event == "move":
+            ys, xs = zip(*[np.nonzero(m) for m in (ink[0], ink[-1])])
+            dx, dy = xs[1].mean() - xs[0].mean(), ys[1].mean() - ys[0].mean()
+            moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}[clip["direction"]]
+            assert moved > 0.2 * clip["size"][0 if clip["direction"] in ("left", "right") else 1]
+        elif event == "appear":
+            assert not ink[0].any() and not ink[1].any() and ink[2].any() and ink[3].any()
+        else:
+            c0, c1 = (frames[i][ink[k]].mean(0) for k, i in ((0, idx[0]), (3, idx[3])))
+            assert np.abs(c0 - clip["rgb"]).max() < 15 and np.abs(c1 - clip["rgb2"]).max() < 15
+        q, a = video.ask_video(rng, event, clip)
+        assert clip["shape"] in a or clip["shape"] in q
+
+
+def test_meaning_metric():
+    assert data.answer_is_correct("There are 3 shapes.", "I count three shapes.")
+    assert not data.answer_is_correct("There are 2 shapes.", "There are 3 shapes.")
+    assert not data.answer_is_correct("The circle is blue.", "The circle is red.")
+    assert data.answer_is_correct("The circle moves left.", "The circle moves to the left.", "move")
+    assert not data.answer_is_correct("The square turns from blue to red.", "The square turns from red to blue.",
+                                      "recolor")
+    assert not data.answer_is_correct("There is a red square in the top right.",
+                                      "There is a red square in the top left.")
+
+
+def test_alignment_targets():
+    scene = {"size": [112, 56], "shapes": [{"shape": "circle", "color": "red", "center": [20, 28], "extent": 30,
+                                            "outline": 0}]}
+    assert token_targets(scene, (1, 2)) == [("red", "circle"), ("nothing", None)]
+    assert token_targets(scene, (2, 4))[4] == ("red", "circle")  # the token under a small shape's centre
 
 
 def test_jsonl(tmp_path):
-    path = data.write_jsonl(str(tmp_path / "train.jsonl"), 20, seed=11, text_only_prob=0.2)
-    ref = data.make_dataset(20, seed=11, text_only_prob=0.2)
+    path = data.write_jsonl(str(tmp_path / "train.jsonl"), 20, seed=11, text_only_prob=0.2, video_prob=0.2)
+    ref = data.make_dataset(20, seed=11, text_only_prob=0.2, video_prob=0.2)
     lines = open(path, encoding="utf-8").read().splitlines()
     assert len(lines) == 20
     for i, (line, ex) in enumerate(zip(lines, ref)):
-        rec = json.loads(line)
-        user, assistant = rec["messages"]
-        assert user["role"] == "user" and assistant["role"] == "assistant"
+        user, assistant = json.loads(line)["messages"]
         assert assistant["content"] == [{"type": "text", "text": ex["answer"]}]
         assert user["content"][-1] == {"type": "text", "text": ex["question"]}
-        if ex["image"] is None:
+        if ex["image"] is not None:
+            assert user["content"][0] == {"type": "image", "image": f"images/{i:06d}.png"}
+            with Image.open(tmp_path / "images" / f"{i:06d}.png") as im:
+                assert im.convert("RGB").tobytes() == ex["image"].tobytes()
+        elif ex["video"] is not None:
+            assert user["content"][0]["video"][0] == f"images/{i:06d}_00.png"
+            assert len(user["content"][0]["video"]) == len(ex["video"])
+        else:
             assert len(user["content"]) == 1
-            continue
-        item = user["content"][0]
-        assert item == {"type": "image", "image": f"images/{i:06d}.png"}
-        with Image.open(tmp_path / item["image"]) as im:
-            assert im.convert("RGB").tobytes() == ex["image"].tobytes()
     back = data.read_jsonl(path, load_images=True)
     assert [(b["question"], b["answer"]) for b in back] == [(e["question"], e["answer"]) for e in ref]
-    assert all((b["image"] is None) == (e["image"] is None) for b, e in zip(back, ref))
-    again = tmp_path / "again"
-    again.mkdir()
-    data.write_jsonl(str(again / "train.jsonl"), 20, seed=11, text_only_prob=0.2)
-    assert (again / "train.jsonl").read_bytes() == (tmp_path / "train.jsonl").read_bytes()
-    assert (again / "images" / "000003.png").read_bytes() == (tmp_path / "images" / "000003.png").read_bytes()
-
+    assert all((b["video"] is None) == (e["video"] is None) for b, e in zip(back, ref))
 
 
 def test_jsonl_command(tmp_path, capsys):
@@ -179,6 +190,7 @@ def test_jsonl_command(tmp_path, capsys):
     back = data.read_jsonl(str(tmp_path / "d.jsonl"))
     assert [(b["question"], b["answer"]) for b in back] == \
         [(e["question"], e["answer"]) for e in data.make_dataset(5, seed=11)]
+
 
 # ----------------------------------------------------------------------------------------------- tokenizer
 def test_tokenizer_deterministic(tok):
@@ -205,7 +217,9 @@ def test_roundtrip_and_lengths(tok, dataset):
     samples += [ex["question"] for ex in dataset[:50]] + [ex["answer"] for ex in dataset[:50]]
     for s in samples:
         assert tok.decode(tok.encode(s).ids, skip_special_tokens=False) == s
-    assert max(len(tok.encode(ex["answer"]).ids) for ex in dataset) <= 12
+    short = [ex for ex in dataset if ex["meta"]["kind"] not in ("describe", "describe_video")]
+    assert max(len(tok.encode(ex["answer"]).ids) for ex in short) <= 14
+    assert max(len(tok.encode(ex["answer"]).ids) for ex in dataset) <= 48  # "6 shapes: a red circle, ..."
     assert tok.encode("There are 3 circles.").tokens == ["There", "Ġare", "Ġ", "3", "Ġcircles", "."]
     full = bt.chat_text("How many circles are there?", "There are 3 circles.")
     assert len(tok.encode(full).ids) <= 40  # + 15 once the image placeholder is expanded to 16 tokens

@@ -90,7 +90,11 @@ def test_labels_mask_exactly_the_non_assistant_tokens(processor):
     for row, rec in enumerate(recs):
         text = processor.apply_chat_template(rec["messages"], tokenize=False)
         n_img = text.count("<|image_pad|>")
-        text = text.replace("<|image_pad|>", "<|image_pad|>" * 16) if n_img else text  # 112 px image → 16 tokens
+        if n_img:  # the picture's placeholder expands to one token per merged patch
+            img_rows = [i for i, r in enumerate(recs) if "<|image_pad|>" in processor.apply_chat_template(
+                r["messages"], tokenize=False)]
+            n_tok = int(batch["image_grid_thw"][img_rows.index(row)].prod()) // 4
+            text = text.replace("<|image_pad|>", "<|image_pad|>" * n_tok)
         want = expected_labels(processor, text, answers[row])
         mask = batch["attention_mask"][row].bool()
         got = batch["labels"][row][mask].tolist()
@@ -180,7 +184,8 @@ def test_train_command_on_jsonl(model_dir, tmp_path, capsys):
     path = data.write_jsonl(str(tmp_path / "train.jsonl"), 4, seed=9)
     recs = load_jsonl(path)
     img = recs[0]["messages"][0]["content"][0]["image"]
-    assert img.startswith(str(tmp_path)) and Image.open(img).size == (112, 112)  # resolved against the file
+    assert img.startswith(str(tmp_path))  # resolved against the file
+    assert Image.open(img).size == data.make_dataset(1, seed=9)[0]["image"].size
     out = tmp_path / "out"
     assert main(["--model", str(model_dir), "--data", path, "--eval-data", path, "--output-dir", str(out),
                  "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--no-progress", "--save-steps", "1"]) == 0

@@ -54,10 +54,11 @@ def demo_corpus(n: int = 4000, seed: int = 1234) -> list[str]:
     rng = random.Random(seed)
     texts = []
     for _ in range(n):
-        ex = data.make_example(rng, draw=False, text_only_prob=0.05)
+        ex = data.make_example(rng, draw=False, text_only_prob=0.05, video_prob=0.2)
         texts.append(chat_text(ex["question"], ex["answer"], image=ex["meta"]["kind"] != "text_only"))
     # make sure every number / word form exists even if the sample missed it
     texts += [f"There are {k} shapes. There is {k} circle." for k in range(10)]
+    texts += [" ".join(data.SHAPES + data.COLOR_NAMES + ("nothing",))] * 8  # whole-word tokens (demo.align)
     texts += [q + " " + a for q, a in data.TEXT_ONLY_QA]
     return texts
 

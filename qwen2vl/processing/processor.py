@@ -85,13 +85,15 @@ class Qwen2VLProcessor:
                         revision: str | None = None, cache_dir: str | None = None, token: str | None = None,
                         local_files_only: bool = False, chat_template: str | None = None,
                         **overrides) -> "Qwen2VLProcessor":
-        """Load from a checkpoint directory or hub id.
+        """Load from a checkpoint directory, hub id or "qwen2vl-demo" (the bundled demo model).
 
         `overrides` go to the tokenizer (`padding_side`, `truncation_side`, `model_max_length`) or to the image and
         video processors (`min_pixels`, `max_pixels`, `size`, ..., each processor taking the names it knows).
         `backend="pil"` (or `use_fast=False`) picks the PIL image processor, default is the torch one.
         """
-        path = resolve_pretrained_dir(name_or_path, ["*.json", "*.txt", "*.jinja"], revision=revision,
+        from ..loading import resolve_name  # "qwen2vl-demo" -> the bundled model's folder, as for the model
+
+        path = resolve_pretrained_dir(resolve_name(name_or_path), ["*.json", "*.txt", "*.jinja"], revision=revision,
                                       cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         if backend is None:
             backend = "pil" if use_fast is False else "torch"
