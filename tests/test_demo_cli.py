@@ -50,8 +50,8 @@ def load_once():
 
 
 # The bundled model misses some of these (measured: the 640x480 drawings all right, some 224x224 ones wrong; one of
-# the two clip directions wrong): below the issue's target, reported until a longer training run.
-BELOW_TARGET = pytest.mark.xfail(reason="bundled demo model below the issue's accuracy target", strict=False)
+# the two clip directions wrong): a hard floor at the shipped model's level, then xfail below the issue's target.
+MAX_WRONG = {(224, 224): 4, (640, 480): 0}  # of 12 (measured: 4 and 0)
 
 
 def run_inprocess(capsys, *args) -> str:
@@ -63,7 +63,6 @@ def words(text: str) -> set[str]:
     return set(text.lower().replace(".", " ").replace(",", " ").split())
 
 
-@BELOW_TARGET
 @pytest.mark.parametrize("size", [(224, 224), (640, 480)])
 def test_user_drawings_each_shape_and_color(tmp_path, capsys, size):
     wrong = []
@@ -78,7 +77,9 @@ def test_user_drawings_each_shape_and_color(tmp_path, capsys, size):
                     or not {shape, color} <= words(got["Describe the image."]) or named & (set(SHAPES) - {shape}) \
                     or named & (set(PAINT) - {color}):
                 wrong.append((shape, color, got))
-    assert not wrong, wrong
+    assert len(wrong) <= MAX_WRONG[size], wrong
+    if wrong:
+        pytest.xfail(f"{len(wrong)} of {len(SHAPES) * len(PAINT)} drawings answered wrongly (issue #18's target: none)")
 
 
 def _write_mp4(path: Path, frames: np.ndarray, fps: int = 8) -> None:
@@ -104,13 +105,16 @@ def moving_circle(direction: str, n: int = 16, size=(160, 120)) -> np.ndarray:
     return np.stack(frames)
 
 
-@BELOW_TARGET
-@pytest.mark.parametrize("direction", ["left", "right"])
-def test_video_clip_direction(tmp_path, capsys, direction):
-    clip = tmp_path / f"{direction}.mp4"
-    _write_mp4(clip, moving_circle(direction))
-    out = run_inprocess(capsys, "--video", str(clip), "Which way does the circle move?")
-    assert direction in words(out) and ({"left", "right"} - {direction}).isdisjoint(words(out)), out
+def test_video_clip_direction(tmp_path, capsys):
+    right = []
+    for direction in ("left", "right"):
+        clip = tmp_path / f"{direction}.mp4"
+        _write_mp4(clip, moving_circle(direction))
+        out = run_inprocess(capsys, "--video", str(clip), "Which way does the circle move?")
+        right.append(direction in words(out) and ({"left", "right"} - {direction}).isdisjoint(words(out)))
+    assert any(right), "neither direction named"  # the shipped model's floor: one of the two
+    if not all(right):
+        pytest.xfail("one of the two directions is named wrongly (issue #18's target: both)")
 
 
 def _subprocess(*args):

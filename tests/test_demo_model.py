@@ -23,10 +23,20 @@ from qwen2vl.processing.media import load_image
 MODEL = demo_model_path()
 # The bundled model falls short of the issue's accuracy targets (held-out, measured with this file's sets: 58 % on
 # the training generator, 60 % on the second renderer's pictures, 67 % on its clips; see the README table): it was
-# trained for 1700 steps on a CPU shared four ways. The thresholds stay the issue's; these tests report until a
-# longer training run meets them.
-BELOW_TARGET = pytest.mark.xfail(reason="bundled demo model below the issue's accuracy target (README table)",
-                                 strict=False)
+# trained for 1700 steps on a CPU shared four ways. Each accuracy test therefore asserts a hard floor just under the
+# shipped model's level (a regression fails) and then marks itself xfail while the issue's target is not met (a
+# model that meets it passes; nothing here is ever skipped silently).
+
+
+BUNDLED_FLOOR = {"example1.png": 0.5, "example2.png": 0.66, "example3.png": 0.5}  # share right (measured: 2/4, 2/3, 1/2)
+
+
+def at_least(acc: float, floor: float, target: float, detail) -> None:
+    assert acc >= floor, (f"below the shipped model's floor {floor}", acc, detail)
+    if acc < target:
+        pytest.xfail(f"{acc:.1%} is below the issue's target {target:.0%} (README table; issue #18 stays open)")
+
+
 ASSETS = MODEL.parent / "assets"
 
 
@@ -71,7 +81,6 @@ def test_held_out_phrasings_never_trained():
     assert not trained & {p for v in ho.HELDOUT_PHRASINGS.values() for p in v}
 
 
-@BELOW_TARGET
 def test_training_generator_held_out_at_least_95_percent(model, processor):
     assert TEST_SEED not in (TRAIN_SEED, EVAL_SEED)
     test = held_out_set(240)
@@ -79,10 +88,10 @@ def test_training_generator_held_out_at_least_95_percent(model, processor):
     acc = accuracy_by_kind(test, answers)
     wrong = [(ex["question"], ex["answer"], a) for ex, a in zip(test, answers)
              if not data.answer_is_correct(a, ex["answer"], ex["meta"]["kind"])]
-    assert acc["all"] >= 0.95, (acc, wrong[:10])
     for a in answers:  # sentences, ending with a full stop
         assert a[:1].isupper() or a[:1].isdigit(), a
         assert a.endswith(".") and len(a.split()) >= 2, a
+    at_least(acc["all"], 0.53, 0.95, (acc, wrong[:10]))
 
 
 def _second_renderer_accuracy(model, processor, test) -> tuple[float, dict, list]:
@@ -93,18 +102,16 @@ def _second_renderer_accuracy(model, processor, test) -> tuple[float, dict, list
     return sum(h for h, _ in table.values()) / len(test), table, wrong
 
 
-@BELOW_TARGET
 def test_second_renderer_pictures_at_least_90_percent(model, processor):
     test = ho.image_set(60)
     assert len(test) >= 300
     acc, table, wrong = _second_renderer_accuracy(model, processor, test)
-    assert acc >= 0.90, (acc, table, wrong[:12])
+    at_least(acc, 0.55, 0.90, (table, wrong[:12]))
 
 
-@BELOW_TARGET
 def test_second_renderer_clips_at_least_90_percent(model, processor):
     acc, table, wrong = _second_renderer_accuracy(model, processor, ho.clip_set(60))
-    assert acc >= 0.90, (acc, table, wrong[:12])
+    at_least(acc, 0.60, 0.90, (table, wrong[:12]))
 
 
 def test_batched_answers_equal_single_answers(model, processor):
@@ -120,10 +127,11 @@ def test_readme_main_job(model, processor):
     assert answer_questions(model, processor, [ex]) == ["There are 3 shapes."]  # 3 shapes in example1.png
 
 
-@BELOW_TARGET
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_bundled_examples(model, processor, name):
     image = load_image(str(ASSETS / name))
     assert list(image.size) == EXAMPLES[name]["scene"]["size"]
     examples = [{"image": image, "video": None, "question": q, "answer": a} for q, a in EXAMPLES[name]["qa"]]
-    assert answer_questions(model, processor, examples) == [a for _, a in EXAMPLES[name]["qa"]]
+    answers = answer_questions(model, processor, examples)
+    right = sum(a == gold for a, (_, gold) in zip(answers, EXAMPLES[name]["qa"]))
+    at_least(right / len(examples), BUNDLED_FLOOR[name], 1.0, list(zip(answers, EXAMPLES[name]["qa"])))
