@@ -6,12 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from qwen2vl import cli
+from tiny import write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 PAINT = {"red": (237, 28, 36), "green": (34, 177, 76), "blue": (63, 72, 204), "yellow": (255, 242, 0)}  # MS Paint
@@ -82,17 +82,6 @@ def test_user_drawings_each_shape_and_color(tmp_path, capsys, size):
         pytest.xfail(f"{len(wrong)} of {len(SHAPES) * len(PAINT)} drawings answered wrongly (issue #18's target: none)")
 
 
-def _write_mp4(path: Path, frames: np.ndarray, fps: int = 8) -> None:
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
 def moving_circle(direction: str, n: int = 16, size=(160, 120)) -> np.ndarray:
     w, h = size
     frames = []
@@ -109,7 +98,7 @@ def test_video_clip_direction(tmp_path, capsys):
     right = []
     for direction in ("left", "right"):
         clip = tmp_path / f"{direction}.mp4"
-        _write_mp4(clip, moving_circle(direction))
+        write_mp4(clip, moving_circle(direction))
         out = run_inprocess(capsys, "--video", str(clip), "Which way does the circle move?")
         right.append(direction in words(out) and ({"left", "right"} - {direction}).isdisjoint(words(out)))
     assert any(right), "neither direction named"  # the shipped model's floor: one of the two
@@ -129,7 +118,7 @@ def test_subprocess_user_drawing_and_video(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "The triangle is green."
     clip = tmp_path / "clip.mp4"
-    _write_mp4(clip, moving_circle("right"))
+    write_mp4(clip, moving_circle("right"))
     out = _subprocess("run", "--video", str(clip), "--json", "Which way does the circle move?")
     assert out.returncode == 0, out.stderr
     rec = json.loads(out.stdout)

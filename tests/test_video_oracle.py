@@ -12,11 +12,11 @@ import os
 import subprocess
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
 from qwen2vl.processing.video_processing import Qwen2VLVideoProcessor, sample_frame_indices
+from tiny import write_mp4
 
 DEFAULT_VENV_PYTHON = Path.home() / ".cache" / "qwen2vl-ci" / "oracle-venv" / "bin" / "python"
 ORACLE = Path(__file__).parent / "oracles" / "hf_video_processor.py"
@@ -43,17 +43,6 @@ def frames(n, h, w, seed=0):
     return (base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
 
 
-def write_video(path, data, fps):
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.height, s.width, s.pix_fmt = data.shape[1], data.shape[2], "yuv420p"
-        for f in data:
-            for packet in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     python = oracle_python()
@@ -62,7 +51,7 @@ def reference(tmp_path_factory):
     np.save(root / "clip.npy", clip)
     np.save(root / "odd.npy", frames(9, 150, 200, seed=1))
     np.save(root / "odd_float.npy", frames(7, 150, 200, seed=3).astype(np.float32))  # the non-uint8 path
-    write_video(root / "clip.mp4", frames(30, 48, 64, seed=2), fps=10)
+    write_mp4(root / "clip.mp4", frames(30, 48, 64, seed=2), fps=10)
     cases = [
         dict(name="fps", source="array", path=str(root / "clip.npy"), video_fps=10, fps=2, processor=PIXELS),
         dict(name="fps_above_min", source="array", path=str(root / "clip.npy"), video_fps=5, fps=1.5,

@@ -122,3 +122,18 @@ def real_heads_config(layers: int = 2, tie: bool = False, vocab: int = 99) -> Qw
 def real_heads_model(std: float = 0.1, seed: int = 0, **kw) -> Qwen2VLForConditionalGeneration:
     torch.manual_seed(seed)
     return spread(Qwen2VLForConditionalGeneration(real_heads_config(**kw)).eval(), std, seed + 1)
+
+
+def write_mp4(path, frames, fps: int = 8, codec: str = "mpeg4"):
+    """Encode uint8 RGB frames (T, H, W, 3) as a video file (PyAV); returns the path."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
