@@ -323,11 +323,7 @@ class LLMEngine:
         """How many prompt tokens the prefix cache would give (a look without counting it as a hit)."""
         if self.prefix is None or not req.keys:
             return 0
-        saved = self.prefix.queries, self.prefix.hits, self.prefix.cached_tokens
-        try:
-            return self.prefix.lookup(req.keys, limit=len(req.keys) - 1)[1]
-        finally:
-            self.prefix.queries, self.prefix.hits, self.prefix.cached_tokens = saved
+        return self.prefix.lookup(req.keys, limit=len(req.keys) - 1, count=False)[1]
 
     def _restore(self, req: Request, row: int) -> None:
         """Copy the longest cached prefix of the prompt into `row` (at least one token is left to prefill)."""

@@ -78,9 +78,10 @@ class PrefixCache:
         self.hits = 0
         self.cached_tokens = 0
 
-    def lookup(self, keys: list, limit: int | None = None) -> tuple[int | None, int]:
-        """The entry sharing the longest prefix with `keys` and that prefix's length (at most `limit`)."""
-        self.queries += 1
+    def lookup(self, keys: list, limit: int | None = None, count: bool = True) -> tuple[int | None, int]:
+        """The entry sharing the longest prefix with `keys` and that prefix's length (at most `limit`).
+        `count=False`: an internal look (insert, admission planning), not a client's query in the stats."""
+        self.queries += count
         best, matched = None, 0
         for i, h in enumerate(block_hashes(keys)):
             ids = self.by_block.get(h)
@@ -101,8 +102,9 @@ class PrefixCache:
         if matched == 0:
             return None, 0
         self.entries.move_to_end(best)
-        self.hits += 1
-        self.cached_tokens += matched
+        if count:
+            self.hits += 1
+            self.cached_tokens += matched
         return best, matched
 
     def insert(self, keys: list) -> tuple[int | None, list[int]]:
@@ -112,7 +114,7 @@ class PrefixCache:
         if size == 0 or size > self.max_bytes or len(keys) < BLOCK:
             return None, []
         dropped = []
-        contained, n = self._longest(keys)
+        contained, n = self.lookup(keys, count=False)
         if contained is not None and n == len(self.entries[contained].keys):
             dropped.append(self._remove(contained))
         entry = Entry(next(self._ids), list(keys), block_hashes(keys), size)
@@ -123,13 +125,6 @@ class PrefixCache:
         for h in entry.blocks:
             self.by_block.setdefault(h, set()).add(entry.id)
         return entry.id, dropped
-
-    def _longest(self, keys: list) -> tuple[int | None, int]:
-        q, h, c = self.queries, self.hits, self.cached_tokens  # an internal look-up is not a client's hit
-        try:
-            return self.lookup(keys)
-        finally:
-            self.queries, self.hits, self.cached_tokens = q, h, c
 
     def _remove(self, entry_id: int) -> int:
         entry = self.entries.pop(entry_id)
