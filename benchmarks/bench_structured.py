@@ -4,11 +4,13 @@
    constrained to a JSON schema (an array of 3-digit integers) vs. the same number of unconstrained tokens
    (ignore_eos, max_tokens = the constrained run's length). Prefill is included in both (short prompts). Also
    the share of the constrained run's wall time spent computing/applying masks (robust to a busy machine).
-2. The mask step alone with Qwen2's real 151k vocabulary (tokenizer from ../shared/qwen2-vl when present):
+2. The same end to end on the real 2B shape (random bf16 weights, the real 151k tokenizer and chat template from
+   ../shared): `--config 2b` (skipped by default: it builds a 4.4 GB checkpoint and takes minutes).
+3. The mask step alone with Qwen2's real 151k vocabulary (tokenizer from ../shared/qwen2-vl when present):
    ms per decode step to compute the masks of a batch (llguidance's thread pool), expand them and apply them to
    (B, 151936) logits, walking a JSON answer token by token. Compare with the model's own step time.
 
-    python benchmarks/bench_structured.py [--tokens 96] [--repeats 3]
+    python benchmarks/bench_structured.py [--tokens 96] [--repeats 3] [--config demo|2b|both]
 """
 from __future__ import annotations
 
@@ -62,9 +64,10 @@ class MaskClock:
         guided.mask_logits, guided.advance = self.saved
 
 
-def end_to_end(tokens: int, repeats: int) -> None:
-    llm = LLM("qwen2vl-demo", max_num_seqs=8, max_model_len=1024)
-    schema = schema_for(tokens // 3)  # "123, " is about 3 tokens with the demo vocabulary
+def end_to_end(tokens: int, repeats: int, model: str = "qwen2vl-demo", label: str = "demo model",
+               tokens_per_item: int = 3) -> None:
+    llm = LLM(model, max_num_seqs=8, max_model_len=1024, dtype=None if model == "qwen2vl-demo" else "bfloat16")
+    schema = schema_for(tokens // tokens_per_item)  # "123, " is about 3 tokens with the demo vocabulary
     for batch in (1, 8):
         guided_p = [SamplingParams(temperature=0, max_tokens=4 * tokens, json_schema=schema)] * batch
         timed(llm, guided_p)  # warm-up (tokenizer conversion, first grammar)
@@ -80,7 +83,7 @@ def end_to_end(tokens: int, repeats: int) -> None:
                 if name == "schema":
                     shares.append(clock.seconds / dt)
         free, cons = statistics.median(rates["free"]), statistics.median(rates["schema"])
-        print(f"demo model, batch {batch}, {n_tok} tokens/row: unconstrained {free:8.1f} tok/s, "
+        print(f"{label}, batch {batch}, {n_tok} tokens/row: unconstrained {free:8.1f} tok/s, "
               f"JSON schema {cons:8.1f} tok/s ({100 * (free - cons) / free:+.1f} % slower); "
               f"mask step {100 * statistics.median(shares):.1f} % of the constrained run's time")
 
@@ -119,9 +122,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=96, help="new tokens per row (about)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--config", default="demo", choices=["demo", "2b", "both"])
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    end_to_end(args.tokens, args.repeats)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"machine: {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.config in ("demo", "both"):
+        end_to_end(args.tokens, args.repeats)
+    if args.config in ("2b", "both"):
+        import tempfile
+
+        from bench_multiturn import build_model  # the 2B shape with the real tokenizer files
+
+        with tempfile.TemporaryDirectory() as tmp:
+            build_model(Path(tmp), small=False)
+            # Qwen2's BPE writes "123" as one token per digit ("1","2","3") plus ", " -> about 4 tokens an item
+            end_to_end(args.tokens, args.repeats, tmp, "2B shape (random bf16 weights)", tokens_per_item=4)
     mask_cost(args.repeats)
 
 
