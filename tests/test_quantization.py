@@ -94,4 +94,4 @@ def test_from_pretrained_int8_and_save_refused(tmp_path):
     with pytest.raises(ValueError, match="quantized"):
         q.save_pretrained(tmp_path / "again")
     with pytest.raises(ValueError, match="not supported"):
-        Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, quantization="int4")
+        Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, quantization="int3")

@@ -19,6 +19,7 @@ heuristics in cpu.py / cpu_ops.py that tests/test_kernels.py pins):
     lm_head            kernel | torch                           (1-8 rows, a vocabulary-sized output)
     decode_attention   kernel | torch (SDPA)
     int8_gemv          kernel | torch (torch._weight_int8pack_mm)   (1-8 rows)
+    int4_gemv          kernel | torch (torch._weight_int4pack_mm_for_cpu)   (1-8 rows, group-wise 4-bit)
 
 `decide` returns a candidate's name, or None for today's default rule: where the choice is forced to "kernel", the
 shapes are too small to be worth timing (every test model: bit-identical to before), the budget is spent (timed by
@@ -51,6 +52,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "lm_head": ("kernel", "torch"),
     "decode_attention": ("kernel", "torch"),
     "int8_gemv": ("kernel", "torch"),
+    "int4_gemv": ("kernel", "torch"),
 }
 BUDGET_S = 2.0           # timing per process, all decisions together (the rest are timed by a later load)
 DECISION_CAP_S = 0.4     # one decision stops after this once every candidate ran twice
@@ -137,7 +139,7 @@ def forced() -> dict[str, str]:
 
 def rows_class(op: str, rows: int) -> int:
     """The representative row count of the class `rows` falls in (what is timed; part of the key)."""
-    if op in ("decode_gemv", "lm_head", "int8_gemv", "decode_attention"):
+    if op in ("decode_gemv", "lm_head", "int8_gemv", "int4_gemv", "decode_attention"):
         return rows
     if op == "prefill_linear" and rows < 64:
         return 32

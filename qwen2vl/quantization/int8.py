@@ -11,11 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import choose
-from .kernels import cpu as cpu_kernels
-
-SUPPORTED = ("int8",)
-
+from ..kernels import choose
+from ..kernels import cpu as cpu_kernels
 
 class Int8WeightOnlyLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
@@ -74,23 +71,3 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
-
-
-def quantize_model(model: nn.Module, method: str = "int8", include_lm_head: bool = True) -> nn.Module:
-    """Replace the decoder's Linear layers (q/k/v/o, gate/up/down) and the LM head by int8 weight-only ones,
-    in place. A tied LM head gets its own int8 copy; the input embedding stays untouched."""
-    if method not in SUPPORTED:
-        raise ValueError(f"quantization={method!r} is not supported; choose one of {SUPPORTED}")
-    if any(p.is_meta for p in model.parameters()):
-        raise ValueError("quantize_model needs a loaded model (parameters are on the meta device).")
-    text = model.model.language_model if hasattr(model, "model") else model.language_model
-    with torch.no_grad():
-        for layer in text.layers:
-            for parent in (layer.self_attn, layer.mlp):
-                for name, child in list(parent.named_children()):
-                    if isinstance(child, nn.Linear):
-                        setattr(parent, name, Int8WeightOnlyLinear.from_linear(child))
-        if include_lm_head and isinstance(getattr(model, "lm_head", None), nn.Linear):
-            model.lm_head = Int8WeightOnlyLinear.from_linear(model.lm_head)
-    model.quantization = method
-    return model

@@ -1,0 +1,63 @@
+"""`quantize_model`: replace the text decoder's linears by weight-only quantized ones, in place."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .int4 import Int4WeightOnlyLinear
+from .int8 import Int8WeightOnlyLinear
+
+SUPPORTED = ("int8", "int4")
+INT4_METHODS = ("awq", "rtn")  # activation-aware scaling (default) or plain round-to-nearest
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    return model.model.language_model if hasattr(model, "model") else model.language_model
+
+
+def decoder_linears(model: nn.Module):
+    """(parent module, attribute name, Linear) of every decoder projection (q/k/v/o, gate/up/down)."""
+    for layer in text_model(model).layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    yield parent, name, child
+
+
+def quantize_model(model: nn.Module, method: str = "int8", include_lm_head: bool | None = None, *,
+                   group_size: int = 128, int4_method: str = "awq", calibration: torch.Tensor | None = None
+                   ) -> nn.Module:
+    """Replace the decoder's Linear layers (q/k/v/o, gate/up/down), and the LM head when `include_lm_head`
+    (default: True for int8, False for int4), by weight-only quantized ones, in place. A tied LM head gets its
+    own quantized copy; the input embedding and the vision tower stay untouched.
+
+    int4: group-wise (`group_size` input columns per scale / zero point), asymmetric. `int4_method` "awq" first
+    rescales each projection's input channels by activation statistics from `calibration` (token ids (B, T);
+    None: `awq.default_calibration`) and folds the inverse into the preceding norm / projection (see awq.py);
+    "rtn" is plain round-to-nearest."""
+    if method not in SUPPORTED:
+        raise ValueError(f"quantization={method!r} is not supported; choose one of {SUPPORTED}")
+    if method == "int4" and int4_method not in INT4_METHODS:
+        raise ValueError(f"int4_method={int4_method!r} is not one of {INT4_METHODS}")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("quantize_model needs a loaded model (parameters are on the meta device).")
+    if getattr(model, "quantization", None):
+        raise ValueError(f"the model is already quantized ({model.quantization})")
+    if include_lm_head is None:
+        include_lm_head = method == "int8"
+    with torch.no_grad():
+        if method == "int4" and int4_method == "awq":
+            from .awq import apply_awq_scaling
+
+            apply_awq_scaling(model, group_size, calibration)
+        convert = (Int8WeightOnlyLinear.from_linear if method == "int8" else
+                   lambda lin: Int4WeightOnlyLinear.from_linear(lin, group_size))
+        for parent, name, child in decoder_linears(model):
+            setattr(parent, name, convert(child))
+        if include_lm_head and isinstance(getattr(model, "lm_head", None), nn.Linear):
+            model.lm_head = convert(model.lm_head)
+    model.quantization = method
+    model.quantization_config = None if method == "int8" else {
+        "quant_method": "qwen2vl_int4", "bits": 4, "group_size": group_size, "zero_point": True, "sym": False,
+        "method": int4_method, "lm_head": bool(include_lm_head), "modules_to_not_convert": ["visual"]}
+    return model
