@@ -5,9 +5,9 @@ row and group of `group_size` consecutive input columns: W[o, i] = (q[o, i] - z[
 g(i) = i // group_size. Symmetric quantization is z = 8.
 
 Layout (what the CPU kernel reads; `qweight` in the state dict): per output row, the input columns padded to a
-multiple of 64 and packed 64 columns to 32 bytes, byte j of a block holding column j in its low nibble and column
-j + 32 in its high nibble. One 32-byte load then widens to two 32-lane vectors of consecutive columns with a mask
-and a shift (no shuffles across lanes). `scales` is fp32 (out, n_groups), `zeros` uint8 (out, n_groups).
+multiple of 128 and packed 128 columns to 64 bytes, read as 32 little-endian 16-bit lanes: lane l holds columns
+l, 32 + l, 64 + l and 96 + l in its nibbles 0..3 (low to high). One 64-byte load then gives four 32-lane vectors
+of consecutive columns with a shift and one bit operation each (no widening, no shuffles across lanes). `scales` is fp32 (out, n_groups), `zeros` uint8 (out, n_groups).
 
 GPTQ act-order checkpoints (`g_idx`: group of each input column, not monotonic) are loaded by permuting the input
 columns once so every group is contiguous (`input_perm`, a buffer saved with the layer) and gathering the same
@@ -27,25 +27,27 @@ import torch.nn.functional as F
 from ..kernels import choose
 from ..kernels import cpu_int4
 
-BLOCK = 64               # input columns per packed block (32 bytes)
+BLOCK = 128              # input columns per packed block (64 bytes)
 WEIGHT_TILE = 1 << 23    # weight elements dequantized at a time on the many-rows path (16 MB of bf16)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """uint8 codes (out, in) in 0..15 -> the kernel layout (out, ceil(in / 64) * 32), padding columns are 0."""
+    """uint8 codes (out, in) in 0..15 -> the kernel layout (out, ceil(in / 128) * 64), padding columns are 0."""
     out, k = q.shape
     kp = -(-k // BLOCK) * BLOCK
     if kp != k:
         q = F.pad(q, (0, kp - k))
-    blocks = q.reshape(out, kp // BLOCK, 2, BLOCK // 2)
-    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, kp // 2).contiguous()
+    b = q.reshape(out, kp // BLOCK, 4, BLOCK // 4)              # [.., nibble, lane]
+    lo, hi = b[:, :, 0] | (b[:, :, 1] << 4), b[:, :, 2] | (b[:, :, 3] << 4)  # bytes 2l and 2l + 1 of lane l
+    return torch.stack([lo, hi], dim=-1).reshape(out, kp // 2).contiguous()
 
 
 def unpack_nibbles(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """The inverse of `pack_nibbles`: (out, in) uint8 codes."""
     out = packed.shape[0]
-    blocks = packed.reshape(out, -1, 1, BLOCK // 2)
-    q = torch.cat([blocks & 0xF, blocks >> 4], dim=2)
+    pairs = packed.reshape(out, -1, BLOCK // 4, 2)             # [.., lane, byte]
+    lo, hi = pairs[..., 0], pairs[..., 1]
+    q = torch.stack([lo & 0xF, lo >> 4, hi & 0xF, hi >> 4], dim=2)  # [.., nibble, lane]
     return q.reshape(out, -1)[:, :in_features]
 
 
