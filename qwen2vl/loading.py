@@ -94,7 +94,7 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     if tp_plan is not None or tp_size is not None:
         from .parallel.tp import load_tensor_parallel
 
-        if quantization is not None:
+        if quantization is not None or getattr(config, "quantization_config", None) is not None:
             raise ValueError("quantization is not supported together with tensor parallelism (tp_plan).")
         if device_map not in (None, "auto"):
             raise ValueError("device_map cannot be combined with tp_plan: each rank uses its own device "
@@ -110,6 +110,14 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
 
     with torch.device("meta"):
         model = cls(config)
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg is not None:  # a quantized checkpoint: its layers are built quantized, then read as stored
+        if quantization is not None or adapter is not None:
+            raise ValueError(f"{model_dir} holds a quantized checkpoint ({qcfg.get('quant_method')!r}); "
+                             "quantization= and adapter= need a full-precision one.")
+        from .quantization.serialization import prepare_quantized
+
+        prepare_quantized(model, qcfg, model_dir, torch_dt)
     # A base model's checkpoint has no LM head: the reference then starts one from its init.
     head_optional = hasattr(model, "lm_head") and not getattr(config, "tie_word_embeddings", False)
     info = load_checkpoint_into(model, model_dir, dtype=torch_dt, device=device, progress=progress,
@@ -143,12 +151,18 @@ def save_pretrained(model, save_directory, max_shard_size="5GB", **kwargs) -> No
         raise TypeError(f"save_pretrained got unexpected arguments: {sorted(unknown)}")
     if not kwargs.get("is_main_process", True):
         return
-    if getattr(model, "quantization", None):
-        raise ValueError("Saving a quantized model is not supported; save the full-precision model and pass "
-                         "quantization='int8' to from_pretrained instead.")
+    from .quantization.serialization import config_for_save
+
+    qcfg = config_for_save(model)  # ValueError for what cannot be saved (int8)
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config
+    if qcfg is not None:
+        cfg.quantization_config = qcfg
+        if "quantization_config" not in cfg._extra_keys:
+            cfg._extra_keys.append("quantization_config")
+    elif "quantization_config" in cfg._extra_keys:  # a dequantized / unquantized model: no stale entry
+        cfg._extra_keys.remove("quantization_config")
     for name, value in (("dtype", str(model.dtype).replace("torch.", "")), ("architectures", [type(model).__name__])):
         setattr(cfg, name, value)
         if name not in cfg._defaults and name not in cfg._extra_keys:  # text / vision configs: written too

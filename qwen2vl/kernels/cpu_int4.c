@@ -246,3 +246,26 @@ int gemv_q4_avx2(const uint16_t *x, const uint8_t *w, const float *s, const uint
     free(xf);
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------ dequantize */
+/* Rows [0, N) of W into bf16 out (N, K): the many-rows (prefill) path multiplies that with torch's matmul.
+ * Plain C that the compiler vectorizes for either build; (q - z) * s in fp32, rounded once as torch rounds. */
+int dequant_q4_bf16(const uint8_t *w, const float *s, const uint8_t *z, uint16_t *out, int64_t N, int64_t K,
+                    int64_t G, int nthreads) {
+    if (K <= 0 || G <= 0 || K % Q4_BLOCK || G % Q4_BLOCK || K % G) return -1;
+    int64_t ng = K / G;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *lanes = (const uint16_t *)(w + n * (K / 2));
+        uint16_t *o = out + n * K;
+        for (int64_t b = 0; b < K; b += Q4_BLOCK) {
+            float sc = s[n * ng + b / G];
+            int zp = z[n * ng + b / G];
+            const uint16_t *l = lanes + b / 4;
+            for (int j = 0; j < 4; j++)
+                for (int i = 0; i < 32; i++)
+                    o[b + 32 * j + i] = f32_to_bf16((float)(((l[i] >> (4 * j)) & 15) - zp) * sc);
+        }
+    }
+    return 0;
+}

@@ -41,3 +41,17 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if rc != 0:
         raise RuntimeError(f"4-bit GEMV failed with code {rc}")
     return out.view(*x.shape[:-1], n)
+
+
+def dequantize_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int,
+                    group_size: int) -> torch.Tensor | None:
+    """W (N, K) bf16 from packed rows (the prefill path's tile), or None where the kernel does not apply."""
+    fn = cpu.kernel("dequant_q4_bf16")
+    if fn is None or k % 128 or group_size % 128 or qweight.device.type != "cpu" or qweight.shape[1] * 2 != k \
+            or not (qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
+        return None
+    out = torch.empty(qweight.shape[0], k, dtype=torch.bfloat16)
+    if fn(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), qweight.shape[0], k,
+          group_size, torch.get_num_threads()) != 0:
+        return None
+    return out

@@ -72,14 +72,17 @@ def quantize_rtn(w: torch.Tensor, group_size: int, sym: bool = False):
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W (out, in) from codes (out, in), scales and zeros (out, n_groups); fp32 arithmetic, then `dtype`."""
-    k = q.shape[1]
-    s = scales.float().repeat_interleave(group_size, dim=1)[:, :k]
-    z = zeros.float().repeat_interleave(group_size, dim=1)[:, :k]
-    return ((q.float() - z) * s).to(dtype)
+    out, k = q.shape
+    n_groups = scales.shape[1]
+    qf = F.pad(q, (0, n_groups * group_size - k)).view(out, n_groups, group_size).float()
+    w = (qf - zeros.float()[..., None]).mul_(scales.float()[..., None])
+    return w.view(out, -1)[:, :k].to(dtype)
 
 
 class Int4WeightOnlyLinear(nn.Module):
     """y = x @ W.T + b with W held as group-wise 4-bit codes (see the module docstring for the layout)."""
+
+    keep_dtype = ("scales",)  # loading a checkpoint in the model dtype leaves these fp32 (checkpoint._install)
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  dtype: torch.dtype = torch.bfloat16, device=None, act_order: bool = False):
@@ -217,6 +220,11 @@ class Int4WeightOnlyLinear(nn.Module):
         return y
 
     def _dequant_rows(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
+        if dtype is torch.bfloat16:  # the C loop: ~50x torch's elementwise ops on this (measured 1.5 vs 86 ms)
+            w = cpu_int4.dequantize_bf16(self.qweight[n0:n1], self.scales[n0:n1], self.zeros[n0:n1],
+                                         self.in_features, self.group_size)
+            if w is not None:
+                return w
         q = unpack_nibbles(self.qweight[n0:n1], self.in_features)
         return dequantize(q, self.scales[n0:n1], self.zeros[n0:n1], self.group_size, dtype)
 
