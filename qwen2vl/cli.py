@@ -28,7 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEMO, help=f"model folder or hub id (default: the bundled {DEMO})")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: cpu)")
-    p.add_argument("--quantization", default=None, choices=["int8"], help="weight-only quantization at load")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the decoder at load (int4: group 128, AWQ-style scaling)")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder, merged into the model at load")
     p.add_argument("--max-pixels", type=int, default=None, help="pixel budget per image (e.g. 1003520)")
     p.add_argument("--min-pixels", type=int, default=None, help="minimum pixels per image")

@@ -134,8 +134,10 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
         model = load_adapter(model, adapter)
     if quantization is not None:
         from .quantization import quantize_model
+        from .quantization.awq import calibration_ids
 
-        quantize_model(model, quantization)
+        cal = calibration_ids(model_dir, config.get_text_config().vocab_size) if quantization == "int4" else None
+        quantize_model(model, quantization, calibration=cal)
     model.name_or_path = str(pretrained_model_name_or_path)
     if output_loading_info:
         return model, {"missing_keys": set(info.missing_keys), "unexpected_keys": set(info.unexpected_keys),

@@ -32,23 +32,27 @@ def load_processor(model_or_path):
 class LLM:
     def __init__(self, model: Any = "qwen2vl-demo", *, processor: Any = None, dtype: Any = None,
                  device: Any = None, attn_implementation: str | None = None, tensor_parallel_size: int = 1,
-                 tp_num_threads: int | None = None, **engine_kwargs):
+                 tp_num_threads: int | None = None, quantization: str | None = None, **engine_kwargs):
         """`model`: a path, hub id, 'qwen2vl-demo' or a loaded `Qwen2VLForConditionalGeneration`.
         `processor`: defaults to the one saved with the model (None for a model instance: token-id prompts only).
         `tensor_parallel_size`: ranks to shard the model over (needs a path; `device` 'cpu' forces gloo, 'cuda'
-        NCCL); `tp_num_threads`: torch threads per rank.
+        NCCL); `tp_num_threads`: torch threads per rank. `quantization`: "int8" | "int4" weight-only
+        quantization of the decoder at load (a path only; not with tensor parallelism).
         `engine_kwargs`: `EngineConfig` fields (max_num_seqs, max_model_len, kv_cache_memory, ...)."""
         config = EngineConfig(**engine_kwargs)
         self._tp = None
         tp_runner = None
         if tensor_parallel_size != 1:
+            if quantization is not None:
+                raise ValueError("quantization is not supported together with tensor parallelism")
             self._tp = start_tp(model, tensor_parallel_size, dtype=dtype, device=device,
                                 attn_implementation=attn_implementation, num_threads=tp_num_threads)
             self._finalizer = weakref.finalize(self, self._tp.shutdown)
             tp_runner = self._tp.runner
             self.model = tp_runner.model
         else:
-            self.model = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
+            self.model = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                    quantization=quantization)
         try:
             if processor is None and isinstance(model, (str, os.PathLike)):
                 processor = load_processor(model)

@@ -374,13 +374,19 @@ def _grid(grid_thw) -> list:
     return [] if grid_thw is None else grid_thw.tolist()
 
 
-def load_model(model_or_path, dtype=None, device=None, attn_implementation=None):
-    """A model instance is used as is; a path / hub id / 'qwen2vl-demo' is loaded with from_pretrained."""
+def load_model(model_or_path, dtype=None, device=None, attn_implementation=None, quantization=None):
+    """A model instance is used as is; a path / hub id / 'qwen2vl-demo' is loaded with from_pretrained
+    (`quantization`: "int8" | "int4" weight-only, quantized at load)."""
     if isinstance(model_or_path, torch.nn.Module):
+        if quantization is not None and getattr(model_or_path, "quantization", None) != quantization:
+            raise ValueError("quantization= applies to a model loaded from a path; quantize a model instance with "
+                             "qwen2vl.quantization.quantize_model")
         return model_or_path
     from ..model import Qwen2VLForConditionalGeneration
 
     kw = {"dtype": dtype or "auto", "device_map": device}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
+    if quantization:
+        kw["quantization"] = quantization
     return Qwen2VLForConditionalGeneration.from_pretrained(model_or_path, **kw)

@@ -2,7 +2,9 @@
 (`cpu_ops.decode_layers`), instead of ~7 Python-level module calls per layer. Same kernels, same order as the
 per-op path, so the output is bit-identical to it (tests/test_fused_decode.py); it only applies where the per-op
 path would itself run on those kernels, and anything else (autograd, hooks, int8 or tensor-parallel layers,
-eager / flash attention, fp32, more than 8 rows, a CPU without AVX512-BF16) takes the per-op path.
+eager / flash attention, fp32, more than 8 rows, a CPU without AVX512-BF16) takes the per-op path. (int4 / int8
+layers are not fused: at 2-4x fewer bytes per token the ~200 Python-level calls per step weigh more, but
+cpu_layer.c would need a second weight format in every projection; not done yet.)
 """
 from __future__ import annotations
 
@@ -116,7 +118,7 @@ def choose_decoding_backends(model, rows: int = 1) -> None:
     """At load: `choose`'s decisions for decoding `rows` rows (each distinct projection shape, the LM head, the
     decode attention), so a bf16 CPU model's first generated tokens do not pay for the timing (within the chooser's
     budget; the vision and prefill shapes are decided at their first use)."""
-    from ..quantization import Int8WeightOnlyLinear
+    from ..quantization import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
     text = model.model.language_model
     if not text.layers:
@@ -124,13 +126,15 @@ def choose_decoding_backends(model, rows: int = 1) -> None:
     seen = set()
     with torch.inference_mode():
         for mod in [*text.layers[0].modules(), model.lm_head]:
-            w = mod.weight if type(mod) is Linear else getattr(mod, "weight_int8", None)
+            w = mod.weight if type(mod) is Linear else getattr(mod, "weight_int8", getattr(mod, "qweight", None))
             key = (type(mod), None if w is None else tuple(w.shape), getattr(mod, "bias", None) is not None)
             if w is None or w.device.type != "cpu" or key in seen:
                 continue
             seen.add(key)
             if isinstance(mod, Int8WeightOnlyLinear):
                 mod.choice(torch.zeros(rows, mod.in_features, dtype=mod.scales.dtype))
+            elif isinstance(mod, Int4WeightOnlyLinear):
+                mod.choice(torch.zeros(rows, mod.in_features, dtype=torch.bfloat16))
             elif w.dtype is torch.bfloat16:
                 linear_choice(rows, w, mod.bias)
         attn, emb = text.layers[0].self_attn, text.embed_tokens.weight

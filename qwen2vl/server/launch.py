@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cpu, or from the loader)")
     p.add_argument("--attn-implementation", default=None, help="sdpa | eager | flash_attention_2")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the decoder at load (int4: group 128, AWQ-style scaling)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="shard the model over N ranks started by this command (N-1 worker processes; gloo on "
                         "the CPU, NCCL with one GPU per rank: cuda:0..N-1); this process serves as rank 0")
@@ -130,7 +132,8 @@ def build_engine(args, model=None, processor=None, tp_runner=None) -> AsyncEngin
     if tp_runner is not None:
         model = tp_runner.model
     model = model if model is not None else load_model(args.model, dtype=args.dtype, device=args.device,
-                                                        attn_implementation=args.attn_implementation)
+                                                        attn_implementation=args.attn_implementation,
+                                                        quantization=args.quantization)
     processor = processor if processor is not None else load_processor(args.model)
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                        kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -200,6 +203,8 @@ def run(args) -> int:
         raise SystemExit(f"--tensor-parallel-size must be >= 1, got {tp}")
     if tp == 1:
         return _serve(args, build_engine(args))
+    if args.quantization is not None:
+        raise SystemExit("--quantization is not supported with --tensor-parallel-size > 1")
     from ..engine.llm import start_tp
 
     logger.info("starting %d tensor-parallel ranks for %s", tp, args.model)
