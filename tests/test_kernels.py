@@ -328,7 +328,8 @@ def test_avx2_build_on_an_avx512_cpu():
     here = Path(__file__).parent
     env = dict(os.environ, QWEN2VL_KERNEL_ISA="avx2")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not avx2_build",
-                           str(here / "test_kernels.py"), str(here / "test_fused_decode.py")],
+                           str(here / "test_kernels.py"), str(here / "test_fused_decode.py"),
+                           str(here / "test_int4_kernels.py")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout

@@ -24,9 +24,9 @@ from .model import text_model
 
 log = logging.getLogger(__name__)
 
-GRID = 20                  # alpha steps
-SAMPLE_ROWS = 1024         # output rows the loss is measured on (rows are quantized independently: exact for them)
-CALIBRATION_TOKENS = 512   # calibration activations kept per site (a fixed sample of the tokens)
+GRID = 10                  # alpha steps (0, 0.1, ..., 1)
+SAMPLE_ROWS = 512          # output rows the loss is measured on (rows are quantized independently: exact for them)
+CALIBRATION_TOKENS = 256   # calibration activations kept per site (a fixed sample of the tokens)
 CALIBRATION_TEXTS = (
     "The quick brown fox jumps over the lazy dog. Meanwhile, in the city, the traffic lights changed from red "
     "to green and a crowd of people crossed the wide street on their way to work.",
@@ -82,8 +82,9 @@ def _collect(model, calibration, sites) -> dict[int, torch.Tensor]:
         hooks.append(linears[0].register_forward_hook(
             lambda mod, args, out, key=key: store[key].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())))
     try:
+        text = text_model(model)  # the decoder alone: calibration ids may hit image / video token ids
         for ids in calibration:
-            model(input_ids=ids.to(model.device), use_cache=False)
+            text(input_ids=ids.to(text.embed_tokens.weight.device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
