@@ -31,6 +31,7 @@ CONFIG_2B = Path(os.environ.get("QWEN2VL_SHARED", ROOT.parent / "shared")) / "qw
 from qwen2vl.configuration import Qwen2VLConfig  # noqa: E402
 from qwen2vl.kernels import choose  # noqa: E402
 from qwen2vl.model import Qwen2VLForConditionalGeneration  # noqa: E402
+from qwen2vl.quantization import quantize_model  # noqa: E402
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -221,8 +222,8 @@ def peak_rss_load(model_dir: Path) -> tuple[float, float]:
             "kb=lambda k: int(open('/proc/self/status').read().split(k + ':')[1].split()[0]);"
             "base=kb('VmRSS'); open('/proc/self/clear_refs', 'w').write('5');"
             "m=M.from_pretrained(%r, dtype='bfloat16', progress=False);"
-            # weights may stay file-backed (mmap) until used: touch every one so they count
-            "[float(p.detach().sum()) for p in m.parameters()];"
+            # weights may stay file-backed (mmap) until used: touch every one (and int4 buffers) so they count
+            "[float(t.detach().sum()) for t in (*m.parameters(), *m.buffers())];"
             "print(kb('VmHWM') - base)") % (str(ROOT), str(model_dir))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak = int(out.stdout.strip().splitlines()[-1]) * 1024
@@ -238,7 +239,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--image", default="1024x768", help="WxH of the TTFT image")
-    ap.add_argument("--skip", default="", help="comma list of targets to skip: ttft,decode,int8,batch8,rss,preproc")
+    ap.add_argument("--skip", default="", help="comma list of targets to skip: ttft,decode,int8,int4,batch8,rss,preproc")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
@@ -287,7 +288,7 @@ def main(argv=None) -> None:
             row("vision tower", tv, tvh, "s", tvh / tv, "info",
                 f"[{tfl:.3f} TFLOP/s = {100 * tfl / mm:.0f}% of matmul, goal >= 50%]")
 
-        if "decode" not in skip or "int8" not in skip:
+        if "decode" not in skip or "int8" not in skip or "int4" not in skip:
             inp = text_inputs(1)
             hf_b1 = decode_tps(theirs, hf_kwargs(inp, config), args.new_tokens, args.repeats, True)
         if "decode" not in skip:
@@ -309,6 +310,14 @@ def main(argv=None) -> None:
                                                                 progress=False)
             q_b1 = decode_tps(q, inp, args.new_tokens, args.repeats, False)
             row("decode b1 int8 vs hf bf16", q_b1, hf_b1, "tok/s", q_b1 / hf_b1, ">= 1.7x")
+            del q
+        if "int4" not in skip:  # round to nearest: the same speed as the AWQ-scaled default
+            q = quantize_model(Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype="bfloat16", progress=False),
+                               "int4", int4_method="rtn")
+            nbytes = decode_bytes_per_token(q)
+            clocked, roof, ratio, runs = decode_vs_roofline(q, inp, args.new_tokens, max(args.repeats, 5), nbytes)
+            row("decode b1 int4 vs memory roofline (2nd column)", clocked, roof, "tok/s", ratio, ">= 0.9x",
+                f"[{nbytes / 1e9:.2f} GB/token; {clocked / hf_b1:.2f}x hf bf16; per run: {runs}]")
             del q
         if "rss" not in skip:
             peak, size = peak_rss_load(tmp)
