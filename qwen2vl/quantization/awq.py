@@ -39,7 +39,8 @@ CALIBRATION_TEXTS = (
     "The image shows a red circle in the top left, a blue square in the middle and a yellow triangle.",
     "In 1969, Apollo 11 landed on the Moon. Neil Armstrong and Buzz Aldrin walked on the surface for about two "
     "and a half hours, collecting 21.5 kg of lunar material, while Michael Collins orbited above.",
-    "Les modèles de langage prédisent le mot suivant. 大型语言模型可以理解图像和文本。 1 + 2 = 3, 7 * 8 = 56.",
+    "Les modèles de langage prédisent le mot suivant. 大型语言模型可以理解图像和文本。 "
+    "1 + 2 = 3, 7 * 8 = 56.",
 )
 
 
@@ -76,11 +77,14 @@ def _collect(model, calibration, sites) -> dict[int, torch.Tensor]:
     """id(first linear of a site) -> its input activations (T, in) fp32 over all calibration prompts."""
     store: dict[int, list[torch.Tensor]] = {}
     hooks = []
+
+    def keep(key):
+        return lambda mod, args, out: store[key].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+
     for _, linears, _ in sites:
         key = id(linears[0])
         store[key] = []
-        hooks.append(linears[0].register_forward_hook(
-            lambda mod, args, out, key=key: store[key].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())))
+        hooks.append(linears[0].register_forward_hook(keep(key)))
     try:
         text = text_model(model)  # the decoder alone: calibration ids may hit image / video token ids
         for ids in calibration:
@@ -98,7 +102,8 @@ def _collect(model, calibration, sites) -> dict[int, torch.Tensor]:
     return out
 
 
-def search_scale(x: torch.Tensor, weight: torch.Tensor, group_size: int, grid: int = GRID) -> tuple[torch.Tensor, float]:
+def search_scale(x: torch.Tensor, weight: torch.Tensor, group_size: int,
+                 grid: int = GRID) -> tuple[torch.Tensor, float]:
     """The best per-input-channel scale s (in,) for x (T, in) and weight (out, in), and its alpha."""
     w = weight.detach().float()
     if w.shape[0] > SAMPLE_ROWS:

@@ -7,7 +7,8 @@ g(i) = i // group_size. Symmetric quantization is z = 8.
 Layout (what the CPU kernel reads; `qweight` in the state dict): per output row, the input columns padded to a
 multiple of 128 and packed 128 columns to 64 bytes, read as 32 little-endian 16-bit lanes: lane l holds columns
 l, 32 + l, 64 + l and 96 + l in its nibbles 0..3 (low to high). One 64-byte load then gives four 32-lane vectors
-of consecutive columns with a shift and one bit operation each (no widening, no shuffles across lanes). `scales` is fp32 (out, n_groups), `zeros` uint8 (out, n_groups).
+of consecutive columns with a shift and one bit operation each (no widening, no shuffles across lanes).
+`scales` is fp32 (out, n_groups), `zeros` uint8 (out, n_groups).
 
 GPTQ act-order checkpoints (`g_idx`: group of each input column, not monotonic) are loaded by permuting the input
 columns once so every group is contiguous (`input_perm`, a buffer saved with the layer) and gathering the same
