@@ -105,6 +105,9 @@ T512 void q4_rows_512(const uint16_t *x, const uint8_t *w, const float *s, const
         for (int m = 0; m < M; m++) q4_store(y, N, n0 + r, m, _mm512_reduce_add_ps(tot[r][m]) - corr[r][m]);
 }
 
+/* Weight rows per step: one row for one activation row reads the weights as one sequential stream (rows are
+ * contiguous), which measured 11.4 GB/s per core against 6.4 with two rows and ~6.6 with four interleaved
+ * (Zen 4, 1 thread, 8960 x 1536, CPU time); 2-4 activation rows gain from reusing each x load for two rows. */
 #define Q4_NR(M) ((M) <= 1 ? 1 : (M) <= 4 ? 2 : 1)
 #define DEFINE_Q4_512(M)                                                                            \
     __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))                                \
