@@ -79,6 +79,15 @@ def test_every_backend_matches_reference(monkeypatch, route):
         choose.reset()
 
 
+def test_dtype_casts_keep_fp32_scales():
+    layer, w, b = random_layer(out=32, k=256)
+    layer.half().bfloat16()
+    assert layer.scales.dtype == torch.float32 and layer.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    x = torch.randn(2, 256).bfloat16()
+    with torch.no_grad():
+        assert close(layer(x), F.linear(x.float(), w, layer.bias.float()))
+
+
 def test_torch_int4_candidate_matches_reference():
     layer, w, b = random_layer(out=32, k=256)
     x = torch.randn(2, 256).bfloat16()

@@ -154,6 +154,16 @@ class Int4WeightOnlyLinear(nn.Module):
         q, s, z = quantize_rtn(w, group_size, sym)
         return cls.from_unpacked(q, s, z, group_size, bias=linear.bias, dtype=dtype or w.dtype)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` / `.half()` / `.bfloat16()` leave `scales` fp32 (what the kernel reads; a bf16 copy would
+        also lose precision) and set the layer's activation dtype instead."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype is not torch.float32:
+            self.dtype = self.scales.dtype
+            self._buffers["scales"] = scales.to(self.scales.device)
+        return self
+
     # ---------------------------------------------------------------------------------------------- reading
     def unpacked(self) -> torch.Tensor:
         """The codes (out, in) in the layer's column order (after `input_perm` where there is one)."""
