@@ -251,12 +251,35 @@ int gemv_q4_avx2(const uint16_t *x, const uint8_t *w, const float *s, const uint
 }
 
 /* ------------------------------------------------------------------------------------------ dequantize */
+/* One packed block (128 columns) into bf16 o: (q - z) * s in fp32, rounded to nearest even (as torch rounds). */
+__attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
+static void dequant_block_512(const uint8_t *p, float sc, int zp, uint16_t *o) {
+    __m512i b = _mm512_loadu_si512(p);
+    const __m512 vs = _mm512_set1_ps(sc), vz = _mm512_set1_ps((float)zp);
+    for (int j = 0; j < 4; j++) {
+        __m512i c = _mm512_and_si512(_mm512_srlv_epi16(b, _mm512_set1_epi16((short)(4 * j))),
+                                     _mm512_set1_epi16(0x0F));
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(c)));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(c, 1)));
+        lo = _mm512_mul_ps(_mm512_sub_ps(lo, vz), vs);
+        hi = _mm512_mul_ps(_mm512_sub_ps(hi, vz), vs);
+        _mm512_storeu_si512(o + 32 * j, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
 /* Rows [0, N) of W into bf16 out (N, K): the many-rows (prefill) path multiplies that with torch's matmul.
- * Plain C that the compiler vectorizes for either build; (q - z) * s in fp32, rounded once as torch rounds. */
+ * use512: the AVX512-BF16 block above (the plain C loop below is not vectorized well by the compiler). */
 int dequant_q4_bf16(const uint8_t *w, const float *s, const uint8_t *z, uint16_t *out, int64_t N, int64_t K,
-                    int64_t G, int nthreads) {
+                    int64_t G, int nthreads, int use512) {
     if (K <= 0 || G <= 0 || K % Q4_BLOCK || G % Q4_BLOCK || K % G) return -1;
     int64_t ng = K / G;
+    if (use512) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t b = 0; b < K; b += Q4_BLOCK)
+                dequant_block_512(w + n * (K / 2) + b / 2, s[n * ng + b / G], z[n * ng + b / G], out + n * K + b);
+        return 0;
+    }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint16_t *lanes = (const uint16_t *)(w + n * (K / 2));

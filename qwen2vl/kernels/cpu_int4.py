@@ -5,6 +5,7 @@ variant. Needs K % 128 == 0 and group_size % 128 == 0; anything else is None (th
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -48,15 +49,30 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     return out.view(*x.shape[:-1], n)
 
 
+_tiles = threading.local()
+
+
+def _tile_buffer(numel: int) -> torch.Tensor:
+    """This thread's reusable bf16 buffer for dequantized tiles: a fresh 16 MB tensor per call costs about as
+    much as the dequantization itself (its pages are faulted in on every call)."""
+    buf = getattr(_tiles, "buf", None)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: usable in and outside inference mode
+            buf = _tiles.buf = torch.empty(numel, dtype=torch.bfloat16)
+    return buf[:numel]
+
+
 def dequantize_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int,
-                    group_size: int) -> torch.Tensor | None:
-    """W (N, K) bf16 from packed rows (the prefill path's tile), or None where the kernel does not apply."""
+                    group_size: int, reuse: bool = False) -> torch.Tensor | None:
+    """W (N, K) bf16 from packed rows (the prefill path's tile), or None where the kernel does not apply.
+    reuse: written into this thread's tile buffer (valid until the next reuse call on this thread)."""
     fn = cpu.kernel("dequant_q4_bf16")
     if fn is None or k % 128 or group_size % 128 or qweight.device.type != "cpu" or qweight.shape[1] * 2 != k \
             or not (qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
         return None
-    out = torch.empty(qweight.shape[0], k, dtype=torch.bfloat16)
-    if fn(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), qweight.shape[0], k,
-          group_size, torch.get_num_threads()) != 0:
+    n = qweight.shape[0]
+    out = _tile_buffer(n * k).view(n, k) if reuse else torch.empty(n, k, dtype=torch.bfloat16)
+    if fn(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), n, k,
+          group_size, torch.get_num_threads(), int(cpu.has_avx512bf16())) != 0:
         return None
     return out

@@ -231,9 +231,10 @@ class Int4WeightOnlyLinear(nn.Module):
         return y
 
     def _dequant_rows(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
-        if dtype is torch.bfloat16:  # the C loop: ~50x torch's elementwise ops on this (measured 1.5 vs 86 ms)
+        """W[n0:n1] in `dtype`; bf16 on the CPU comes in this thread's reused tile buffer (consume it at once)."""
+        if dtype is torch.bfloat16:  # the C loop: ~10x torch's elementwise ops (8960 x 1536: ~8 vs 86 ms, 1 thread)
             w = cpu_int4.dequantize_bf16(self.qweight[n0:n1], self.scales[n0:n1], self.zeros[n0:n1],
-                                         self.in_features, self.group_size)
+                                         self.in_features, self.group_size, reuse=True)
             if w is not None:
                 return w
         q = unpack_nibbles(self.qweight[n0:n1], self.in_features)
