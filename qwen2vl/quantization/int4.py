@@ -187,8 +187,11 @@ class Int4WeightOnlyLinear(nn.Module):
                 or not cpu_int4.usable(self.in_features, self.group_size):
             return None
         n, k = self.out_features, self.in_features
-        return choose.decide("int4_gemv", (rows, n, k, self.group_size), lambda: self._trial(rows),
-                             timed=n * k >= choose.MIN_WEIGHT)
+        route = choose.decide("int4_gemv", (rows, n, k, self.group_size), lambda: self._trial(rows),
+                              timed=n * k >= choose.MIN_WEIGHT)
+        if route != "torch" and self._torch_pack is not None:
+            self._torch_pack = None  # made for the timing only: not a second copy of the weight for nothing
+        return route
 
     def _trial(self, rows: int) -> choose.Trial:
         x = torch.randn(rows, self.in_features, dtype=torch.bfloat16)
