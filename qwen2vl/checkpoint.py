@@ -286,10 +286,12 @@ def load_checkpoint_into(model: nn.Module, model_dir: str | os.PathLike, dtype=N
 
 
 def _install(tensors, aliases, mkey, t: torch.Tensor, dtype, device) -> None:
-    _, _, old, is_param = tensors[mkey]
+    owner, attr, old, is_param = tensors[mkey]
     if t.dim() == 5 and old.dim() == 2:
         t = t.reshape(old.shape)
-    if t.is_floating_point() and old.is_floating_point():
+    if attr in getattr(owner, "keep_stored_dtype", ()):   # e.g. packed 4-bit layers' scales (checkpoint_quant.py)
+        target = t.dtype
+    elif t.is_floating_point() and old.is_floating_point():
         target = old.dtype if dtype is None else (t.dtype if dtype == "auto" else dtype)
     else:
         target = old.dtype

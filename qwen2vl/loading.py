@@ -91,6 +91,16 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     check_backend(impl, device if impl == "flash_attention_2" else None,
                   torch_dt if impl == "flash_attention_2" else None)
 
+    from .checkpoint_quant import read_quantization_config
+
+    prequantized = read_quantization_config(config)   # an AWQ / GPTQ checkpoint (checkpoint_quant.py)
+    if prequantized is not None:
+        clash = {"quantization": quantization, "adapter": adapter, "tp_plan": tp_plan, "tp_size": tp_size}
+        given = [k for k, v in clash.items() if v is not None]
+        if given:
+            raise ValueError(f"{model_dir} holds a quantized checkpoint ({prequantized.description}); "
+                             f"{', '.join(given)} cannot be combined with it")
+
     if tp_plan is not None or tp_size is not None:
         from .parallel.tp import load_tensor_parallel
 
@@ -112,8 +122,15 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
         model = cls(config)
     # A base model's checkpoint has no LM head: the reference then starts one from its init.
     head_optional = hasattr(model, "lm_head") and not getattr(config, "tie_word_embeddings", False)
+    if prequantized is not None:
+        from .checkpoint_quant import finish_quantized, install_placeholders
+
+        packed = install_placeholders(model, model_dir, prequantized)
     info = load_checkpoint_into(model, model_dir, dtype=torch_dt, device=device, progress=progress,
                                 optional=("lm_head.weight",) if head_optional else ())
+    if prequantized is not None:
+        finish_quantized(model, packed, torch_dt)
+        model.quantization = prequantized.method
     if info.missing_keys:
         logger.warning("%s: %s not in the checkpoint at %s; newly initialized (train it before use).",
                        cls.__name__, ", ".join(info.missing_keys), model_dir)
