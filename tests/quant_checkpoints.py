@@ -54,27 +54,26 @@ def pack_gptq_columns(values: np.ndarray) -> torch.Tensor:
     return _to_int32(words)
 
 
-def quantize_codes(w: torch.Tensor, group: int, g_idx: np.ndarray, sym: bool):
-    """Round-to-nearest codes for w (out, in): q (out, in), z (out, n_groups), s fp16 (out, n_groups)."""
-    out, n_in = w.shape
-    n_groups = int(g_idx.max()) + 1
-    q = np.zeros((out, n_in), dtype=np.int64)
-    z = np.zeros((out, n_groups), dtype=np.int64)
-    s = torch.zeros(out, n_groups, dtype=torch.float16)
-    for g in range(n_groups):
-        cols = np.nonzero(g_idx == g)[0]
-        wg = w[:, cols].double()
-        if sym:
-            scale = (wg.abs().amax(1) / 7.5).clamp(min=1e-4).half()
-            zero = torch.full((out,), 8, dtype=torch.long)
-        else:
-            lo, hi = wg.amin(1).clamp(max=0), wg.amax(1).clamp(min=0)
-            scale = ((hi - lo) / 15).clamp(min=1e-4).half()
-            zero = torch.round(-lo / scale.double()).clamp(0, 15).long()
-        codes = torch.round(wg / scale.double()[:, None]) + zero[:, None]
-        q[:, cols] = codes.clamp(0, 15).long().numpy()
-        z[:, g], s[:, g] = zero.numpy(), scale
-    return q, z, s
+def quantize_codes(w: torch.Tensor, g_idx: np.ndarray, sym: bool):
+    """Round-to-nearest codes for w (out, in), g_idx[i] = group of input i: q (out, in), z (out, n_groups) ints,
+    s fp16 (out, n_groups); each group's range mapped onto 0..15 (asymmetric) or ±max|w| around 8 (symmetric)."""
+    wd = w.double().numpy()
+    order = np.argsort(g_idx, kind="stable")
+    starts = np.r_[0, np.cumsum(np.bincount(g_idx))[:-1]]
+    by_group = wd[:, order]
+    if sym:
+        scale = np.maximum.reduceat(np.abs(by_group), starts, axis=1) / 7.5
+        zero = np.full(scale.shape, 8)
+    else:
+        lo = np.minimum(np.minimum.reduceat(by_group, starts, axis=1), 0)
+        hi = np.maximum(np.maximum.reduceat(by_group, starts, axis=1), 0)
+        scale = (hi - lo) / 15
+    s = torch.from_numpy(np.maximum(scale, 1e-4)).half()
+    sd = s.double().numpy()
+    if not sym:
+        zero = np.clip(np.round(-lo / sd), 0, 15).astype(np.int64)
+    q = np.clip(np.round(wd / sd[:, g_idx]) + zero[:, g_idx], 0, 15).astype(np.int64)
+    return q, zero.astype(np.int64), s
 
 
 def dequantize(q: np.ndarray, z: np.ndarray, s: torch.Tensor, g_idx: np.ndarray) -> torch.Tensor:
@@ -104,7 +103,7 @@ def write_quantized(model, out_dir: Path, method: str, group: int = 128, desc_ac
         g_idx = np.arange(n_in) // gs
         if desc_act:   # act-order: groups follow a permutation of the inputs
             g_idx = g_idx[np.argsort(rng.permutation(n_in))]
-        q, z, s = quantize_codes(lin.weight.data, gs, g_idx, sym=(sym and method == "gptq"))
+        q, z, s = quantize_codes(lin.weight.data, g_idx, sym=(sym and method == "gptq"))
         w = dequantize(q, z, s, g_idx)
         lin.weight.data.copy_(w.to(lin.weight.dtype))
         del state[prefix + ".weight"]

@@ -156,3 +156,38 @@ def test_quantized_non_linear_is_refused(tmp_path):
     with pytest.raises(ValueError, match="stores 'model.norm' quantized .* not a linear layer"):
         Qwen2VLForConditionalGeneration.from_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+
+
+def test_cli_run_and_engine_on_a_gptq_folder(tmp_path, capsys):
+    """`qwen2vl run` on a GPTQ act-order copy of the bundled demo model (intermediate 688: a last, short group of
+    128) answers as the float model holding the same dequantized weights; the serving engine (LLM) loads it and
+    decodes the float model's tokens."""
+    import shutil
+    from types import SimpleNamespace
+
+    from qwen2vl.cli import _content, _generate, main
+    from qwen2vl.engine import LLM, SamplingParams
+    from qwen2vl.loading import demo_model_path
+    from qwen2vl.processing import AutoProcessor
+
+    from test_cli import EXAMPLE1
+
+    quant = tmp_path / "gptq"
+    shutil.copytree(demo_model_path(), quant)
+    model = Qwen2VLForConditionalGeneration.from_pretrained("qwen2vl-demo", dtype=torch.float32)
+    write_quantized(model, quant, "gptq", group=128, desc_act=True)
+    question = "How many shapes are there?"
+    assert main(["run", "--model", str(quant), "--image", str(EXAMPLE1), "--json", question]) == 0
+    answer = json.loads(capsys.readouterr().out)["answer"]
+    processor = AutoProcessor.from_pretrained(quant)
+    messages = [{"role": "user", "content": _content([str(EXAMPLE1)], text=question)}]
+    expected = _generate(model, processor, messages, SimpleNamespace(max_new_tokens=256, temperature=None))
+    assert answer == expected["answer"] != ""
+    llm = LLM(str(quant), max_num_seqs=2, max_model_len=128)
+    assert isinstance(llm.model.model.language_model.layers[0].mlp.down_proj, Int4WeightOnlyLinear)
+    prompts = [[520, 40, 41, 42], [520, 50, 51]]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, o in zip(prompts, got):   # greedy until EOS (included) or 6 tokens, as the float model
+        ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+        assert list(o.outputs[0].token_ids) == ref[0, len(prompt):].tolist()

@@ -45,7 +45,7 @@ def main(awq_utils: str, gptq_linear: str) -> None:
     w = torch.randn(out, n_in) * 0.05
 
     g_idx = np.arange(n_in) // group
-    q, z, s = quantize_codes(w, group, g_idx, sym=False)
+    q, z, s = quantize_codes(w, g_idx, sym=False)
     qw, qz = pack_awq_columns(q.T), pack_awq_columns(z.T)
     awq = _load(awq_utils, "awq_packing_utils")
     theirs = awq.dequantize_gemm(qw, qz, s.t().contiguous(), 4, group).double().t()    # fp16 math
@@ -56,7 +56,7 @@ def main(awq_utils: str, gptq_linear: str) -> None:
 
     gptq = _load(gptq_linear, "autogptq_qlinear_cuda")
     g_idx = (np.arange(n_in) // group)[np.argsort(rng.permutation(n_in))]   # act-order
-    q, z, s = quantize_codes(w, group, g_idx, sym=True)
+    q, z, s = quantize_codes(w, g_idx, sym=True)
     lin = gptq.QuantLinear(4, group, n_in, out, bias=False)
     lin.qweight, lin.qzeros = pack_gptq_rows(q.T), pack_gptq_columns(z.T - 1)   # v1: zero points minus one
     lin.scales, lin.g_idx = s.t().contiguous(), torch.from_numpy(g_idx.astype(np.int32))
