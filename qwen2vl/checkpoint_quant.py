@@ -217,11 +217,15 @@ def install_placeholders(model: nn.Module, model_dir: str | os.PathLike, fmt: Qu
 
 def finish_quantized(model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
     """Unpack each placeholder into an `Int4WeightOnlyLinear` (one layer at a time: the packed and unpacked
-    copies of a single layer are the only extra memory)."""
+    copies of a single layer are the only extra memory). Off the CPU the layer is built on the CPU and then
+    moved (the layer builder's index checks run there; a layer is small next to the model)."""
     with torch.no_grad():
         for name in names:
             holder = model.get_submodule(name)
-            model.set_submodule(name, holder.to_int4(dtype))
+            device = holder.qweight.device
+            if device.type != "cpu":
+                holder = holder.to("cpu")
+            model.set_submodule(name, holder.to_int4(dtype).to(device))
             del holder
 
 
