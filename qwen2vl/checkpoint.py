@@ -286,12 +286,11 @@ def load_checkpoint_into(model: nn.Module, model_dir: str | os.PathLike, dtype=N
 
 
 def _install(tensors, aliases, mkey, t: torch.Tensor, dtype, device) -> None:
-    owner, attr, old, is_param = tensors[mkey]
+    _, _, old, is_param = tensors[mkey]
     if t.dim() == 5 and old.dim() == 2:
         t = t.reshape(old.shape)
-    if attr in getattr(owner, "keep_stored_dtype", ()):   # e.g. packed 4-bit layers' scales (checkpoint_quant.py)
-        target = t.dtype
-    elif t.is_floating_point() and old.is_floating_point():
+    owner, attr = tensors[mkey][0], tensors[mkey][1]
+    if t.is_floating_point() and old.is_floating_point() and attr not in getattr(owner, "keep_dtype", ()):
         target = old.dtype if dtype is None else (t.dtype if dtype == "auto" else dtype)
     else:
         target = old.dtype

@@ -51,11 +51,8 @@ def _unsupported(qc: dict, why: str) -> ValueError:
     return ValueError(f"unsupported quantization_config {shown}: {why}. Loadable 4-bit checkpoints: {SUPPORTED}.")
 
 
-def read_quantization_config(config) -> QuantFormat | None:
-    """The checkpoint format named by `config.quantization_config` (None when the checkpoint is not quantized)."""
-    qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return None
+def parse_quantization_config(qc: dict) -> QuantFormat:
+    """The checkpoint format a hub ``quantization_config`` names; ValueError naming the field for anything else."""
     if not isinstance(qc, dict):
         raise ValueError(f"quantization_config must be a JSON object, got {type(qc).__name__}")
     method = str(qc.get("quant_method", "")).lower()
@@ -125,7 +122,7 @@ class PackedInt4Linear(nn.Module):
     """Placeholder for a quantized linear while the checkpoint loads: its buffers are the checkpoint's packed
     tensors (names and shapes as stored), filled by `load_checkpoint_into`; `to_int4` then builds the real layer."""
 
-    keep_stored_dtype = ("scales",)   # fp16 scales unpack exactly; `from_unpacked` picks the layer's dtype
+    keep_dtype = ("scales",)   # read into fp32 whatever the stored float type (exact), not the model dtype
 
     def __init__(self, fmt: QuantFormat, name: str, in_features: int, out_features: int, bias: bool,
                  has_g_idx: bool):
@@ -148,7 +145,7 @@ class PackedInt4Linear(nn.Module):
         if has_g_idx:
             shapes["g_idx"] = (in_features,)
         for key, shape in shapes.items():
-            dtype = torch.float16 if key == "scales" else torch.int32
+            dtype = torch.float32 if key == "scales" else torch.int32
             self.register_buffer(key, torch.empty(shape, dtype=dtype, device="meta"))
         self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
 
@@ -215,19 +212,59 @@ def install_placeholders(model: nn.Module, model_dir: str | os.PathLike, fmt: Qu
     return names
 
 
-def finish_quantized(model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
-    """Unpack each placeholder into an `Int4WeightOnlyLinear` (one layer at a time: the packed and unpacked
-    copies of a single layer are the only extra memory). Off the CPU the layer is built on the CPU and then
-    moved (the layer builder's index checks run there; a layer is small next to the model)."""
+def finish_quantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Unpack each `PackedInt4Linear` of a loaded model into an `Int4WeightOnlyLinear` (one layer at a time: the
+    packed and unpacked copies of a single layer are the only extra memory). Off the CPU the layer is built on
+    the CPU and then moved (the layer builder's index checks run there; a layer is small next to the model).
+    Where every decoder projection became int4 with one group size, `model.quantization_config` becomes our own
+    int4 format's, so `save_pretrained` writes the model in it (else saving it stays refused)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, PackedInt4Linear)]
+    fmt = None
     with torch.no_grad():
         for name in names:
             holder = model.get_submodule(name)
-            device = holder.qweight.device
+            fmt, device = holder.fmt, holder.qweight.device
             if device.type != "cpu":
                 holder = holder.to("cpu")
             model.set_submodule(name, holder.to_int4(dtype).to(device))
             del holder
+    if fmt is not None:
+        own = _own_int4_config(model, fmt)
+        if own is not None:
+            model.quantization_config = own
 
 
-__all__ = ["QuantFormat", "read_quantization_config", "unpack_awq", "unpack_gptq", "PackedInt4Linear",
+def _own_int4_config(model: nn.Module, fmt: QuantFormat) -> dict | None:
+    """Our int4 format's quantization_config for `model`, None where that format cannot describe it (some decoder
+    projections left in float, or several group sizes)."""
+    from .quantization import Int4WeightOnlyLinear
+    from .quantization.model import text_model
+    from .quantization.serialization import OWN_INT4
+
+    proj = [c for layer in text_model(model).layers for parent in (layer.self_attn, layer.mlp)
+            for c in parent.children() if isinstance(c, (nn.Linear, Int4WeightOnlyLinear))]
+    int4 = [m for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)]
+    head = isinstance(getattr(model, "lm_head", None), Int4WeightOnlyLinear)
+    groups = {m.group_size for m in int4}
+    if len(groups) != 1 or len(int4) != len(proj) + head or not all(isinstance(c, Int4WeightOnlyLinear) for c in proj):
+        return None
+    return {"quant_method": OWN_INT4, "bits": 4, "group_size": groups.pop(), "zero_point": True, "sym": False,
+            "method": fmt.method, "lm_head": head, "modules_to_not_convert": ["visual"]}
+
+
+def _prepare_hub_format(model: nn.Module, qcfg: dict, model_dir, dtype: torch.dtype) -> None:
+    """`quantization.serialization.LOADERS` entry for "awq" / "gptq": placeholders before the weights are read
+    (`finish_quantized` after)."""
+    install_placeholders(model, model_dir, parse_quantization_config(qcfg))
+
+
+def _register() -> None:
+    from .quantization.serialization import LOADERS
+
+    LOADERS.update(awq=_prepare_hub_format, gptq=_prepare_hub_format)
+
+
+_register()
+
+__all__ = ["QuantFormat", "parse_quantization_config", "unpack_awq", "unpack_gptq", "PackedInt4Linear",
            "install_placeholders", "finish_quantized", "checkpoint_keys", "SUPPORTED", "AWQ_ORDER"]

@@ -91,20 +91,10 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     check_backend(impl, device if impl == "flash_attention_2" else None,
                   torch_dt if impl == "flash_attention_2" else None)
 
-    from .checkpoint_quant import read_quantization_config
-
-    prequantized = read_quantization_config(config)   # an AWQ / GPTQ checkpoint (checkpoint_quant.py)
-    if prequantized is not None:
-        clash = {"quantization": quantization, "adapter": adapter, "tp_plan": tp_plan, "tp_size": tp_size}
-        given = [k for k, v in clash.items() if v is not None]
-        if given:
-            raise ValueError(f"{model_dir} holds a quantized checkpoint ({prequantized.description}); "
-                             f"{', '.join(given)} cannot be combined with it")
-
     if tp_plan is not None or tp_size is not None:
         from .parallel.tp import load_tensor_parallel
 
-        if quantization is not None:
+        if quantization is not None or getattr(config, "quantization_config", None) is not None:
             raise ValueError("quantization is not supported together with tensor parallelism (tp_plan).")
         if device_map not in (None, "auto"):
             raise ValueError("device_map cannot be combined with tp_plan: each rank uses its own device "
@@ -120,17 +110,21 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
 
     with torch.device("meta"):
         model = cls(config)
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg is not None:  # a quantized checkpoint: its layers are built quantized, then read as stored
+        if quantization is not None or adapter is not None:
+            raise ValueError(f"{model_dir} holds a quantized checkpoint ({qcfg.get('quant_method')!r}); "
+                             "quantization= and adapter= need a full-precision one.")
+        from . import checkpoint_quant  # registers the hub formats (awq, gptq); finishes them below
+        from .quantization.serialization import prepare_quantized
+
+        prepare_quantized(model, qcfg, model_dir, torch_dt)
     # A base model's checkpoint has no LM head: the reference then starts one from its init.
     head_optional = hasattr(model, "lm_head") and not getattr(config, "tie_word_embeddings", False)
-    if prequantized is not None:
-        from .checkpoint_quant import finish_quantized, install_placeholders
-
-        packed = install_placeholders(model, model_dir, prequantized)
     info = load_checkpoint_into(model, model_dir, dtype=torch_dt, device=device, progress=progress,
                                 optional=("lm_head.weight",) if head_optional else ())
-    if prequantized is not None:
-        finish_quantized(model, packed, torch_dt)
-        model.quantization = prequantized.method
+    if qcfg is not None:  # AWQ / GPTQ layers were read packed as stored: unpacked into int4 layers now
+        checkpoint_quant.finish_quantized(model, torch_dt)
     if info.missing_keys:
         logger.warning("%s: %s not in the checkpoint at %s; newly initialized (train it before use).",
                        cls.__name__, ", ".join(info.missing_keys), model_dir)
@@ -160,12 +154,18 @@ def save_pretrained(model, save_directory, max_shard_size="5GB", **kwargs) -> No
         raise TypeError(f"save_pretrained got unexpected arguments: {sorted(unknown)}")
     if not kwargs.get("is_main_process", True):
         return
-    if getattr(model, "quantization", None):
-        raise ValueError("Saving a quantized model is not supported; save the full-precision model and pass "
-                         "quantization='int8' to from_pretrained instead.")
+    from .quantization.serialization import config_for_save
+
+    qcfg = config_for_save(model)  # ValueError for what cannot be saved (int8)
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config
+    if qcfg is not None:
+        cfg.quantization_config = qcfg
+        if "quantization_config" not in cfg._extra_keys:
+            cfg._extra_keys.append("quantization_config")
+    elif "quantization_config" in cfg._extra_keys:  # a dequantized / unquantized model: no stale entry
+        cfg._extra_keys.remove("quantization_config")
     for name, value in (("dtype", str(model.dtype).replace("torch.", "")), ("architectures", [type(model).__name__])):
         setattr(cfg, name, value)
         if name not in cfg._defaults and name not in cfg._extra_keys:  # text / vision configs: written too

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from qwen2vl.checkpoint_quant import read_quantization_config
+from qwen2vl.checkpoint_quant import parse_quantization_config
 from qwen2vl.model import Qwen2VLForConditionalGeneration
 from qwen2vl.quantization import Int4WeightOnlyLinear
 
@@ -59,7 +59,7 @@ def test_loaded_layers_and_logits_match_the_dequantized_float_model(tmp_path, me
     model = _model()
     codes = write_quantized(model, tmp_path, method, **kw)
     loaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
-    assert loaded.quantization == method
+    assert loaded.quantization == "int4" and loaded.quantization_config["method"] == method
     _check_layers(loaded, codes, model)
     if method == "awq":   # AWQ zero points really vary (not all 8)
         assert len({int(v) for (_, z, _, _) in codes.values() for v in z.flat}) > 4
@@ -93,6 +93,20 @@ def test_partly_quantized_untied_head_and_lm_head_quantized(tmp_path):
     assert type(layer.mlp.down_proj) is type(model.model.language_model.layers[1].mlp.down_proj)
     ids = torch.randint(7, 90, (1, 6), generator=torch.Generator().manual_seed(1))
     assert _rel(_logits(loaded, ids), _logits(model, ids)) <= 1e-3
+    with pytest.raises(ValueError, match="not supported"):   # our int4 format needs every projection in int4
+        loaded.save_pretrained(tmp_path / "again")
+
+
+def test_loaded_hub_checkpoint_saves_in_our_int4_format(tmp_path):
+    model = _model()
+    write_quantized(model, tmp_path / "awq", "awq", group=128)
+    loaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "awq", dtype=torch.float32)
+    loaded.save_pretrained(tmp_path / "own")
+    qc = json.loads((tmp_path / "own" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "qwen2vl_int4" and qc["method"] == "awq" and qc["group_size"] == 128
+    again = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "own", dtype=torch.float32)
+    ids = torch.randint(7, 90, (1, 6), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(_logits(again, ids), _logits(loaded, ids))
 
 
 UNSUPPORTED = [
@@ -115,10 +129,8 @@ UNSUPPORTED = [
 
 @pytest.mark.parametrize("qc,needle", UNSUPPORTED)
 def test_unsupported_variants_name_the_field(qc, needle):
-    cfg = _model().config
-    cfg.quantization_config = qc
     with pytest.raises(ValueError, match="unsupported quantization_config") as e:
-        read_quantization_config(cfg)
+        parse_quantization_config(qc)
     assert needle in str(e.value) and "Loadable 4-bit checkpoints: awq" in str(e.value)
 
 
@@ -134,7 +146,7 @@ def test_unsupported_and_broken_checkpoints_fail_clearly(tmp_path):
         Qwen2VLForConditionalGeneration.from_pretrained(tmp_path)
     # already quantized: no second quantization / adapter / tensor parallelism on top
     set_quantization_config(tmp_path, {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True})
-    with pytest.raises(ValueError, match="holds a quantized checkpoint .*quantization cannot be combined"):
+    with pytest.raises(ValueError, match="holds a quantized checkpoint .*need a full-precision one"):
         Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, quantization="int8")
     # a quantization_config but no quantized tensor
     plain = tmp_path / "plain"

@@ -4,7 +4,7 @@
 PyTorch's bf16 matmul with 1-8 activation rows reads weights at a fraction of memory bandwidth on CPUs without
 AMX (measured: 3-5 GB/s vs ~20 GB/s on AVX512, ~20 of ~40 GB/s on AVX2), and decoding is nothing but such
 matmuls. The C sources are compiled once with the system C compiler into a per-user cache, as the AVX512 or the
-AVX2 build (`flavour`), and called through ctypes (no torch headers, ~1 s build). Anything they cannot do (no
+AVX2 build (`flavour`; cpu_int4.c: the 4-bit GEMV, wrapped in cpu_int4.py), and called through ctypes (no torch headers, ~1 s build). Anything they cannot do (no
 AVX2, no compiler, autograd, odd shapes, > 8 rows) falls back to torch.
 Set QWEN2VL_DISABLE_KERNELS=1 to always use torch.
 """
@@ -30,12 +30,12 @@ from . import choose
 log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
 # Two builds of the library: AVX512 (the bf16 dot-product kernels need AVX512-BF16 too; `has_avx512bf16`) and
-# AVX2 + FMA (cpu_avx2.c: the decoding kernels only, the same entry points). cpu_rope.c / cpu_layer.c go in both.
+# AVX2 + FMA (cpu_avx2.c: the decoding kernels only, the same entry points). cpu_rope.c / cpu_layer.c / cpu_int4.c go in both.
 _FLAVOURS = {
     "avx512": (["cpu_gemv.c", "cpu_attention.c", "cpu_decode.c"], ["-mavx512f", "-mavx512bw", "-mavx512vl"]),
     "avx2": (["cpu_avx2.c"], ["-mavx2", "-mfma", "-mf16c"]),
 }
-_SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c"]
+_SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c", "cpu_int4.c"]
 _HEADERS = ["cpu_common.h"]
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 8
@@ -57,6 +57,8 @@ _SIGNATURES = {
     "silu_mul": [_P, _P, _I, ctypes.c_int],
     "decode_layers": [_P, _I] + [_P] * 5 + [_I] + [_P] * 3 + [_I] * 6 + [_F] * 2 + [ctypes.c_int],
     "vision_attention": [_P] * 4 + [_I] * 3 + [_F, ctypes.c_int, ctypes.c_int],
+    "gemv_q4_avx512bf16": [_P] * 5 + [_I] * 4 + [ctypes.c_int], "gemv_q4_avx2": [_P] * 5 + [_I] * 4 + [ctypes.c_int],
+    "dequant_q4_bf16": [_P] * 4 + [_I] * 3 + [ctypes.c_int],
 }
 
 

@@ -1,7 +1,7 @@
 """The 4-bit GEMV kernel's wrapper (cpu_int4.c, in both library builds): y (rows, N) = x (rows, K) @ W.T for 1-8
 bf16 activation rows, W group-wise 4-bit in `quantization.int4`'s packed layout. AVX512-BF16 CPUs run the
-bf16 dot-product variant (nibbles widened to bf16 exactly through a 16-entry table), the AVX2 build an fp32 FMA
-variant. Needs K % 64 == 0 and group_size % 64 == 0; anything else is None (the caller dequantizes)."""
+bf16 dot-product variant (each nibble made bf16 exactly by one bit operation), the AVX2 build an fp32 FMA
+variant. Needs K % 128 == 0 and group_size % 128 == 0; anything else is None (the caller dequantizes)."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +13,7 @@ MAX_ROWS = cpu.MAX_ROWS
 
 def usable(k: int, group_size: int) -> bool:
     """Whether the kernel handles this shape on this CPU (the library built, a variant for its ISA)."""
-    return k % 64 == 0 and group_size % 64 == 0 and _fn() is not None
+    return k % 128 == 0 and group_size % 128 == 0 and _fn() is not None
 
 
 def _fn():
@@ -29,7 +29,7 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     rows = x.numel() // k if k else 0
     fn = _fn()
     if (fn is None or x.dtype is not torch.bfloat16 or x.device.type != "cpu" or not 0 < rows <= MAX_ROWS
-            or k % 64 or group_size % 64 or qweight.shape[1] * 2 != k or qweight.device.type != "cpu"):
+            or k % 128 or group_size % 128 or qweight.shape[1] * 2 != k or qweight.device.type != "cpu"):
         return None
     if torch.is_grad_enabled() and x.requires_grad:
         return None
@@ -41,3 +41,17 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if rc != 0:
         raise RuntimeError(f"4-bit GEMV failed with code {rc}")
     return out.view(*x.shape[:-1], n)
+
+
+def dequantize_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int,
+                    group_size: int) -> torch.Tensor | None:
+    """W (N, K) bf16 from packed rows (the prefill path's tile), or None where the kernel does not apply."""
+    fn = cpu.kernel("dequant_q4_bf16")
+    if fn is None or k % 128 or group_size % 128 or qweight.device.type != "cpu" or qweight.shape[1] * 2 != k \
+            or not (qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
+        return None
+    out = torch.empty(qweight.shape[0], k, dtype=torch.bfloat16)
+    if fn(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), qweight.shape[0], k,
+          group_size, torch.get_num_threads()) != 0:
+        return None
+    return out
