@@ -23,6 +23,7 @@ then each layer is unpacked to 4-bit codes and handed to `Int4WeightOnlyLinear.f
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -91,9 +92,11 @@ def parse_quantization_config(qc: dict) -> QuantFormat:
 
 # ----------------------------------------------------------------------------------------------- unpacking
 def _nibbles(words: torch.Tensor) -> torch.Tensor:
-    """int32 (...,) → (..., 8) values 0..15, nibble j = bits 4j..4j+3 (the shift is arithmetic; the mask fixes it)."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
-    return ((words.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)
+    """int32 (...,) → (..., 8) uint8 values 0..15, nibble j = bits 4j..4j+3 of the word: read as the word's 4
+    little-endian bytes (byte b holds nibbles 2b, 2b + 1), which is 4x less memory traffic than 32-bit shifts."""
+    assert sys.byteorder == "little"
+    b = words.contiguous().view(torch.uint8).view(*words.shape, 4)
+    return torch.stack([b & 0xF, b >> 4], dim=-1).view(*words.shape, 8)
 
 
 def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor):
@@ -109,7 +112,7 @@ def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, zero_offset: int):
     """GPTQ tensors → (q (out, in) uint8, scales (out, n_groups), zeros (out, n_groups) uint8)."""
-    q = _nibbles(qweight.t()).flatten(-2)                        # (out, in/8, 8) → (out, in): input 8r + j
+    q = _nibbles(qweight).permute(1, 0, 2).reshape(qweight.shape[1], -1)   # (in/8, out, 8) → (out, in): 8r + j
     zeros = _nibbles(qzeros).flatten(-2).to(torch.int16) + zero_offset
     if int(zeros.max()) > 15:
         raise ValueError(f"GPTQ zero point {int(zeros.max())} is outside 0..15 (a v1 checkpoint with a zero "
