@@ -16,8 +16,8 @@ Which variants load (``quantization_config`` in config.json; anything else is a 
   ``scales`` (n_groups, out), ``g_idx`` int32 (in,) (optional: default ``i // group_size``).
 
 A layer is quantized where the checkpoint holds ``<name>.qweight`` (the hub repos: the decoder's q/k/v/o and
-gate/up/down projections; the vision tower and LM head stay in floating point); it must be a linear layer of the
-model. Loading never makes a float copy of a quantized weight: the packed tensors are read into placeholders,
+gate/up/down projections, the vision tower and LM head in floating point; an untied quantized LM head, GPTQModel's
+``lm_head: true``, loads too); it must be a linear layer of the model. Loading never makes a float copy of a quantized weight: the packed tensors are read into placeholders,
 then each layer is unpacked to 4-bit codes and handed to `Int4WeightOnlyLinear.from_unpacked` one at a time.
 """
 from __future__ import annotations
@@ -43,7 +43,6 @@ class QuantFormat:
     method: str          # "awq" | "gptq"
     group_size: int      # -1: one group over all inputs
     zero_offset: int     # added to the stored zero points (GPTQ v1 stores z - 1)
-    description: str     # for messages and `model.quantization_config`
 
 
 def _unsupported(qc: dict, why: str) -> ValueError:
@@ -73,7 +72,7 @@ def parse_quantization_config(qc: dict) -> QuantFormat:
             raise _unsupported(qc, f"AWQ backend {qc.get('backend')!r}: only AutoAWQ's packing loads")
         if qc.get("zero_point", True) is not True:
             raise _unsupported(qc, "AWQ zero_point=false has no GEMM checkpoint layout")
-        return QuantFormat("awq", group, 0, f"awq gemm, 4 bits, group {group}")
+        return QuantFormat("awq", group, 0)
     fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower()
     sym = qc.get("sym", True)
     if fmt not in ("gptq", "gptq_v2"):
@@ -85,9 +84,7 @@ def parse_quantization_config(qc: dict) -> QuantFormat:
         raise _unsupported(qc, f"pack_dtype {qc.get('pack_dtype')!r}: only int32 words load")
     if qc.get("dynamic"):
         raise _unsupported(qc, "per-module 'dynamic' overrides are not supported")
-    desc = "act-order" if qc.get("desc_act") else "no act-order"
-    return QuantFormat("gptq", group, 1 if fmt == "gptq" else 0,
-                       f"gptq ({fmt}), 4 bits, group {group}, {'sym' if sym else 'asym'}, {desc}")
+    return QuantFormat("gptq", group, 1 if fmt == "gptq" else 0)
 
 
 # ----------------------------------------------------------------------------------------------- unpacking
