@@ -115,6 +115,7 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
         if quantization is not None or adapter is not None:
             raise ValueError(f"{model_dir} holds a quantized checkpoint ({qcfg.get('quant_method')!r}); "
                              "quantization= and adapter= need a full-precision one.")
+        from . import checkpoint_quant  # registers the hub formats (awq, gptq); finishes them below
         from .quantization.serialization import prepare_quantized
 
         prepare_quantized(model, qcfg, model_dir, torch_dt)
@@ -122,6 +123,8 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     head_optional = hasattr(model, "lm_head") and not getattr(config, "tie_word_embeddings", False)
     info = load_checkpoint_into(model, model_dir, dtype=torch_dt, device=device, progress=progress,
                                 optional=("lm_head.weight",) if head_optional else ())
+    if qcfg is not None:  # AWQ / GPTQ layers were read packed as stored: unpacked into int4 layers now
+        checkpoint_quant.finish_quantized(model, torch_dt)
     if info.missing_keys:
         logger.warning("%s: %s not in the checkpoint at %s; newly initialized (train it before use).",
                        cls.__name__, ", ".join(info.missing_keys), model_dir)
