@@ -46,14 +46,22 @@ def run(cmd, **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def cpu_flags() -> set[str]:
+def cpuinfo() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields ({} where there is none)."""
+    info = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if not line.strip():
+                break
+            k, _, v = line.partition(":")
+            info[k.strip()] = v.strip()
     except OSError:
         pass
-    return set()
+    return info
+
+
+def cpu_flags() -> set[str]:
+    return set(cpuinfo().get("flags", "").split())
 
 
 def source_tree() -> Path:
@@ -160,7 +168,7 @@ def gguf_files(tree: Path, bindir: Path, ckpt: Path) -> dict[str, Path]:
     return files
 
 
-def test_image(width: int = 1024, height: int = 768) -> Path:
+def noise_image(width: int = 1024, height: int = 768) -> Path:
     import numpy as np
     from PIL import Image
 
@@ -177,7 +185,7 @@ def setup() -> dict:
     bindir = build(tree)
     ckpt = checkpoint()
     files = gguf_files(tree, bindir, ckpt)
-    return {"tree": tree, "bin": bindir, "ckpt": ckpt, "gguf": files, "image": test_image(),
+    return {"tree": tree, "bin": bindir, "ckpt": ckpt, "gguf": files,
             "amx_fix": AMX_FIX in (tree / AMX_FILE).read_text()}
 
 

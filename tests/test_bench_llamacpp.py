@@ -22,13 +22,17 @@ MMQ = """static void ggml_tile_config_init(void) {
 }
 """
 
-# the lines of a real llama-mtmd-cli --perf run (1024x768 image, 2 threads) that the parser reads, among others
-MTMD_LOG = """encoding mtmd batch, n_chunks = 1 (done = 1, total = 3)
-mtmd batch encoding done in 65726 ms
-image decoded (batch 1/1) in 21088 ms
-llama_perf_context_print:        load time =    1500.12 ms
-llama_perf_context_print: prompt eval time =   21480.55 ms /  1024 tokens (   20.98 ms per token,    47.67 tokens per second)
-llama_perf_context_print:        eval time =       0.00 ms /     1 runs   (    0.00 ms per token,      inf tokens per second)
+# lines of a real llama-mtmd-cli --perf -lv 4 run (224x224 image, 2 threads, a busy machine)
+MTMD_LOG = """0.26.078.299 I encoding mtmd batch, n_chunks = 1 (done = 1, total = 3)
+0.48.052.796 I mtmd batch encoding done in 21975 ms
+0.48.052.886 I decoding image batch 1/1, n_tokens_batch = 64
+0.54.075.538 I image decoded (batch 1/1) in 6022 ms
+0.57.923.548 I llama_perf_context_print:        load time =   13187.83 ms
+0.57.923.552 I llama_perf_context_print: prompt eval time =   39054.33 ms /    78 tokens (  500.70 ms per token, \
+    2.00 tokens per second)
+0.57.923.554 I llama_perf_context_print:        eval time =       0.00 ms /     1 runs   (    0.00 ms per token, \
+     inf tokens per second)
+0.57.923.556 I llama_perf_context_print:       total time =   43208.92 ms /    79 tokens
 """
 
 
@@ -51,11 +55,11 @@ def test_amx_fix_leaves_an_unknown_source_alone(tmp_path):
     assert src.read_text() == "int x;\n"
 
 
-def test_mtmd_log_gives_vision_encode_and_prompt_eval_seconds():
-    enc, pe = bench_llamacpp.parse_mtmd_log(MTMD_LOG)
-    assert enc == pytest.approx(65.726) and pe == pytest.approx(21.48055)
-    two = MTMD_LOG.replace("image decoded", "mtmd batch encoding done in 1000 ms\nimage decoded")
-    assert bench_llamacpp.parse_mtmd_log(two)[0] == pytest.approx(66.726)  # every encoded batch counts
+def test_mtmd_log_gives_ttft_and_its_parts_in_seconds():
+    got = bench_llamacpp.parse_mtmd_log(MTMD_LOG)
+    assert got == pytest.approx({"ttft": 39.05433, "encode": 21.975, "image_prefill": 6.022, "tokens": 78})
+    two = MTMD_LOG.replace("0.48.052.886", "mtmd batch encoding done in 1000 ms\n0.48.052.886")
+    assert bench_llamacpp.parse_mtmd_log(two)["encode"] == pytest.approx(22.975)  # every encoded batch counts
 
 
 def test_mtmd_log_without_timings_is_a_clear_error():
