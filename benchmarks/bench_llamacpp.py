@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import llamacpp_setup  # noqa: E402
-from bench_all import Table, clocked_tps, decode_bytes_per_token, gen, median_time, read_bandwidth_gbs  # noqa: E402
+from bench_all import (Table, clocked_tps, decode_bytes_per_token, gen, median_time, read_bandwidth_gbs,  # noqa: E402
+                       text_inputs)
 
 from qwen2vl.kernels import choose  # noqa: E402
 
@@ -110,17 +111,11 @@ def load_ours(ckpt: Path, quantization):
         return None
 
 
-def text_prompt(length: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(100, 1000, (1, length), generator=g)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
-
-
 # ------------------------------------------------------------------------------------------ measurements
 def decode_interleaved(setup: dict, fmt: str, model, threads: int, new_tokens: int, repeats: int):
     """llama.cpp `fmt` and our model, one run each in turn, probes between: medians of (tok/s, roofline fraction)
     per side, and each run's fractions with the probes' GB/s as text."""
-    inp = text_prompt(8)
+    inp = text_inputs(1, 8)
     gen(model, inp, new_tokens + 1, False)  # warm-up (backend choices, first-call costs)
     ours_bytes = decode_bytes_per_token(model)
     llama_bytes = gguf_bytes_per_token(setup["tree"], setup["gguf"][fmt])
@@ -163,7 +158,7 @@ def decode_row(table, setup, fmt, quant, model, args) -> None:
 
 
 def prompt_row(table, setup, model, args) -> None:
-    inp = text_prompt(512)
+    inp = text_inputs(1, 512)
     t = median_time(lambda: gen(model, inp, 1, False), args.repeats)
     row = llama_bench(setup["bin"], setup["gguf"]["BF16"], args.threads,
                       ["-p", "512", "-n", "0", "-r", str(args.repeats)])
