@@ -93,15 +93,23 @@ def apply_amx_fix(tree: Path) -> bool:
 
 def build(tree: Path) -> Path:
     """cmake build of the three tools (-march=native, so the build belongs to this machine's CPU); its bin dir."""
-    bindir = tree / "build" / "bin"
+    bindir, stamp = tree / "build" / "bin", tree / "build" / "qwen2vl-bench-cpu"
+    info = cpuinfo()
+    cpu = f"{info.get('model name')} | family {info.get('cpu family')} model {info.get('model')} | {info.get('flags')}"
     if all((bindir / t).is_file() for t in TARGETS):
-        return bindir
+        if not stamp.is_file():  # a build from before the stamp existed: taken as this machine's
+            stamp.write_text(cpu)
+        if stamp.read_text() == cpu:
+            return bindir
+        log("the cached build is for another CPU (-march=native): rebuilding")
+        shutil.rmtree(tree / "build")
     if cpu_flags() & {"amx_tile", "amx_int8"}:
         log(f"AMX CPU: fix applied: {apply_amx_fix(tree)}")
     t0 = time.time()
     run(["cmake", "-S", tree, "-B", tree / "build", *CMAKE_FLAGS], stdout=subprocess.DEVNULL)
     run(["cmake", "--build", tree / "build", f"-j{os.cpu_count() or 2}", "--target", *TARGETS],
         stdout=subprocess.DEVNULL)
+    stamp.write_text(cpu)
     log(f"built in {time.time() - t0:.0f} s")
     return bindir
 
