@@ -47,19 +47,20 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
 
 class Table:
     """Benchmark rows (target, ours, transformers, unit, ratio, goal, notes): each printed as it is measured, then
-    all of them as one markdown table with pass/fail. Shared with bench_gpu.py."""
+    all of them as one markdown table with pass/fail. Shared with bench_gpu.py and bench_llamacpp.py (`theirs`: the
+    name of the other column)."""
 
-    def __init__(self, digits: int = 3):
-        self.rows, self.digits = [], digits
+    def __init__(self, digits: int = 3, theirs: str = "transformers"):
+        self.rows, self.digits, self.theirs = [], digits, theirs
 
     def row(self, name, ours, theirs, unit, ratio, goal, extra=""):
         self.rows.append((name, ours, theirs, unit, ratio, goal, extra))
         d = self.digits
-        print(f"  {name}: ours {ours:.{d}f} {unit}, transformers {theirs:.{d}f} {unit}, ratio {ratio:.2f}x "
+        print(f"  {name}: ours {ours:.{d}f} {unit}, {self.theirs} {theirs:.{d}f} {unit}, ratio {ratio:.2f}x "
               f"(goal {goal}) {extra}", flush=True)
 
     def print(self, title: str = "target") -> None:
-        print(f"\n| {title} | qwen2vl | transformers | unit | ratio | goal | pass | notes |")
+        print(f"\n| {title} | qwen2vl | {self.theirs} | unit | ratio | goal | pass | notes |")
         print("|---|---|---|---|---|---|---|---|")
         d = self.digits
         for name, a, b, unit, ratio, goal, extra in self.rows:
