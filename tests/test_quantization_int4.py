@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from qwen2vl import Qwen2VLForConditionalGeneration
-from qwen2vl.quantization import Int4WeightOnlyLinear, quantize_model
+from qwen2vl.quantization import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_model
 from qwen2vl.quantization.quality import eval_ids, next_token_agreement
 from tiny import tiny_model
 
@@ -33,13 +33,17 @@ def test_quantize_model_int4_replaces_decoder_linears_only():
     assert all(isinstance(getattr(layer.self_attn, n), Int4WeightOnlyLinear) for layer in text.layers
                for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     assert isinstance(text.layers[0].mlp.down_proj, Int4WeightOnlyLinear)
-    assert type(model.lm_head) is not Int4WeightOnlyLinear  # off by default for int4
+    assert type(model.lm_head) is Int8WeightOnlyLinear  # int4's default head: 8 bits per output channel
     assert isinstance(model.model.visual.blocks[0].attn.qkv, torch.nn.Linear)
     assert text.layers[0].self_attn.q_proj.bias is not None
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model, "int4")
     head = quantize_model(small_bf16(), "int4", include_lm_head=True, int4_method="rtn").lm_head
     assert isinstance(head, Int4WeightOnlyLinear)
+    assert isinstance(quantize_model(small_bf16(), "int4", include_lm_head=False, int4_method="rtn").lm_head,
+                      torch.nn.Linear)
+    with pytest.raises(ValueError, match="include_lm_head"):
+        quantize_model(small_bf16(), "int4", include_lm_head="int3")
     with pytest.raises(ValueError, match="int4_method"):
         quantize_model(small_bf16(), "int4", int4_method="gptq-ish")
 
@@ -66,14 +70,28 @@ def test_int4_model_equals_dequantized_reference():
     assert a.shape == b.shape
 
 
-def test_save_and_load_int4_checkpoint(tmp_path):
+HEADS = {None: Int8WeightOnlyLinear, False: torch.nn.Linear, "int4": Int4WeightOnlyLinear}
+
+
+def head_is(module, head) -> bool:
+    quantized = isinstance(module, (Int4WeightOnlyLinear, Int8WeightOnlyLinear))
+    return isinstance(module, HEADS[head]) and (quantized or head is False)
+
+
+@pytest.mark.parametrize("head,tied", [(None, False), (None, True), (False, False), ("int4", False)])
+def test_save_and_load_int4_checkpoint(tmp_path, head, tied):
     model = small_bf16()
+    if tied:  # as the 2B checkpoint: lm_head shares the input embedding
+        model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
     model.save_pretrained(tmp_path / "bf16")
-    q = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "bf16", quantization="int4")
+    q = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "bf16", dtype="bfloat16")
+    q = quantize_model(q, "int4", **({} if head is None else {"include_lm_head": head}))
     q.save_pretrained(tmp_path / "int4")
     cfg = json.loads((tmp_path / "int4" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "qwen2vl_int4" and cfg["bits"] == 4 and cfg["group_size"] == 128
-    assert cfg["zero_point"] is True and cfg["lm_head"] is False
+    assert cfg["zero_point"] is True and cfg["lm_head"] == ("int8" if head is None else head)
+    assert head_is(q.lm_head, head)
     with safe_open(str(tmp_path / "int4" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("model.layers.0.mlp.up_proj.qweight").dtype == torch.uint8
@@ -82,7 +100,9 @@ def test_save_and_load_int4_checkpoint(tmp_path):
     back = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "int4")
     layer = back.model.language_model.layers[1].mlp.gate_proj
     assert isinstance(layer, Int4WeightOnlyLinear) and layer.scales.dtype == torch.float32
-    assert back.quantization == "int4"
+    assert back.quantization == "int4" and head_is(back.lm_head, head)
+    embed = back.model.language_model.embed_tokens.weight
+    assert torch.equal(embed, q.model.language_model.embed_tokens.weight)
     ids = torch.randint(7, 290, (1, 11))
     assert torch.equal(logits(back, ids), logits(q, ids))
     back.save_pretrained(tmp_path / "again")  # saving a loaded int4 model writes the same thing

@@ -9,7 +9,9 @@ Our own int4 format ("quant_method": "qwen2vl_int4"), per quantized projection `
     <name>.input_perm  int64 (in,)                        only for act-order layers (GPTQ desc_act)
     <name>.bias        model dtype (out,)                 only where the projection has a bias
 config.json: {"quant_method": "qwen2vl_int4", "bits": 4, "group_size": 128, "zero_point": true, "sym": false,
-"method": "awq" | "rtn", "lm_head": false, "modules_to_not_convert": ["visual"]}.
+"method": "awq" | "rtn", "lm_head": "int8", "modules_to_not_convert": ["visual"]}; "lm_head" is false (a
+full-precision head: `lm_head.weight`), "int8" (`lm_head.weight_int8` int8 (out, in) + `lm_head.scales` (out,), one
+scale per output row) or "int4"/true (the int4 tensors above).
 
 `LOADERS` maps a quant_method to the function preparing a meta-device model for its checkpoint; the hub formats
 (AWQ / GPTQ) register theirs there. Anything else gets a ValueError naming quant_method / version / bits.
@@ -23,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .int4 import Int4WeightOnlyLinear
+from .int8 import Int8WeightOnlyLinear
 from .model import decoder_linears
 
 OWN_INT4 = "qwen2vl_int4"
@@ -56,8 +59,14 @@ def _prepare_own_int4(model: nn.Module, qcfg: dict, model_dir, dtype: torch.dtyp
 
     for parent, attr, lin in decoder_linears(model):
         setattr(parent, attr, meta_layer(parent, attr, lin))
-    if qcfg.get("lm_head") and isinstance(getattr(model, "lm_head", None), nn.Linear):
-        model.lm_head = meta_layer(model, "lm_head", model.lm_head)
+    head, lm_head = qcfg.get("lm_head"), getattr(model, "lm_head", None)
+    if head not in (None, False, True, "int8", "int4"):
+        raise ValueError(f"quantization_config {OWN_INT4}: lm_head={head!r} not supported (false, 'int8', 'int4')")
+    if head == "int8" and isinstance(lm_head, nn.Linear):
+        model.lm_head = Int8WeightOnlyLinear(lm_head.in_features, lm_head.out_features, lm_head.bias is not None,
+                                             dtype, "meta")
+    elif head and isinstance(lm_head, nn.Linear):
+        model.lm_head = meta_layer(model, "lm_head", lm_head)
 
 
 LOADERS: dict[str, Callable[[nn.Module, dict, Path, torch.dtype], None]] = {OWN_INT4: _prepare_own_int4}
