@@ -88,6 +88,13 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     impl = getattr(config, "attn_implementation", None) or "sdpa"
     torch_dt = resolve_dtype(dtype, config)
     device = resolve_device(device_map)
+    if (dtype == "auto" and torch_dt == torch.float16 and device.type == "cpu"
+            and getattr(config, "quantization_config", None) is not None):
+        # The hub's AWQ / GPTQ repos say float16; on a CPU the int4 kernels take bf16 activations and float16
+        # matmuls are slow, so "auto" means bfloat16 there (same exponent range as the float32 the scales need).
+        logger.info("%s: float16 quantized checkpoint on the CPU: running in bfloat16 (pass dtype='float16' to "
+                    "keep float16)", model_dir)
+        torch_dt = torch.bfloat16
     check_backend(impl, device if impl == "flash_attention_2" else None,
                   torch_dt if impl == "flash_attention_2" else None)
 

@@ -74,7 +74,11 @@ def test_bf16_load_and_generate(tmp_path):
     """The repos' usual dtype path: fp16 scales kept exactly, bf16 activations; greedy tokens as the float model."""
     model = _model()
     write_quantized(model, tmp_path, "awq", group=128)
-    loaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype="bfloat16")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["torch_dtype"] = cfg["dtype"] = "float16"   # as the hub's repos: "auto" on a CPU then means bfloat16
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path)
+    assert Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype="float16").dtype == torch.float16
     q_proj = loaded.model.language_model.layers[0].self_attn.q_proj
     assert q_proj.scales.dtype == torch.float32 and q_proj.bias.dtype == torch.bfloat16
     ids = torch.randint(7, 90, (1, 7), generator=torch.Generator().manual_seed(3))
