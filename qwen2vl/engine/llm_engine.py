@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import guided
+from ..model.vision_job import text_flops_per_token
 from .inputs import InputProcessor, ProcessedPrompt
 from .kv_pool import KVPool, kv_bytes_per_token, parse_memory
 from .prefix_cache import PrefixCache, token_keys
@@ -95,6 +96,7 @@ class LLMEngine:
                                       kv_bytes_per_token(tc, model.dtype))
         if config.max_prefill_tokens_per_step is not None and config.max_prefill_tokens_per_step < 1:
             raise ValueError("max_prefill_tokens_per_step must be >= 1")
+        self.token_flops = text_flops_per_token(tc)  # a prompt token's work: sizes a step's vision slice
         self.scheduler = Scheduler(self.pool, max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_queue=config.max_queue)
         self.inputs = InputProcessor(processor, model.config)
@@ -115,6 +117,8 @@ class LLMEngine:
         """Encode a processed prompt's pictures/videos into the vision cache now (from a processing thread), so
         the step thread's prefill does not run the vision tower. Only for a local worker (under tensor
         parallelism every rank encodes during the mirrored prefill)."""
+        if self.config.max_prefill_tokens_per_step is not None:
+            return  # chunked prefill: the step thread encodes a slice per step between decode steps (vision_jobs)
         encode = getattr(self.pool.store, "encode_media", None)
         if encode is not None and self.tp_runner is None and pp.mm.tensors():
             encode(pp.mm.tensors(), pp.mm.hashes())
@@ -205,8 +209,9 @@ class LLMEngine:
 
     def _finish(self, req: Request) -> RequestOutput:
         req.finish_time = time.monotonic()
-        if req is self.partial:  # aborted or failed mid-prefill: give back its reserved rows
+        if req is self.partial:  # aborted or failed mid-prefill: give back its reserved rows (and vision work)
             self.pool.unreserve(req.top_row, req.params.n)
+            self.runner.vision_end(req)
             self.partial, req.top_row = None, None
         self.scheduler.remove(req)
         return req.output()
@@ -267,7 +272,7 @@ class LLMEngine:
                     self.scheduler.requeue(admitted[i:])
                     break
                 n_prompt = len(req.prompt_token_ids)
-                if budget is not None and n_prompt - self._cached_len(req) > budget:
+                if budget is not None and (self._vision_begin(req) or n_prompt - self._cached_len(req) > budget):
                     req.top_row = self.pool.reserve(req.params.n)
                     self.partial = req
                     self._restore(req, req.top_row)
@@ -287,7 +292,33 @@ class LLMEngine:
                     outputs.append(self._fail(req, e))
         return complete
 
+    def _vision_begin(self, req: Request) -> bool:
+        """Plan the vision work of a request about to be prefilled in chunks (pictures not in the vision cache
+        with placeholders past its cached prefix); True if there is some: it then runs a slice per step."""
+        try:
+            req.vision_pending = self.runner.vision_begin(req, self._cached_len(req))
+        except Exception:  # bad vision inputs: the request fails in its first prefill chunk, as unchunked
+            req.vision_pending = False
+        return req.vision_pending
+
+    def _run_vision(self, req: Request, budget: int, outputs: list) -> int | None:
+        """One step's slice of the partial request's vision work, sized like `budget` prompt tokens (at least one
+        unit of it); returns the budget left for its text, None if the vision work is not finished (or failed)."""
+        try:
+            done, spent = self.runner.vision_run(req, budget * self.token_flops)
+        except Exception as e:
+            outputs.append(self._fail(req, e))
+            return None
+        if not done:
+            return None
+        req.vision_pending = False
+        return budget - -(-spent // self.token_flops)
+
     def _run_chunk(self, req: Request, budget: int, outputs: list, complete: list) -> int:
+        if req.vision_pending:
+            budget = self._run_vision(req, budget, outputs)
+            if budget is None or budget <= 0:
+                return 0
         n_prompt = len(req.prompt_token_ids)
         end = min(n_prompt, req.prefilled + max(budget, 1))
         try:
@@ -299,6 +330,7 @@ class LLMEngine:
         req.prefilled = end
         if end == n_prompt:
             self.partial = None
+            self.runner.vision_end(req)
             row = self.pool.promote(req.top_row, req.params.n)
             req.top_row = None
             for i, s in enumerate(req.seqs):
