@@ -26,6 +26,7 @@ from . import guided
 from ..model.vision_job import text_flops_per_token
 from .inputs import InputProcessor, ProcessedPrompt
 from .kv_pool import KVPool, kv_bytes_per_token, parse_memory
+from .lora_adapters import LoraAdapters
 from .prefix_cache import PrefixCache, token_keys
 from .runner import ModelRunner, make_worker
 from .sampler import sample
@@ -107,6 +108,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.peak_running = 0  # most sequences decoded together so far (observability)
         self.partial: Request | None = None  # the request whose prompt is being prefilled over several steps
+        self.loras: LoraAdapters | None = None  # served LoRA adapters (add_lora)
 
     # ------------------------------------------------------------------------------------------ requests
     def process_prompt(self, prompt) -> ProcessedPrompt:
@@ -123,8 +125,26 @@ class LLMEngine:
         if encode is not None and self.tp_runner is None and pp.mm.tensors():
             encode(pp.mm.tensors(), pp.mm.hashes())
 
-    def make_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
-        """Validate a prompt (raw or `ProcessedPrompt`) against the engine limits; raises RequestRejected."""
+    def add_lora(self, name: str, path) -> None:
+        """Serve the PEFT LoRA folder `path` as adapter `name` (requests pick it with `lora=name`); read now,
+        once. ValueError for a folder that cannot be served (see `lora_adapters`)."""
+        if self.tp_runner is not None:
+            raise ValueError("LoRA adapters per request are not supported with tensor parallelism yet")
+        if self.loras is None:
+            self.loras = LoraAdapters(self.model)
+        self.loras.add(name, path)
+        self.pool.store.loras = self.loras
+
+    @property
+    def lora_names(self) -> list[str]:
+        return [] if self.loras is None else list(self.loras.names)
+
+    def make_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     lora: str | None = None) -> Request:
+        """Validate a prompt (raw or `ProcessedPrompt`) against the engine limits; raises RequestRejected.
+        `lora`: the name of an adapter added with `add_lora` (None: the base model)."""
+        if lora is not None and lora not in self.lora_names:
+            raise RequestRejected(f"The model `{lora}` does not exist.")
         params = params or SamplingParams()
         pp = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         n_prompt = len(pp.token_ids)
@@ -149,6 +169,7 @@ class LLMEngine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, pp.token_ids, params, mm=pp.mm, prompt=pp.prompt, tokenizer=self.tokenizer,
                       device=self.runner.device, eos_ids=self.eos_ids)
+        req.adapter = -1 if lora is None else self.loras.index(lora)
         if self.prefix is not None:
             cfg = self.model.config
             req.keys = token_keys(pp.token_ids, {cfg.image_token_id: pp.mm.image_hashes,
@@ -156,6 +177,8 @@ class LLMEngine:
                                   cfg.vision_config.spatial_merge_size,
                                   {cfg.image_token_id: _grid(pp.mm.image_grid_thw),
                                    cfg.video_token_id: _grid(pp.mm.video_grid_thw)})
+            if lora is not None:  # another adapter's KV differs: tagging the first key keeps every block of
+                req.keys[0] = ("lora", lora, req.keys[0])  # this prompt apart (block hashes are chained)
         if grammar is not None:
             for s in req.seqs:
                 s.guide = guided.Guide(self.guide_tokenizer, grammar)
@@ -173,8 +196,9 @@ class LLMEngine:
             self.guide_tokenizer = guided.GuideTokenizer(self.tokenizer, self.runner.vocab, self.eos_ids)
         return grammar
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
-        request = self.make_request(prompt, params, request_id)
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    lora: str | None = None) -> Request:
+        request = self.make_request(prompt, params, request_id, lora)
         self.scheduler.add(request)
         return request
 
@@ -234,7 +258,8 @@ class LLMEngine:
         self.peak_running = max(self.peak_running, len(sched.running))
         if decode_seqs:
             try:
-                logits = self.runner.decode([s.last_token for s in decode_seqs], len(decode_seqs))
+                logits = self.runner.decode([s.last_token for s in decode_seqs], len(decode_seqs),
+                                            [s.request.adapter for s in decode_seqs])
                 tokens = sample(logits, decode_seqs)
             except Exception as e:  # a failed decode step poisons every running request
                 for req in {id(s.request): s.request for s in decode_seqs}.values():

@@ -15,6 +15,8 @@ All calls come from the engine's single step thread.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..model.cache import KVCache
@@ -36,10 +38,11 @@ class ModelWorker:
         self.vision_cache = VisionCache(vision_cache_bytes)
         self.vision_jobs = VisionJobs(model, self.vision_cache)
         self.stashed: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # prefix-cache entries
+        self.loras = None  # the engine's LoraAdapters once an adapter is served
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], mm: dict, row: int, start: int = 0, end: int | None = None,
-                hashes: dict | None = None) -> torch.Tensor:
+                hashes: dict | None = None, adapter: int = -1) -> torch.Tensor:
         """Run prompt tokens [start, end) on `cache.rows(row, row + 1)` (holding tokens [0, start) already:
         restored from the prefix cache, or earlier chunks) and return the last position's logits (V,).
 
@@ -60,8 +63,9 @@ class ModelWorker:
             feats = self._features(kind, ids[0], tok, pixels, grid, hashes.get(kind), start, end)
             if feats is not None:
                 kw[f"{kind}_embeds"] = feats
-        out = self.model(input_ids=ids[:, start:end], position_ids=pos[:, :, start:end], rope_deltas=delta,
-                         past_key_values=self.cache.rows(row, row + 1), use_cache=True, logits_to_keep=1, **kw)
+        with self._lora([adapter] if adapter >= 0 else None):
+            out = self.model(input_ids=ids[:, start:end], position_ids=pos[:, :, start:end], rope_deltas=delta,
+                             past_key_values=self.cache.rows(row, row + 1), use_cache=True, logits_to_keep=1, **kw)
         return out.logits[0, -1]
 
     def _features(self, kind, ids, tok, pixels, grid, hashes, start, end):
@@ -123,10 +127,15 @@ class ModelWorker:
             self.stashed.pop(e, None)
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], n: int) -> torch.Tensor:
+    def decode(self, tokens: list[int], n: int, adapters: list[int] | None = None) -> torch.Tensor:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        out = self.model(input_ids=ids, past_key_values=self.cache.rows(0, n), use_cache=True, logits_to_keep=1)
+        with self._lora(adapters):
+            out = self.model(input_ids=ids, past_key_values=self.cache.rows(0, n), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
+
+    def _lora(self, rows: list[int] | None):
+        """The served LoRA adapter of each batch row for the forward inside (see lora_adapters)."""
+        return self.loras.use(rows) if self.loras is not None and rows is not None else contextlib.nullcontext()
 
     @torch.inference_mode()
     def reset_rows(self, rows: list[int]) -> None:
@@ -202,10 +211,14 @@ class ModelRunner:
         self.vocab = model.config.text_config.vocab_size
 
     def prefill(self, request, row: int, start: int = 0, end: int | None = None) -> torch.Tensor:
+        lora = {"adapter": request.adapter} if request.adapter >= 0 else {}  # (never under TP: add_lora refuses)
         return self.worker.prefill(request.prompt_token_ids, request.mm.tensors(), row, start, end,
-                                   request.mm.hashes())
+                                   request.mm.hashes(), **lora)
 
-    def decode(self, tokens: list[int], n: int) -> torch.Tensor:
+    def decode(self, tokens: list[int], n: int, adapters: list[int] | None = None) -> torch.Tensor:
+        """adapters: each row's LoRA adapter index (-1: base)."""
+        if adapters is not None and any(a >= 0 for a in adapters):
+            return self.worker.decode(tokens, n, adapters)
         return self.worker.decode(tokens, n)
 
     def vision_begin(self, request, start: int) -> bool:
