@@ -124,9 +124,12 @@ class LoraAdapters:
             module = modules.get(mod_name)
             if module is None:
                 raise ValueError(f"{path}: the adapter targets {mod_name}, which this model does not have")
-            if not _DECODER.search(mod_name) or not isinstance(module, Linear):
+            if not _DECODER.search(mod_name):
                 raise ValueError(f"{path}: the adapter targets {mod_name}; per-request adapters cover the "
                                  "decoder's linears only (merge this one into the model with --adapter instead)")
+            if not isinstance(module, Linear):
+                raise ValueError(f"{path}: {mod_name} is a {type(module).__name__}, not a plain linear layer: "
+                                 "per-request adapters need an unquantized model")
             r = lora_a.shape[0]
             if lora_a.shape != (r, module.in_features) or lora_b.shape != (module.out_features, r):
                 raise ValueError(f"{path}: {mod_name} LoRA shapes {tuple(lora_a.shape)} / {tuple(lora_b.shape)} "
