@@ -10,7 +10,7 @@ from qwen2vl.engine import LLMEngine, SamplingParams
 from qwen2vl.kernels import cpu_ops
 from qwen2vl.model.vision_job import VisionEncodeJob
 from test_engine import naive_greedy, scaled
-from test_prefix_cache import image_prompt
+from test_prefix_cache import beside_streams, image_prompt
 from tiny import pixels, real_heads_model, tiny_model
 
 
@@ -65,17 +65,8 @@ def engine(model, **kw):
 @pytest.mark.parametrize("vision_cache", ["64MiB", 0])
 def test_streams_keep_decoding_while_a_picture_is_encoded_and_answers_match(model, vision_cache):
     eng = engine(model, vision_cache_memory=vision_cache)
-    short = [eng.add_request({"prompt_token_ids": [20 + i, 21, 22]}, SamplingParams(temperature=0, max_tokens=40))
-             for i in range(2)]
-    eng.step()
     big_prompt = image_prompt([40, 41, 42], 12, grid=(1, 16, 16))   # 256 patches, 64 placeholders
-    big = eng.add_request(big_prompt, SamplingParams(temperature=0, max_tokens=5))
-    vision_steps = 0
-    while big.first_token_time is None:
-        before = [len(s.seqs[0].output_ids) for s in short]
-        eng.step()
-        assert [len(s.seqs[0].output_ids) for s in short] == [b + 1 for b in before]  # a token each, every step
-        vision_steps += big.vision_pending
+    short, big, vision_steps = beside_streams(eng, big_prompt, lambda r: r.vision_pending, 40, big_tokens=5)
     assert vision_steps >= 5                                # the tower ran over many steps (2 blocks x 4 units)
     finals = {o.request_id: o for o in eng.run_until_done()}
     assert finals[big.request_id].outputs[0].token_ids == naive_greedy(model, big_prompt, 5)
