@@ -103,9 +103,11 @@ def test_bad_adapters_are_clear_errors(model_dir, adapters, tmp_path):
     from qwen2vl.server import build_engine
     with pytest.raises(ValueError, match=r"--lora-modules bad=.*no adapter_config.json"):
         build_engine(parse(model_dir, "--lora-modules", f"bad={tmp_path / 'missing'}"))
-    from qwen2vl.engine.lora_adapters import parse_lora_modules
-    with pytest.raises(ValueError, match="expected name=path"):
-        parse_lora_modules(["just-a-path"])
+    from qwen2vl.server.launch import main
+    with pytest.raises(SystemExit, match=r"--lora-modules v=.*decoder's linears only"):  # `qwen2vl serve` stops
+        main(["--model", str(model_dir), "--lora-modules", f"v={vision}", "--port", "0"])
+    with pytest.raises(SystemExit, match="expected name=path"):
+        main(["--model", str(model_dir), "--lora-modules", "just-a-path"])
 
 
 def test_server_selects_adapters_by_model_name(model_dir, adapters, want):
