@@ -52,6 +52,22 @@ def test_job_on_the_kernel_path_slices_attention_and_keeps_the_bits():
     assert len(spends) >= 20 and max(spends) <= max(budget, largest)
 
 
+@torch.inference_mode()
+def test_kernel_choices_are_made_before_the_job_asks(monkeypatch):
+    """make_choices (run on a processing thread) asks `choose` for every decision the job's units will ask for."""
+    from qwen2vl.kernels import choose
+    from qwen2vl.model.vision_job import make_choices
+
+    asked = []
+    monkeypatch.setattr(choose, "decide", lambda op, key, build, timed=True: asked.append((op, key)))
+    visual = real_heads_model().to(torch.bfloat16).model.visual
+    grid = [[1, 36, 40], [1, 2, 4]]
+    make_choices(visual, 1448)
+    made, asked[:] = set(asked), []
+    run_sliced(visual, pixels(grid).to(torch.bfloat16), grid, budget=1)
+    assert asked and set(asked) <= made
+
+
 @pytest.fixture(scope="module")
 def model():
     return scaled(tiny_model(seed=3))

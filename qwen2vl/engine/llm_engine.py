@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import guided
-from ..model.vision_job import text_flops_per_token
+from ..model.vision_job import make_choices, text_flops_per_token
 from .inputs import InputProcessor, ProcessedPrompt
 from .kv_pool import KVPool, kv_bytes_per_token, parse_memory
 from .lora_adapters import LoraAdapters
@@ -120,7 +120,13 @@ class LLMEngine:
         the step thread's prefill does not run the vision tower. Only for a local worker (under tensor
         parallelism every rank encodes during the mirrored prefill)."""
         if self.config.max_prefill_tokens_per_step is not None:
-            return  # chunked prefill: the step thread encodes a slice per step between decode steps (vision_jobs)
+            # chunked prefill: the step thread encodes a slice per step between decode steps (vision_jobs); here
+            # only the kernel choices for its sizes are made, so that timing them never stalls a step
+            with torch.inference_mode():
+                for grid in (pp.mm.image_grid_thw, pp.mm.video_grid_thw):
+                    if grid is not None and self.tp_runner is None:
+                        make_choices(self.model.visual, int(grid.prod(-1).sum()))
+            return
         encode = getattr(self.pool.store, "encode_media", None)
         if encode is not None and self.tp_runner is None and pp.mm.tensors():
             encode(pp.mm.tensors(), pp.mm.hashes())

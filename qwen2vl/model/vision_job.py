@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import cpu_ops as cpu_kernels
+from .vision import quick_gelu
 
 ROWS = 1024  # query rows per attention slice (like VisionMlp.CHUNK)
 # An attention flop costs more time than a GEMM flop: on a 2-core Zen 4 the fused kernel ran 32 GF/s where the
@@ -109,6 +110,35 @@ class VisionEncodeJob:
                                                          (q0, q1), out):
                     return None
         return out
+
+
+def make_choices(visual, num_patches: int) -> None:
+    """Make now the kernel choices (`choose`, timed once per machine) that a job over `num_patches` rows will ask
+    for: the engine calls this on a processing thread, so that timing candidates never stalls a step."""
+    dtype = visual.dtype
+    if visual.patch_embed.proj.weight.device.type != "cpu" or dtype is not torch.bfloat16:
+        return
+
+    def rows(n: int, width: int) -> torch.Tensor:  # the shape a call site sees (no memory: decisions read shapes)
+        return torch.zeros((), dtype=dtype).expand(n, width)
+
+    def decide(linear, n: int, bias: bool = True) -> None:
+        linear.choice(rows(n, linear.in_features), linear.bias if bias else None)
+
+    blk, n = visual.blocks[0], num_patches
+    attn, mlp = blk.attn, blk.mlp
+    decide(visual.patch_embed.proj, n)
+    decide(attn.qkv, n)
+    attn.choice(rows(n, attn.qkv.out_features))
+    decide(attn.proj, n)
+    chunked = mlp.chunked(rows(n, mlp.fc1.in_features))
+    fused_bias = chunked and mlp.act is quick_gelu and mlp.fc1.bias is not None  # as rows_into: fc1 without bias
+    for m in sorted({min(mlp.CHUNK, n - a) for a in range(0, n, mlp.CHUNK)} if chunked else {n}):
+        decide(mlp.fc1, m, bias=not fused_bias)
+        decide(mlp.fc2, m)
+    merged = n // visual.spatial_merge_size ** 2
+    decide(visual.merger.mlp[0], merged)
+    decide(visual.merger.mlp[2], merged)
 
 
 def text_flops_per_token(text_config) -> int:
