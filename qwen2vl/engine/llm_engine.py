@@ -15,10 +15,8 @@ operation is mirrored on all ranks (`runner.TPWorker`).
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -27,6 +25,7 @@ from ..model.vision_job import make_choices, text_flops_per_token
 from .inputs import InputProcessor, ProcessedPrompt
 from .kv_pool import KVPool, kv_bytes_per_token, parse_memory
 from .lora_adapters import LoraAdapters
+from .model_setup import default_eos_ids
 from .prefix_cache import PrefixCache, token_keys
 from .runner import ModelRunner, make_worker
 from .sampler import sample
@@ -47,31 +46,6 @@ class EngineConfig:
     prefix_cache_memory: int | str | None = None  # bytes or '1GiB'; default min(1 GiB, the KV pool's size)
     vision_cache_memory: int | str | None = "256MiB"  # vision-tower outputs cached by picture content; 0 = off
     max_prefill_tokens_per_step: int | None = None  # chunked prefill: at most this many prompt tokens per step
-
-
-def default_eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-
-    def add(v):
-        for t in (v if isinstance(v, (list, tuple)) else [v]):
-            if t is not None and int(t) not in ids:
-                ids.append(int(t))
-
-    gen = getattr(model, "generation_config", None)  # set by from_pretrained (generation_config.json)
-    if gen is not None:
-        add(getattr(gen, "eos_token_id", None))
-    else:
-        path = getattr(model, "name_or_path", None)
-        if path:
-            from ..loading import resolve_name
-
-            file = Path(resolve_name(path)) / "generation_config.json"
-            if file.is_file():
-                add(json.loads(file.read_text(encoding="utf-8")).get("eos_token_id"))
-    add(getattr(model.config.text_config, "eos_token_id", None))
-    if tokenizer is not None and getattr(tokenizer, "eos_token", None):
-        add(tokenizer.convert_tokens_to_ids(tokenizer.eos_token))
-    return ids
 
 
 class LLMEngine:
@@ -435,15 +409,3 @@ class LLMEngine:
 
 def _grid(grid_thw) -> list:
     return [] if grid_thw is None else grid_thw.tolist()
-
-
-def load_model(model_or_path, dtype=None, device=None, attn_implementation=None):
-    """A model instance is used as is; a path / hub id / 'qwen2vl-demo' is loaded with from_pretrained."""
-    if isinstance(model_or_path, torch.nn.Module):
-        return model_or_path
-    from ..model import Qwen2VLForConditionalGeneration
-
-    kw = {"dtype": dtype or "auto", "device_map": device}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
-    return Qwen2VLForConditionalGeneration.from_pretrained(model_or_path, **kw)

@@ -130,7 +130,7 @@ def build_engine(args, model=None, processor=None, tp_runner=None) -> AsyncEngin
     With `tp_runner` (rank 0 of a `qwen2vl.parallel` group) the engine runs on its model, every model call
     mirrored on all ranks."""
     from ..engine.llm import load_processor
-    from ..engine.llm_engine import load_model
+    from ..engine.model_setup import load_model
 
     if tp_runner is not None:
         model = tp_runner.model
