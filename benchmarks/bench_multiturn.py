@@ -6,7 +6,7 @@ real 2B tokenizer / chat template / processor from ../shared, one in-process `qw
 2. Four streams decoding; a new 1024x768 request arrives: the streams' inter-token latency while it is encoded
    and prefilled (chunked prefill) against their median before it. Goal: p99 during <= 3x the median before.
 
-    python benchmarks/bench_multiturn.py [--threads 2] [--chunk 32] [--config small]
+    python benchmarks/bench_multiturn.py [--threads 2] [--chunk 32] [--config small] [--skip-chat] [--model-dir D]
 """
 from __future__ import annotations
 
@@ -141,6 +141,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=8, help="answer length per chat turn")
     ap.add_argument("--config", default="2b", choices=["2b", "small"])
     ap.add_argument("--skip-chat", action="store_true", help="only part 2 (inter-token latency under a prefill)")
+    ap.add_argument("--model-dir", help="keep the random checkpoint here and reuse it on later runs (built if "
+                                        "missing; the build needs ~9 GB of memory for a minute)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -148,8 +150,10 @@ def main(argv=None) -> None:
     print(f"machine: {cpu}, {os.cpu_count()} cpus, torch {torch.__version__}, threads {args.threads}", flush=True)
     picture = picture_url(0)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp)
-        build_model(model_dir, args.config == "small")
+        model_dir = Path(args.model_dir or tmp)
+        if not (model_dir / "config.json").is_file():
+            model_dir.mkdir(parents=True, exist_ok=True)
+            build_model(model_dir, args.config == "small")
         rows = {}
         for label, extra in () if args.skip_chat else (
                 ("caches on", []), ("caches off", ["--no-enable-prefix-caching", "--vision-cache-mb", "0"])):

@@ -118,20 +118,27 @@ def test_chunked_prefill_equals_whole_prefill(model, chunk):
     assert engine.engine.pool.reserved == 0 and engine.engine.partial is None
 
 
-def test_running_streams_keep_decoding_while_a_long_prompt_prefills(model):
-    engine = LLMEngine(model, max_num_seqs=4, max_model_len=200, eos_token_ids=[], max_prefill_tokens_per_step=8,
-                       enable_prefix_caching=False)
-    short = [engine.add_request({"prompt_token_ids": [20 + i, 21, 22]}, SamplingParams(temperature=0, max_tokens=60))
-             for i in range(2)]
+def beside_streams(engine, prompt, count, short_tokens: int, big_tokens: int = 4):
+    """Two short requests decode while `prompt` is prefilled; each must gain a token every step. Returns (the short
+    requests, the big one, the number of steps with `count(big)` true)."""
+    short = [engine.add_request({"prompt_token_ids": [20 + i, 21, 22]},
+                                SamplingParams(temperature=0, max_tokens=short_tokens)) for i in range(2)]
     engine.step()
-    long = image_prompt(list(range(30, 60)), 10, grid=(1, 8, 8))      # 20 + 18 + 30 = 68 prompt tokens
-    big = engine.add_request(long, SamplingParams(temperature=0, max_tokens=4))
-    partial_steps = 0
+    big = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=big_tokens))
+    steps = 0
     while big.first_token_time is None:
         before = [len(s.seqs[0].output_ids) for s in short]
         engine.step()
         assert [len(s.seqs[0].output_ids) for s in short] == [b + 1 for b in before]  # one token each, every step
-        partial_steps += engine.partial is big
+        steps += bool(count(big))
+    return short, big, steps
+
+
+def test_running_streams_keep_decoding_while_a_long_prompt_prefills(model):
+    engine = LLMEngine(model, max_num_seqs=4, max_model_len=200, eos_token_ids=[], max_prefill_tokens_per_step=8,
+                       enable_prefix_caching=False)
+    long = image_prompt(list(range(30, 60)), 10, grid=(1, 8, 8))      # 20 + 18 + 30 = 68 prompt tokens
+    short, big, partial_steps = beside_streams(engine, long, lambda r: engine.partial is r, 60)
     assert partial_steps >= 6
     finals = {o.request_id: o for o in engine.run_until_done()}
     assert finals[big.request_id].outputs[0].token_ids == naive_greedy(model, long, 4)

@@ -53,7 +53,10 @@ def test_llm_tensor_parallel_matches_single_process(model_dir, offline):
     prompts = [{"messages": img}, {"messages": TEXT_MSG}, "a b c d"]
     params = [GREEDY, GREEDY.clone(n=2), GREEDY]
     want = offline.generate(prompts, params, use_tqdm=False)
-    with LLM(str(model_dir), max_num_seqs=4, max_model_len=256, tensor_parallel_size=2, tp_num_threads=1) as llm:
+    # chunked prefill here (the served test below runs whole prompts): every rank encodes the picture in the
+    # same slices between steps (vision jobs mirrored like the prefill) and the answers stay the same
+    with LLM(str(model_dir), max_num_seqs=4, max_model_len=256, tensor_parallel_size=2, tp_num_threads=1,
+             max_prefill_tokens_per_step=8) as llm:
         assert llm.model.tp_world_size == 2
         assert llm.engine.pool.cache.keys[0].shape[1] == 1          # this rank caches 1 of the 2 kv heads
         got = llm.generate(prompts, params, use_tqdm=False)
@@ -63,6 +66,7 @@ def test_llm_tensor_parallel_matches_single_process(model_dir, offline):
     assert _texts(again) == _texts(want)[::-1]
     # the second batch's prompts came from the prefix cache, whose KV every rank stashed and restored alike
     assert sum(o.num_cached_tokens for o in again) > 0 and sum(o.num_cached_tokens for o in got) == 0
+    assert llm.engine.stats()["vision_cache_misses"] == 1   # encoded once, by a vision job
     assert all(not p.is_alive() for p in procs)
 
 

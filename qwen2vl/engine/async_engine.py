@@ -79,11 +79,13 @@ class AsyncEngine:
         await self.run_in_pool(self.engine.encode_media, pp)  # the vision tower runs here, not on the step thread
         return pp
 
-    def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+               lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Validate and enqueue a request now (raises RequestRejected / QueueFull / EngineDead synchronously),
-        return the async iterator of its outputs. `prompt` should be a `ProcessedPrompt` (see `process`)."""
+        return the async iterator of its outputs. `prompt` should be a `ProcessedPrompt` (see `process`);
+        `lora`: a served adapter's name (None: the base model)."""
         self._check_alive()
-        request = self.engine.make_request(prompt, params, request_id)
+        request = self.engine.make_request(prompt, params, request_id, lora)
         with self._lock:
             waiting = self.engine.num_waiting + self._pending
             if self.max_queue is not None and waiting >= self.max_queue:
@@ -98,10 +100,10 @@ class AsyncEngine:
         return self._iterate(request.request_id, stream)
 
     async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                       media_limits=None) -> AsyncIterator[RequestOutput]:
+                       media_limits=None, lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Process + submit + iterate in one call."""
         pp = await self.process(prompt, media_limits)
-        async for out in self.submit(pp, params, request_id):
+        async for out in self.submit(pp, params, request_id, lora):
             yield out
 
     def abort(self, request_id: str) -> None:

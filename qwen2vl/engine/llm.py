@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import torch
 
 from .inputs import _is_conversation
-from .llm_engine import EngineConfig, LLMEngine, load_model
+from .llm_engine import EngineConfig, LLMEngine
+from .model_setup import load_model
 from .sampling_params import SamplingParams
 from .sequence import RequestOutput
 

@@ -15,16 +15,17 @@ operation is mirrored on all ranks (`runner.TPWorker`).
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from . import guided
+from ..model.vision_job import make_choices, text_flops_per_token
 from .inputs import InputProcessor, ProcessedPrompt
 from .kv_pool import KVPool, kv_bytes_per_token, parse_memory
+from .lora_adapters import LoraAdapters
+from .model_setup import default_eos_ids
 from .prefix_cache import PrefixCache, token_keys
 from .runner import ModelRunner, make_worker
 from .sampler import sample
@@ -45,31 +46,6 @@ class EngineConfig:
     prefix_cache_memory: int | str | None = None  # bytes or '1GiB'; default min(1 GiB, the KV pool's size)
     vision_cache_memory: int | str | None = "256MiB"  # vision-tower outputs cached by picture content; 0 = off
     max_prefill_tokens_per_step: int | None = None  # chunked prefill: at most this many prompt tokens per step
-
-
-def default_eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-
-    def add(v):
-        for t in (v if isinstance(v, (list, tuple)) else [v]):
-            if t is not None and int(t) not in ids:
-                ids.append(int(t))
-
-    gen = getattr(model, "generation_config", None)  # set by from_pretrained (generation_config.json)
-    if gen is not None:
-        add(getattr(gen, "eos_token_id", None))
-    else:
-        path = getattr(model, "name_or_path", None)
-        if path:
-            from ..loading import resolve_name
-
-            file = Path(resolve_name(path)) / "generation_config.json"
-            if file.is_file():
-                add(json.loads(file.read_text(encoding="utf-8")).get("eos_token_id"))
-    add(getattr(model.config.text_config, "eos_token_id", None))
-    if tokenizer is not None and getattr(tokenizer, "eos_token", None):
-        add(tokenizer.convert_tokens_to_ids(tokenizer.eos_token))
-    return ids
 
 
 class LLMEngine:
@@ -95,6 +71,7 @@ class LLMEngine:
                                       kv_bytes_per_token(tc, model.dtype))
         if config.max_prefill_tokens_per_step is not None and config.max_prefill_tokens_per_step < 1:
             raise ValueError("max_prefill_tokens_per_step must be >= 1")
+        self.token_flops = text_flops_per_token(tc)  # a prompt token's work: sizes a step's vision slice
         self.scheduler = Scheduler(self.pool, max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_queue=config.max_queue)
         self.inputs = InputProcessor(processor, model.config)
@@ -105,6 +82,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.peak_running = 0  # most sequences decoded together so far (observability)
         self.partial: Request | None = None  # the request whose prompt is being prefilled over several steps
+        self.loras: LoraAdapters | None = None  # served LoRA adapters (add_lora)
 
     # ------------------------------------------------------------------------------------------ requests
     def process_prompt(self, prompt) -> ProcessedPrompt:
@@ -115,12 +93,38 @@ class LLMEngine:
         """Encode a processed prompt's pictures/videos into the vision cache now (from a processing thread), so
         the step thread's prefill does not run the vision tower. Only for a local worker (under tensor
         parallelism every rank encodes during the mirrored prefill)."""
+        if self.config.max_prefill_tokens_per_step is not None:
+            # chunked prefill: the step thread encodes a slice per step between decode steps (vision_jobs); here
+            # only the kernel choices for its sizes are made, so that timing them never stalls a step
+            with torch.inference_mode():
+                for grid in (pp.mm.image_grid_thw, pp.mm.video_grid_thw):
+                    if grid is not None and self.tp_runner is None:
+                        make_choices(self.model.visual, int(grid.prod(-1).sum()))
+            return
         encode = getattr(self.pool.store, "encode_media", None)
         if encode is not None and self.tp_runner is None and pp.mm.tensors():
             encode(pp.mm.tensors(), pp.mm.hashes())
 
-    def make_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
-        """Validate a prompt (raw or `ProcessedPrompt`) against the engine limits; raises RequestRejected."""
+    def add_lora(self, name: str, path) -> None:
+        """Serve the PEFT LoRA folder `path` as adapter `name` (requests pick it with `lora=name`); read now,
+        once. ValueError for a folder that cannot be served (see `lora_adapters`)."""
+        if self.tp_runner is not None:
+            raise ValueError("LoRA adapters per request are not supported with tensor parallelism yet")
+        if self.loras is None:
+            self.loras = LoraAdapters(self.model)
+        self.loras.add(name, path)
+        self.pool.store.loras = self.loras
+
+    @property
+    def lora_names(self) -> list[str]:
+        return [] if self.loras is None else list(self.loras.names)
+
+    def make_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     lora: str | None = None) -> Request:
+        """Validate a prompt (raw or `ProcessedPrompt`) against the engine limits; raises RequestRejected.
+        `lora`: the name of an adapter added with `add_lora` (None: the base model)."""
+        if lora is not None and lora not in self.lora_names:
+            raise RequestRejected(f"The model `{lora}` does not exist.")
         params = params or SamplingParams()
         pp = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         n_prompt = len(pp.token_ids)
@@ -145,6 +149,7 @@ class LLMEngine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, pp.token_ids, params, mm=pp.mm, prompt=pp.prompt, tokenizer=self.tokenizer,
                       device=self.runner.device, eos_ids=self.eos_ids)
+        req.adapter = -1 if lora is None else self.loras.index(lora)
         if self.prefix is not None:
             cfg = self.model.config
             req.keys = token_keys(pp.token_ids, {cfg.image_token_id: pp.mm.image_hashes,
@@ -152,6 +157,8 @@ class LLMEngine:
                                   cfg.vision_config.spatial_merge_size,
                                   {cfg.image_token_id: _grid(pp.mm.image_grid_thw),
                                    cfg.video_token_id: _grid(pp.mm.video_grid_thw)})
+            if lora is not None:  # another adapter's KV differs: tagging the first key keeps every block of
+                req.keys[0] = ("lora", lora, req.keys[0])  # this prompt apart (block hashes are chained)
         if grammar is not None:
             for s in req.seqs:
                 s.guide = guided.Guide(self.guide_tokenizer, grammar)
@@ -169,8 +176,9 @@ class LLMEngine:
             self.guide_tokenizer = guided.GuideTokenizer(self.tokenizer, self.runner.vocab, self.eos_ids)
         return grammar
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
-        request = self.make_request(prompt, params, request_id)
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    lora: str | None = None) -> Request:
+        request = self.make_request(prompt, params, request_id, lora)
         self.scheduler.add(request)
         return request
 
@@ -205,8 +213,9 @@ class LLMEngine:
 
     def _finish(self, req: Request) -> RequestOutput:
         req.finish_time = time.monotonic()
-        if req is self.partial:  # aborted or failed mid-prefill: give back its reserved rows
+        if req is self.partial:  # aborted or failed mid-prefill: give back its reserved rows (and vision work)
             self.pool.unreserve(req.top_row, req.params.n)
+            self.runner.vision_end(req)
             self.partial, req.top_row = None, None
         self.scheduler.remove(req)
         return req.output()
@@ -229,7 +238,8 @@ class LLMEngine:
         self.peak_running = max(self.peak_running, len(sched.running))
         if decode_seqs:
             try:
-                logits = self.runner.decode([s.last_token for s in decode_seqs], len(decode_seqs))
+                logits = self.runner.decode([s.last_token for s in decode_seqs], len(decode_seqs),
+                                            [s.request.adapter for s in decode_seqs])
                 tokens = sample(logits, decode_seqs)
             except Exception as e:  # a failed decode step poisons every running request
                 for req in {id(s.request): s.request for s in decode_seqs}.values():
@@ -267,7 +277,7 @@ class LLMEngine:
                     self.scheduler.requeue(admitted[i:])
                     break
                 n_prompt = len(req.prompt_token_ids)
-                if budget is not None and n_prompt - self._cached_len(req) > budget:
+                if budget is not None and (self._vision_begin(req) or n_prompt - self._cached_len(req) > budget):
                     req.top_row = self.pool.reserve(req.params.n)
                     self.partial = req
                     self._restore(req, req.top_row)
@@ -287,7 +297,33 @@ class LLMEngine:
                     outputs.append(self._fail(req, e))
         return complete
 
+    def _vision_begin(self, req: Request) -> bool:
+        """Plan the vision work of a request about to be prefilled in chunks (pictures not in the vision cache
+        with placeholders past its cached prefix); True if there is some: it then runs a slice per step."""
+        try:
+            req.vision_pending = self.runner.vision_begin(req, self._cached_len(req))
+        except Exception:  # bad vision inputs: the request fails in its first prefill chunk, as unchunked
+            req.vision_pending = False
+        return req.vision_pending
+
+    def _run_vision(self, req: Request, budget: int, outputs: list) -> int | None:
+        """One step's slice of the partial request's vision work, sized like `budget` prompt tokens (at least one
+        unit of it); returns the budget left for its text, None if the vision work is not finished (or failed)."""
+        try:
+            done, spent = self.runner.vision_run(req, budget * self.token_flops)
+        except Exception as e:
+            outputs.append(self._fail(req, e))
+            return None
+        if not done:
+            return None
+        req.vision_pending = False
+        return budget - -(-spent // self.token_flops)
+
     def _run_chunk(self, req: Request, budget: int, outputs: list, complete: list) -> int:
+        if req.vision_pending:
+            budget = self._run_vision(req, budget, outputs)
+            if budget is None or budget <= 0:
+                return 0
         n_prompt = len(req.prompt_token_ids)
         end = min(n_prompt, req.prefilled + max(budget, 1))
         try:
@@ -299,6 +335,7 @@ class LLMEngine:
         req.prefilled = end
         if end == n_prompt:
             self.partial = None
+            self.runner.vision_end(req)
             row = self.pool.promote(req.top_row, req.params.n)
             req.top_row = None
             for i, s in enumerate(req.seqs):
@@ -372,21 +409,3 @@ class LLMEngine:
 
 def _grid(grid_thw) -> list:
     return [] if grid_thw is None else grid_thw.tolist()
-
-
-def load_model(model_or_path, dtype=None, device=None, attn_implementation=None, quantization=None):
-    """A model instance is used as is; a path / hub id / 'qwen2vl-demo' is loaded with from_pretrained
-    (`quantization`: "int8" | "int4" weight-only, quantized at load)."""
-    if isinstance(model_or_path, torch.nn.Module):
-        if quantization is not None and getattr(model_or_path, "quantization", None) != quantization:
-            raise ValueError("quantization= applies to a model loaded from a path; quantize a model instance with "
-                             "qwen2vl.quantization.quantize_model")
-        return model_or_path
-    from ..model import Qwen2VLForConditionalGeneration
-
-    kw = {"dtype": dtype or "auto", "device_map": device}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
-    if quantization:
-        kw["quantization"] = quantization
-    return Qwen2VLForConditionalGeneration.from_pretrained(model_or_path, **kw)

@@ -15,10 +15,14 @@ All calls come from the engine's single step thread.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..model.cache import KVCache
+from ..model.placeholders import PlaceholderRange
 from .vision_cache import VisionCache, media_hashes
+from .vision_jobs import VisionJobs
 
 WORKER_NAME = "qwen2vl-engine-worker"
 
@@ -32,11 +36,13 @@ class ModelWorker:
         self.cache = KVCache.from_config(model.config.text_config, max_num_seqs, max_model_len, model.dtype,
                                          model.device)
         self.vision_cache = VisionCache(vision_cache_bytes)
+        self.vision_jobs = VisionJobs(model, self.vision_cache)
         self.stashed: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # prefix-cache entries
+        self.loras = None  # the engine's LoraAdapters once an adapter is served
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], mm: dict, row: int, start: int = 0, end: int | None = None,
-                hashes: dict | None = None) -> torch.Tensor:
+                hashes: dict | None = None, adapter: int = -1) -> torch.Tensor:
         """Run prompt tokens [start, end) on `cache.rows(row, row + 1)` (holding tokens [0, start) already:
         restored from the prefix cache, or earlier chunks) and return the last position's logits (V,).
 
@@ -57,28 +63,35 @@ class ModelWorker:
             feats = self._features(kind, ids[0], tok, pixels, grid, hashes.get(kind), start, end)
             if feats is not None:
                 kw[f"{kind}_embeds"] = feats
-        out = self.model(input_ids=ids[:, start:end], position_ids=pos[:, :, start:end], rope_deltas=delta,
-                         past_key_values=self.cache.rows(row, row + 1), use_cache=True, logits_to_keep=1, **kw)
+        with self._lora([adapter] if adapter >= 0 else None):
+            out = self.model(input_ids=ids[:, start:end], position_ids=pos[:, :, start:end], rope_deltas=delta,
+                             past_key_values=self.cache.rows(row, row + 1), use_cache=True, logits_to_keep=1, **kw)
         return out.logits[0, -1]
 
     def _features(self, kind, ids, tok, pixels, grid, hashes, start, end):
         """Merged features of the placeholder tokens of `kind` in [start, end), (n, H), or None if none."""
-        merge = self.model.config.vision_config.spatial_merge_size
-        sizes = (grid.prod(-1) // merge**2).tolist()
-        is_tok = ids == tok
-        first = int(is_tok[:start].sum())                 # placeholder ordinals [first, last) are in the chunk
-        last = first + int(is_tok[start:end].sum())
-        if last == first:
+        span = PlaceholderRange.of(ids, tok, grid, self.model.config.vision_config.spatial_merge_size, start, end)
+        if span is None:
             return None
-        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        skip = {i for i in range(len(sizes)) if bounds[i + 1] <= first or bounds[i] >= last}
-        if hashes is None or len(hashes) != len(sizes):
+        skip = set(range(grid.shape[0])) - set(span.items)
+        if hashes is None or len(hashes) != grid.shape[0]:
             hashes = media_hashes(pixels, grid)
         encode = self.model.get_image_features if kind == "image" else self.model.get_video_features
-        parts = self.vision_cache.encode(lambda p, g: list(encode(p.to(self.dtype), g)), pixels, grid, hashes, skip)
-        lo = min(i for i in range(len(sizes)) if i not in skip)
-        feats = torch.cat([p for p in parts if p is not None])
-        return feats[first - bounds[lo]:last - bounds[lo]]
+        parts = self.vision_cache.encode(lambda p, g: list(encode(p.to(self.dtype), g)), pixels, grid, hashes, skip,
+                                         known=self.vision_jobs.ready())
+        return span.take([p for p in parts if p is not None])
+
+    # vision work of a prompt prefilled in chunks, a bounded slice per engine step (see vision_jobs)
+    @torch.inference_mode()
+    def vision_begin(self, job_id: str, token_ids: list[int], mm: dict, hashes: dict, start: int) -> bool:
+        return self.vision_jobs.begin(job_id, token_ids, mm, hashes or {}, start)
+
+    @torch.inference_mode()
+    def vision_run(self, job_id: str, budget: float) -> tuple[bool, int]:
+        return self.vision_jobs.run(job_id, budget)
+
+    def vision_end(self, job_id: str) -> None:
+        self.vision_jobs.end(job_id)
 
     @torch.inference_mode()
     def encode_media(self, mm: dict, hashes: dict) -> None:
@@ -114,10 +127,15 @@ class ModelWorker:
             self.stashed.pop(e, None)
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], n: int) -> torch.Tensor:
+    def decode(self, tokens: list[int], n: int, adapters: list[int] | None = None) -> torch.Tensor:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        out = self.model(input_ids=ids, past_key_values=self.cache.rows(0, n), use_cache=True, logits_to_keep=1)
+        with self._lora(adapters):
+            out = self.model(input_ids=ids, past_key_values=self.cache.rows(0, n), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
+
+    def _lora(self, rows: list[int] | None):
+        """The served LoRA adapter of each batch row for the forward inside (see lora_adapters)."""
+        return self.loras.use(rows) if self.loras is not None and rows is not None else contextlib.nullcontext()
 
     @torch.inference_mode()
     def reset_rows(self, rows: list[int]) -> None:
@@ -147,6 +165,16 @@ class TPWorker:
                 hashes: dict | None = None) -> torch.Tensor:
         return self._call("prefill", list(token_ids), {k: v.cpu() for k, v in mm.items() if v is not None}, row,
                           start, end, hashes)
+
+    def vision_begin(self, job_id: str, token_ids: list[int], mm: dict, hashes: dict, start: int) -> bool:
+        return self._call("vision_begin", job_id, list(token_ids), {k: v.cpu() for k, v in mm.items()}, hashes,
+                          start)
+
+    def vision_run(self, job_id: str, budget: float) -> tuple[bool, int]:
+        return self._call("vision_run", job_id, budget)
+
+    def vision_end(self, job_id: str) -> None:
+        self._call("vision_end", job_id)
 
     def stash(self, entry_id: int, row: int, n: int) -> None:
         self._call("stash", entry_id, row, n)
@@ -183,8 +211,25 @@ class ModelRunner:
         self.vocab = model.config.text_config.vocab_size
 
     def prefill(self, request, row: int, start: int = 0, end: int | None = None) -> torch.Tensor:
+        lora = {"adapter": request.adapter} if request.adapter >= 0 else {}  # (never under TP: add_lora refuses)
         return self.worker.prefill(request.prompt_token_ids, request.mm.tensors(), row, start, end,
-                                   request.mm.hashes())
+                                   request.mm.hashes(), **lora)
 
-    def decode(self, tokens: list[int], n: int) -> torch.Tensor:
+    def decode(self, tokens: list[int], n: int, adapters: list[int] | None = None) -> torch.Tensor:
+        """adapters: each row's LoRA adapter index (-1: base)."""
+        if adapters is not None and any(a >= 0 for a in adapters):
+            return self.worker.decode(tokens, n, adapters)
         return self.worker.decode(tokens, n)
+
+    def vision_begin(self, request, start: int) -> bool:
+        """Plan the vision work of `request`'s prompt from token `start` on; False if there is none to do."""
+        if not request.mm.tensors():
+            return False
+        return self.worker.vision_begin(request.request_id, request.prompt_token_ids, request.mm.tensors(),
+                                        request.mm.hashes(), start)
+
+    def vision_run(self, request, budget: float) -> tuple[bool, int]:
+        return self.worker.vision_run(request.request_id, budget)
+
+    def vision_end(self, request) -> None:
+        self.worker.vision_end(request.request_id)

@@ -154,6 +154,8 @@ class Request:
         self.error: BaseException | None = None
         self.num_cached_tokens = 0
         self.keys: list = []  # prefix-cache keys of the prompt (set by the engine)
+        self.vision_pending = False  # chunked prefill: its pictures are being encoded, a slice per step
+        self.adapter = -1  # index of its served LoRA adapter (-1: the base model)
         self.prefilled = 0    # prompt tokens in the KV row so far (chunked prefill)
         gens: list[torch.Generator | None] = [None] * params.n
         if not params.greedy:

@@ -18,6 +18,8 @@ from collections import OrderedDict
 
 import torch
 
+from ..model.placeholders import patch_slices
+
 
 def media_hashes(pixel_values: torch.Tensor | None, grid_thw: torch.Tensor | None) -> tuple[str, ...]:
     """One content hash per picture / video of a prompt: pixel_values (N, C*T*p*p), grid_thw (n, 3)."""
@@ -70,16 +72,19 @@ class VisionCache:
                 _, gone = self._items.popitem(last=False)
                 self.bytes -= gone.numel() * gone.element_size()
 
-    def encode(self, encode_fn, pixel_values: torch.Tensor, grid_thw: torch.Tensor, hashes, skip=()) -> list:
-        """Features per item, in order (None for the indices in `skip`, which the caller does not need).
+    def encode(self, encode_fn, pixel_values: torch.Tensor, grid_thw: torch.Tensor, hashes, skip=(),
+               known: dict | None = None) -> list:
+        """Features per item, in order (None for the indices in `skip`, which the caller does not need);
+        `known`: {hash: features} computed elsewhere (held whatever the cache's budget).
 
         encode_fn(pixel_values, grid_thw) -> list of per-item features (the model's get_image_features)."""
-        sizes = [int(t * h * w) for t, h, w in grid_thw.tolist()]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        out: list[torch.Tensor | None] = [None] * len(sizes)
+        out: list[torch.Tensor | None] = [None] * len(hashes)
         todo = []
         for i, key in enumerate(hashes):
             if i in skip:
+                continue
+            if known and key in known:  # encoded for this request by a vision job (counted when it started)
+                out[i] = known[key]
                 continue
             hit = self.get(key) if self.max_bytes > 0 else None
             if hit is not None:
@@ -89,7 +94,7 @@ class VisionCache:
                 self.misses += 1
                 todo.append(i)
         if todo:
-            pixels = torch.cat([pixel_values[starts[i]:starts[i] + sizes[i]] for i in todo])
+            pixels = torch.cat([pixel_values[s] for s in patch_slices(grid_thw, todo)])
             feats = encode_fn(pixels, grid_thw[todo])
             for i, f in zip(todo, feats):
                 out[i] = f

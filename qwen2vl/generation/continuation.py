@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..model.cache import KVCache
+from ..model.placeholders import PlaceholderRange, patch_slices
 
 
 def check_continuation(cache, input_ids: torch.Tensor, mask: torch.Tensor, n: int, compile_mode) -> int:
@@ -44,19 +45,12 @@ def prefill_continuation(model, ids: torch.Tensor, cache: KVCache, past: int, me
             ("image", cfg.image_token_id, media.get("pixel_values"), model.model.get_image_features),
             ("video", cfg.video_token_id, media.get("pixel_values_videos"), model.model.get_video_features)):
         grid = grids[kind]
-        new_tokens = int((ids[0, past:] == tok).sum())
-        if grid is None or new_tokens == 0:
+        span = None if grid is None else PlaceholderRange.of(ids[0], tok, grid, cfg.vision_config.spatial_merge_size,
+                                                             past)
+        if span is None:  # no placeholders of this kind in the new part
             continue
-        merge = cfg.vision_config.spatial_merge_size
-        sizes = (grid.prod(-1) // merge**2).tolist()
-        patches = grid.prod(-1).tolist()
-        first = int((ids[0, :past] == tok).sum())       # placeholder ordinals before the new part
-        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        items = [i for i in range(len(sizes)) if bounds[i + 1] > first]
-        starts = [sum(patches[:i]) for i in range(len(patches))]
-        px = torch.cat([pixels[starts[i]:starts[i] + patches[i]] for i in items]).to(ids.device)
-        feats = torch.cat(list(encode(px, grid[items])))
-        kw[f"{kind}_embeds"] = feats[first - bounds[items[0]]:]
+        px = torch.cat([pixels[s] for s in patch_slices(grid, span.items)]).to(ids.device)
+        kw[f"{kind}_embeds"] = span.take(encode(px, grid[span.items]))
     cache.reserve(ids.shape[1])
     out = model(input_ids=ids[:, past:], position_ids=pos[:, :, past:], rope_deltas=delta, past_key_values=cache,
                 use_cache=True, logits_to_keep=1, **kw)

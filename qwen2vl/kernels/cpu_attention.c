@@ -75,7 +75,9 @@ static void store_row(void *out, int bf16, int64_t n, int64_t h, int64_t H, int6
 
 /* ---------------------------------------------------------------------------------------- fp32 path */
 static void head_f32(const void *qkv, const float *cos, const float *sin, void *out, int64_t S, int64_t H,
-                     int64_t h, int64_t D, float scale, float *kt, float *vv, float *qq, int64_t Np) {
+                     int64_t h, int64_t D, float scale, float *kt, float *vv, float *qq, int64_t Np, int64_t q0,
+                     int64_t q1) {
+    /* queries [q0, q1) of the segment's S rows (each query row is computed alone: any range gives its bits) */
     float row[MAXD];
     for (int64_t n = 0; n < Np; n++) {
         if (n < S) rotated_row(qkv, 0, n, 1, h, H, D, cos, sin, row);
@@ -84,10 +86,11 @@ static void head_f32(const void *qkv, const float *cos, const float *sin, void *
             vv[n * D + d] = n < S ? v_at(qkv, 0, n, h, H, D, d) : 0.0f;
         }
     }
-    for (int64_t n = 0; n < S; n++) rotated_row(qkv, 0, n, 0, h, H, D, cos, sin, qq + n * D);
-    const int64_t DV = D / 16;
-    for (int64_t i0 = 0; i0 < S; i0 += QB) {
-        int nq = (int)(S - i0 < QB ? S - i0 : QB);
+    for (int64_t n = q0; n < q1; n++) rotated_row(qkv, 0, n, 0, h, H, D, cos, sin, qq + (n - q0) * D);
+    const int64_t DV = D / 16, Q = q1 - q0;
+    out = (float *)out + q0 * H * D;
+    for (int64_t i0 = 0; i0 < Q; i0 += QB) {
+        int nq = (int)(Q - i0 < QB ? Q - i0 : QB);
         float m[QB], l[QB], corr[QB];
         __m512 acc[QB][MAXD / 16];
         for (int i = 0; i < QB; i++) {
@@ -235,7 +238,8 @@ static inline void bf16_tiles(const int DV, void *out, int64_t S, int64_t Sk, in
 
 __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
 static void head_bf16(const void *qkv, const float *cos, const float *sin, void *out, int64_t S, int64_t H,
-                      int64_t h, int64_t D, float scale, uint32_t *kt2, uint32_t *v2, uint32_t *q2, int64_t Np) {
+                      int64_t h, int64_t D, float scale, uint32_t *kt2, uint32_t *v2, uint32_t *q2, int64_t Np,
+                      int64_t q0, int64_t q1) {
     /* kt2[dp*Np + j] = (k[j][2dp], k[j][2dp+1]); v2[jp*D + d] = (v[2jp][d], v[2jp+1][d]); q2[n*D/2 + dp]. */
     float row[MAXD];
     const int64_t D2 = D / 2;
@@ -251,25 +255,29 @@ static void head_bf16(const void *qkv, const float *cos, const float *sin, void 
             uint32_t hi = j + 1 < S ? f32_to_bf16(v_at(qkv, 1, j + 1, h, H, D, d)) : 0u;
             v2[jp * D + d] = lo | (hi << 16);
         }
-    for (int64_t n = 0; n < S; n++) {
+    const int64_t Q = q1 - q0;  /* queries [q0, q1): each query row is computed alone, any range gives its bits */
+    for (int64_t n = q0; n < q1; n++) {
         rotated_row(qkv, 1, n, 0, h, H, D, cos, sin, row);
         for (int64_t dp = 0; dp < D2; dp++)
-            q2[n * D2 + dp] = (uint32_t)f32_to_bf16(row[2 * dp]) | ((uint32_t)f32_to_bf16(row[2 * dp + 1]) << 16);
+            q2[(n - q0) * D2 + dp] = (uint32_t)f32_to_bf16(row[2 * dp]) | ((uint32_t)f32_to_bf16(row[2 * dp + 1]) << 16);
     }
-    memset(q2 + S * D2, 0, (size_t)(Np - S) * D2 * sizeof(uint32_t));  /* pad rows: whole QB groups */
+    memset(q2 + Q * D2, 0, (size_t)(Np - Q) * D2 * sizeof(uint32_t));  /* pad rows: whole QB groups */
+    out = (uint16_t *)out + q0 * H * D;
     /* Specialised on D/16 so the accumulators stay in registers (Qwen2-VL: D = 80). */
     switch (D / 16) {
-        case 4: bf16_tiles(4, out, S, S, -1, H, h, scale, kt2, v2, q2, Np); break;
-        case 5: bf16_tiles(5, out, S, S, -1, H, h, scale, kt2, v2, q2, Np); break;
-        case 8: bf16_tiles(8, out, S, S, -1, H, h, scale, kt2, v2, q2, Np); break;
-        default: bf16_tiles(D / 16, out, S, S, -1, H, h, scale, kt2, v2, q2, Np);
+        case 4: bf16_tiles(4, out, Q, S, -1, H, h, scale, kt2, v2, q2, Np); break;
+        case 5: bf16_tiles(5, out, Q, S, -1, H, h, scale, kt2, v2, q2, Np); break;
+        case 8: bf16_tiles(8, out, Q, S, -1, H, h, scale, kt2, v2, q2, Np); break;
+        default: bf16_tiles(D / 16, out, Q, S, -1, H, h, scale, kt2, v2, q2, Np);
     }
 }
 
-/* qkv (S,3,H,D), cos/sin (S,D) fp32, out (S,H,D). bf16 != 0: 16-bit inputs/outputs and the BF16 path. */
+/* qkv (S,3,H,D), cos/sin (S,D) fp32, out (S,H,D). bf16 != 0: 16-bit inputs/outputs and the BF16 path.
+ * Only query rows [q0, q1) are computed and written (all S keys are used): the engine runs a large picture's
+ * attention in query slices between decode steps, with the same bits as one call over all rows. */
 int vision_attention(const void *qkv, const float *cos, const float *sin, void *out, int64_t S, int64_t H,
-                     int64_t D, float scale, int bf16, int nthreads) {
-    if (D % 16 != 0 || D > MAXD || S <= 0) return -1;
+                     int64_t D, float scale, int bf16, int nthreads, int64_t q0, int64_t q1) {
+    if (D % 16 != 0 || D > MAXD || S <= 0 || q0 < 0 || q1 > S || q0 >= q1) return -1;
     int64_t Np = (S + KB - 1) / KB * KB;
     int rc = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -284,10 +292,10 @@ int vision_attention(const void *qkv, const float *cos, const float *sin, void *
             for (int64_t h = 0; h < H; h++) {
                 if (bf16) {
                     uint32_t *b = (uint32_t *)buf;
-                    head_bf16(qkv, cos, sin, out, S, H, h, D, scale, b, b + D * Np / 2, b + D * Np, Np);
+                    head_bf16(qkv, cos, sin, out, S, H, h, D, scale, b, b + D * Np / 2, b + D * Np, Np, q0, q1);
                 } else {
                     float *b = (float *)buf;
-                    head_f32(qkv, cos, sin, out, S, H, h, D, scale, b, b + D * Np, b + 2 * D * Np, Np);
+                    head_f32(qkv, cos, sin, out, S, H, h, D, scale, b, b + D * Np, b + 2 * D * Np, Np, q0, q1);
                 }
             }
             free(buf);

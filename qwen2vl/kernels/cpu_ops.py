@@ -19,29 +19,38 @@ def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nu
     qkv (N, 3*H*D) raw projection output (bf16 or fp32), cos/sin (N, D) fp32, cu_seqlens segment offsets.
     Returns (N, H*D) in qkv's dtype, or None when the kernel cannot run (the caller then uses SDPA).
     """
-    n = qkv.shape[0]
-    d = qkv.shape[1] // (3 * num_heads)
-    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or d % 16 or d > 128:
-        return None
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        return None
-    if kernel("vision_attention") is None:  # AVX512 build only
-        return None
-    is_bf16 = qkv.dtype == torch.bfloat16
-    if is_bf16 and not has_avx512bf16():
-        return None
-    qkv = qkv.contiguous()
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    out = torch.empty(n, num_heads * d, dtype=qkv.dtype)
-    row_q, row_o = qkv.shape[1] * qkv.element_size(), out.shape[1] * out.element_size()
+    qkv, cos, sin = qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
+    out = torch.empty(qkv.shape[0], qkv.shape[1] // 3, dtype=qkv.dtype)
     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        rc = library().vision_attention(qkv.data_ptr() + a * row_q, cos.data_ptr() + a * d * 4,
-                                        sin.data_ptr() + a * d * 4, out.data_ptr() + a * row_o,
-                                        b - a, num_heads, d, ctypes.c_float(scale), int(is_bf16),
-                                        torch.get_num_threads())
-        if rc != 0:
+        if not vision_attention_rows(qkv, cos, sin, num_heads, scale, (a, b), (a, b), out):
             return None
     return out
+
+
+def vision_attention_rows(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, scale: float,
+                          segment: tuple[int, int], queries: tuple[int, int], out: torch.Tensor) -> bool:
+    """Rows `queries` = [q0, q1) (absolute, inside `segment` = [a, b)) of `vision_attention` into out (N, H*D),
+    attending to all keys of the segment; each query row has the same bits as in a call over the whole segment.
+    False when the kernel cannot run (nothing written)."""
+    d = qkv.shape[1] // (3 * num_heads)
+    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or d % 16 or d > 128:
+        return False
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return False
+    if kernel("vision_attention") is None:  # AVX512 build only
+        return False
+    is_bf16 = qkv.dtype == torch.bfloat16
+    if is_bf16 and not has_avx512bf16():
+        return False
+    if not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and out.is_contiguous()):
+        raise ValueError("vision_attention_rows needs contiguous qkv / cos / sin / out")
+    cos, sin = cos.float(), sin.float()
+    (a, b), (q0, q1) = segment, queries
+    row_q, row_o = qkv.shape[1] * qkv.element_size(), out.shape[1] * out.element_size()
+    rc = library().vision_attention(qkv.data_ptr() + a * row_q, cos.data_ptr() + a * d * 4,
+                                    sin.data_ptr() + a * d * 4, out.data_ptr() + a * row_o, b - a, num_heads, d,
+                                    ctypes.c_float(scale), int(is_bf16), torch.get_num_threads(), q0 - a, q1 - a)
+    return rc == 0
 
 
 def _bf16_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

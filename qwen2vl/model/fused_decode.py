@@ -45,8 +45,9 @@ class _LayerPlan:
 
     def tensors(self) -> list[torch.Tensor] | None:
         """The layer's tensors in `cpu_ops.DECODE_LAYER_WEIGHTS` order (checked by the kernel wrapper), or None
-        when a projection is not the plain kernel Linear (int8 / tensor-parallel layers) or a bias differs."""
-        if any(type(p) is not Linear for p in self.projs):
+        when a projection is not the plain kernel Linear (int8 / tensor-parallel layers, a served LoRA adapter
+        that a row of this step uses) or a bias differs."""
+        if any(type(p) is not Linear and not getattr(p, "idle_lora", False) for p in self.projs):
             return None
         q, k, v, o, g, u, d = (p._parameters for p in self.projs)
         if q["bias"] is None or k["bias"] is None or v["bias"] is None or \

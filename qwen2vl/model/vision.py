@@ -70,19 +70,24 @@ class VisionAttention(nn.Module):
         self.attn_implementation = attn_implementation
 
     def forward(self, x, cu_seqlens, cos, sin):
-        n = x.shape[0]
         qkv = self.qkv(x)
-        cpu_sdpa = self.attn_implementation == "sdpa" and x.device.type == "cpu"
-        route = self.choice(qkv) if cpu_sdpa else None
-        if route in (None, "kernel") and cpu_sdpa and n >= 256:
-            # Long segments on CPU: fused rotary + flash attention kernel, several times faster than
-            # torch's CPU SDPA without AMX (with AMX, `choose` may pick SDPA instead).
+        use_kernel, fp32 = self.plan(qkv)
+        if use_kernel:
             o = cpu_kernels.vision_attention(qkv, cos, sin, self.num_heads, self.scale,
                                              vision_segments(cu_seqlens, x.device).bounds)
             if o is not None:
                 return self.proj(o)
-        o = self.torch_attention(qkv, cu_seqlens, cos, sin, {"torch": False, "torch_fp32": True}.get(route))
+        o = self.torch_attention(qkv, cu_seqlens, cos, sin, fp32)
         return self.proj(o)
+
+    def plan(self, qkv: torch.Tensor) -> tuple[bool, bool | None]:
+        """(use the fused CPU kernel, the torch path's fp32 flag) for this qkv (N, 3*H*D). Long segments on CPU
+        go to the fused rotary + flash attention kernel, several times faster than torch's CPU SDPA without AMX
+        (with AMX, `choose` may pick SDPA instead). `VisionEncodeJob` follows the same plan."""
+        cpu_sdpa = self.attn_implementation == "sdpa" and qkv.device.type == "cpu"
+        route = self.choice(qkv) if cpu_sdpa else None
+        use_kernel = route in (None, "kernel") and cpu_sdpa and qkv.shape[0] >= 256
+        return use_kernel, {"torch": False, "torch_fp32": True}.get(route)
 
     def torch_attention(self, qkv, cu_seqlens, cos, sin, fp32: bool | None = None) -> torch.Tensor:
         """Rotary (in float32, as the reference) and block-diagonal attention with torch ops: qkv (N, 3*H*D) ->
@@ -129,21 +134,27 @@ class VisionMlp(nn.Module):
         self.act = _ACT[act]
 
     def forward(self, x):
-        n = x.shape[0]
-        if (n <= self.CHUNK or (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 2
-                or x.device.type != "cpu"):
+        if not self.chunked(x):
             return self.fc2(self.act(self.fc1(x)))
-        out = x.new_empty(n, self.fc2.out_features)
-        fused = self.act is quick_gelu and x.dtype == torch.bfloat16 and self.fc1.bias is not None
-        for a in range(0, n, self.CHUNK):
-            if fused:  # fc1 without bias (faster GEMM), then bias + activation in one pass
-                h = self.fc1(x[a:a + self.CHUNK], with_bias=False)
-                if not cpu_kernels.bias_quick_gelu_(h, self.fc1.bias):
-                    h = self.act(h + self.fc1.bias)
-            else:
-                h = self.act(self.fc1(x[a:a + self.CHUNK]))
-            out[a:a + self.CHUNK] = self.fc2(h)
+        out = x.new_empty(x.shape[0], self.fc2.out_features)
+        for a in range(0, x.shape[0], self.CHUNK):
+            self.rows_into(x, a, out)
         return out
+
+    def chunked(self, x: torch.Tensor) -> bool:
+        """Whether this input runs in CHUNK-row pieces (`rows_into`; `VisionEncodeJob` runs the same pieces)."""
+        return not (x.shape[0] <= self.CHUNK or (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 2
+                    or x.device.type != "cpu")
+
+    def rows_into(self, x: torch.Tensor, a: int, out: torch.Tensor) -> None:
+        """out[a:a + CHUNK] = mlp(x[a:a + CHUNK])."""
+        if self.act is quick_gelu and x.dtype == torch.bfloat16 and self.fc1.bias is not None:
+            h = self.fc1(x[a:a + self.CHUNK], with_bias=False)  # fc1 without bias (faster GEMM), then
+            if not cpu_kernels.bias_quick_gelu_(h, self.fc1.bias):  # bias + activation in one pass
+                h = self.act(h + self.fc1.bias)
+        else:
+            h = self.act(self.fc1(x[a:a + self.CHUNK]))
+        out[a:a + self.CHUNK] = self.fc2(h)
 
 
 class Qwen2VLVisionBlock(nn.Module):
@@ -212,14 +223,19 @@ class Qwen2VisionTransformerPretrainedModel(Qwen2VLPreTrainedModel):
         if pixel_values.shape[0] != expected:
             raise ValueError(f"pixel values have {pixel_values.shape[0]} patches but grid_thw describes {expected}")
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """pixel_values (N, C*T*p*p), grid_thw (n, 3) → merged features (N/m², hidden_size)."""
+    def embed(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        """Validated patch embeddings x (N, E) and what every block takes: segments, rotary cos/sin (N, D)."""
         self.validate(pixel_values, grid_thw)
         grid_cpu = grid_thw.cpu()
         x = self.patch_embed(pixel_values)
         pos = vision_position_ids(grid_cpu, self.spatial_merge_size).to(x.device)
         cos, sin = vision_rotary(pos, self.config.embed_dim // self.config.num_heads)
         cu_seqlens = vision_segments(vision_cu_seqlens(grid_cpu), x.device)  # once, not per layer
+        return x, cu_seqlens, cos, sin
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values (N, C*T*p*p), grid_thw (n, 3) → merged features (N/m², hidden_size)."""
+        x, cu_seqlens, cos, sin = self.embed(pixel_values, grid_thw)
         for blk in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, cu_seqlens, cos, sin, use_reentrant=False)

@@ -38,6 +38,7 @@ logger = logging.getLogger("qwen2vl.server")
 class ServerSettings:
     served_model_name: str = "qwen2vl-demo"
     model_aliases: tuple[str, ...] = ()  # other names accepted in `model` (e.g. the path it was loaded from)
+    lora_names: tuple[str, ...] = ()  # served LoRA adapters (--lora-modules), selected by `model`
     api_key: str | None = None
     media: MediaPolicy = field(default_factory=MediaPolicy)
     max_request_bytes: int = 32 * 1024**2
@@ -122,9 +123,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         check_auth(request)
-        card = {"id": settings.served_model_name, "object": "model", "created": created, "owned_by": "qwen2vl",
-                "root": settings.served_model_name, "parent": None, "max_model_len": engine.engine.max_model_len}
-        return {"object": "list", "data": [card]}
+        base = settings.served_model_name
+        cards = [{"id": name, "object": "model", "created": created, "owned_by": "qwen2vl", "root": name,
+                  "parent": parent, "max_model_len": engine.engine.max_model_len}
+                 for name, parent in [(base, None), *((n, base) for n in settings.lora_names)]]
+        return {"object": "list", "data": cards}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -11,6 +11,7 @@ import signal
 import threading
 
 from ..engine import AsyncEngine, EngineConfig, LLMEngine
+from ..engine.lora_adapters import parse_lora_modules
 from .app import ServerSettings, create_app
 from .fetch import FetchPolicy
 from .guards import default_allowed_hosts
@@ -38,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "the CPU, NCCL with one GPU per rank: cuda:0..N-1); this process serves as rank 0")
     p.add_argument("--tp-num-threads", type=int, default=None,
                    help="torch threads per tensor-parallel rank (default on the CPU: cores / N)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
+                   help="serve PEFT LoRA adapter folders beside the base model, each selected by a request's "
+                        "`model` field (vLLM's form: name=DIR, or JSON '{\"name\": ..., \"path\": ...}'); "
+                        "read at start-up only")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (KV rows)")
     g.add_argument("--max-model-len", type=int, default=None,
@@ -127,7 +132,7 @@ def build_engine(args, model=None, processor=None, tp_runner=None) -> AsyncEngin
     With `tp_runner` (rank 0 of a `qwen2vl.parallel` group) the engine runs on its model, every model call
     mirrored on all ranks."""
     from ..engine.llm import load_processor
-    from ..engine.llm_engine import load_model
+    from ..engine.model_setup import load_model
 
     if tp_runner is not None:
         model = tp_runner.model
@@ -141,7 +146,13 @@ def build_engine(args, model=None, processor=None, tp_runner=None) -> AsyncEngin
                        prefix_cache_memory=args.prefix_cache_memory,
                        vision_cache_memory=int(args.vision_cache_mb * 1024**2),
                        max_prefill_tokens_per_step=args.max_prefill_tokens_per_step)
-    return AsyncEngine(LLMEngine(model, processor, cfg, tp_runner=tp_runner))
+    engine = LLMEngine(model, processor, cfg, tp_runner=tp_runner)
+    for name, path in parse_lora_modules(getattr(args, "lora_modules", None)):
+        try:
+            engine.add_lora(name, path)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"--lora-modules {name}={path}: {e}") from None
+    return AsyncEngine(engine)
 
 
 def settings_from(args, engine: AsyncEngine | None = None) -> ServerSettings:
@@ -156,6 +167,7 @@ def settings_from(args, engine: AsyncEngine | None = None) -> ServerSettings:
     name = args.served_model_name or str(args.model)
     hosts = tuple(args.allowed_hosts) if args.allowed_hosts else default_allowed_hosts(args.host)
     return ServerSettings(served_model_name=name, model_aliases=(str(args.model),), api_key=args.api_key,
+                          lora_names=tuple(engine.engine.lora_names) if engine is not None else (),
                           media=policy, max_request_bytes=args.max_request_bytes,
                           default_sampling=default_sampling(engine.engine.model) if engine is not None else {},
                           allowed_hosts=hosts, allowed_origins=tuple(args.allowed_origins),
@@ -195,6 +207,7 @@ def run(args) -> int:
         raise SystemExit(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a directory")
     try:
         media_defaults.from_args(args)  # bad --min-pixels / --max-pixels / --fps / --mm-processor-kwargs
+        parse_lora_modules(getattr(args, "lora_modules", None))  # bad --lora-modules syntax, before loading
     except ValueError as e:
         raise SystemExit(str(e)) from None
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -202,7 +215,11 @@ def run(args) -> int:
     if tp < 1:
         raise SystemExit(f"--tensor-parallel-size must be >= 1, got {tp}")
     if tp == 1:
-        return _serve(args, build_engine(args))
+        try:
+            engine = build_engine(args)
+        except ValueError as e:  # an adapter folder that cannot be served
+            raise SystemExit(str(e)) from None
+        return _serve(args, engine)
     if args.quantization is not None:
         raise SystemExit("--quantization is not supported with --tensor-parallel-size > 1")
     from ..engine.llm import start_tp
@@ -214,7 +231,11 @@ def run(args) -> int:
     except ValueError as e:   # sizes that do not split over N ranks, a bad device
         raise SystemExit(f"--tensor-parallel-size {tp}: {e}") from None
     try:   # this process is rank 0: the HTTP server + engine; model calls are mirrored on every rank
-        return _serve(args, build_engine(args, tp_runner=group.runner), group)
+        try:
+            engine = build_engine(args, tp_runner=group.runner)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        return _serve(args, engine, group)
     finally:
         group.shutdown()
         logger.info("tensor-parallel workers stopped")

@@ -176,9 +176,11 @@ class ChatHandler:
         except ValidationError as e:
             raise P.bad_request(*P.validation_message(e)) from None
         s = self.settings
-        if req.model is not None and req.model not in (s.served_model_name, *s.model_aliases):
+        if req.model is not None and req.model not in (s.served_model_name, *s.model_aliases, *s.lora_names):
             raise P.APIError(404, f"The model `{req.model}` does not exist.", "not_found_error", "model",
                              "model_not_found")
+        lora = req.model if req.model in s.lora_names else None  # names are checked first: no path from a request
+        model_name = lora or s.served_model_name
         params = self.sampling_params(req)
         self.stages.admit()
         rid = req.request_id or P.completion_id()
@@ -193,7 +195,7 @@ class ChatHandler:
             raise P.shutting_down()
         prompt = prepare.result()
         try:
-            stream = self.engine.submit(prompt, params, rid)
+            stream = self.engine.submit(prompt, params, rid, lora)
         except (EngineError, ValueError) as e:
             raise engine_error(e, rid) if isinstance(e, EngineError) else P.bad_request(str(e)) from None
         clock = RequestClock(self.metrics, start)
@@ -201,7 +203,8 @@ class ChatHandler:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             parsers = [tools.StreamParser() for _ in range(req.n)] if tools.active(req) else None
-            return _SSEResponse(self._stream(stream, rid, created, req.n, n_prompt, include_usage, clock, parsers),
+            return _SSEResponse(self._stream(stream, rid, created, req.n, n_prompt, include_usage, clock, parsers,
+                                             model_name),
                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         final = await self._collect(stream, request, rid, clock)
         if final is None:  # client went away
@@ -212,7 +215,7 @@ class ChatHandler:
             choice["logprobs"] = openai_logprobs(self.engine.engine.tokenizer, c.token_ids, c.logprobs)
             if tools.active(req):
                 tools.apply_to_choice(choice, c.text)
-        return JSONResponse(P.chat_response(rid, created, s.served_model_name, choices,
+        return JSONResponse(P.chat_response(rid, created, model_name, choices,
                                             P.usage(n_prompt, final.num_output_tokens, final.num_cached_tokens)))
 
     async def _collect(self, stream, request: Request, rid: str, clock: RequestClock):
@@ -246,8 +249,9 @@ class ChatHandler:
                 task.cancel()
                 self.engine.abort(rid)
 
-    async def _stream(self, stream, rid, created, n, n_prompt, include_usage, clock: RequestClock, parsers=None):
-        model = self.settings.served_model_name
+    async def _stream(self, stream, rid, created, n, n_prompt, include_usage, clock: RequestClock, parsers=None,
+                      model: str | None = None):
+        model = model or self.settings.served_model_name
         done = [False] * n
         n_out = n_cached = 0
         try:
