@@ -233,7 +233,7 @@ def main(argv=None) -> None:
         if "ttft" in extra:
             ttft_row(table, setup, model, args)
         del model
-    table.print("target (2 threads, medians)")
+    table.print(f"target ({args.threads} thread{'s' if args.threads > 1 else ''}, medians)")
     print(f"\nrun took {time.time() - t_start:.0f} s; backends ({choose.machine_key()}):")
     for op, line in choose.summary().items():
         print(f"  {op}: {line}")
