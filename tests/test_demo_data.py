@@ -4,14 +4,20 @@ import io
 import json
 import os
 import random
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qwen2vl.demo import build_tokenizer as bt
 from qwen2vl.demo import data, questions, scenes, video
-from qwen2vl.demo.align import token_targets
+from qwen2vl.demo.align import AlignCollator, centre_flags, clip_scenes, region_words, token_targets
+from qwen2vl.demo.train_demo import DemoDataset, write_configs
+from qwen2vl.processing.processor import Qwen2VLProcessor
+from qwen2vl.training.data import SFTCollator
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "qwen2-vl", "Qwen2-VL-2B-Instruct")
 
@@ -159,6 +165,39 @@ def test_alignment_targets():
                                             "outline": 0}]}
     assert token_targets(scene, (1, 2)) == [("red", "circle"), ("nothing", None)]
     assert token_targets(scene, (2, 4))[4] == ("red", "circle")  # the token under a small shape's centre
+    assert centre_flags(scene, (2, 4)) == [False, False, False, False, True, False, False, False]  # (20, 28): row 1
+    assert region_words((3, 3))[0] == ("top", "left") and region_words((3, 3))[5] == ("center", "right")
+    assert [r for r, _ in region_words((6, 1))] == ["top", "top", "center", "center", "bottom", "bottom"]
+
+
+def test_clip_alignment_follows_the_sampled_frames():
+    clip = video.sample_clip(random.Random(3), "move")
+    first, second = clip_scenes(clip, 2)
+    axis = 0 if clip["direction"] in ("left", "right") else 1
+    step = second["shapes"][0]["center"][axis] - first["shapes"][0]["center"][axis]
+    assert (step > 0) == (clip["direction"] in ("right", "down")) and abs(step) > 1
+    appear = video.sample_clip(random.Random(4), "appear")
+    before, after = clip_scenes(appear, 2)
+    assert not before["shapes"] and len(after["shapes"]) == 1  # the change falls between the two temporal patches
+
+
+def test_align_collator_labels_every_vision_token():
+    with tempfile.TemporaryDirectory() as d:
+        write_configs(Path(d))
+        processor = Qwen2VLProcessor.from_pretrained(d)
+    ds = DemoDataset(12, seed=5, max_turns=2, min_turns=2, video_prob=0.5)
+    records = [ds[i] for i in range(len(ds))]
+    word = processor.tokenizer.convert_tokens_to_ids
+    plain = AlignCollator(SFTCollator(processor))(records)  # the bundled recipe: image tokens, colour + shape
+    ids = plain["input_ids"]
+    n_image, n_video = int((ids == processor.image_token_id).sum()), int((ids == processor.video_token_id).sum())
+    assert n_image and n_video
+    assert plain["aux_labels"].shape == (n_image, 2) and plain["pos_labels"].shape == (n_image, 2)
+    full = AlignCollator(SFTCollator(processor), centre=True, video=True)(records)
+    assert full["aux_labels"].shape == (n_image + n_video, 3) and full["pos_labels"].shape == (n_image + n_video, 2)
+    assert torch.equal(full["aux_labels"][:n_image, :2], plain["aux_labels"])
+    assert set(full["aux_labels"][:, 2].tolist()) == {word("1"), word("\u0120no")}
+    assert set(full["pos_labels"][:, 0].tolist()) == {word("\u0120" + w) for w in ("top", "center", "bottom")}
 
 
 def test_jsonl(tmp_path):
