@@ -295,3 +295,27 @@ def test_saved_tokenizer_matches_transformers(tok, tmp_path):
     for s in (rendered, prompt, "Hello, wörld! 12345  \n\n x", "There is a red circle in the top left."):
         assert hf(s)["input_ids"] == tok.encode(s).ids
         assert hf.decode(tok.encode(s).ids) == s
+
+
+def test_vision_stage_trains_only_the_vision_tower_and_lm_head():
+    from qwen2vl.demo.train_demo import demo_config
+    from qwen2vl.demo.vision_stage import train_vision
+    from qwen2vl.model import Qwen2VLForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as d:
+        ids = write_configs(Path(d), (12544, 12544, 12544))
+        processor = Qwen2VLProcessor.from_pretrained(d)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(demo_config(ids, hidden=64, layers=1, intermediate=128, vision_depth=1,
+                                                        vision_dim=32))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    collator = AlignCollator(SFTCollator(processor), centre=True)
+    pictures = DemoDataset(4, seed=5, video_prob=0.0, text_only_prob=0.0)
+    with pytest.raises(ValueError, match="4 items for 3 steps"):
+        train_vision(model, collator, pictures, steps=3, batch_size=2, lr=1e-2)
+    train_vision(model, collator, pictures, steps=2, batch_size=2, lr=1e-2, warmup=1)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    vision = {n for n, _ in model.named_parameters() if n.startswith("model.visual.")}
+    head = {n for n, p in model.named_parameters() if p is model.lm_head.weight}  # tied to the embeddings
+    assert changed and changed <= vision | head and head <= changed
+    assert len(changed & vision) > len(vision) // 2  # the tower itself learns, not only the head

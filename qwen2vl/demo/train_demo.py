@@ -46,6 +46,7 @@ from .examples import write_examples
 
 # data seeds: training, eval during training, held-out test
 TRAIN_SEED, EVAL_SEED, TEST_SEED = 1, 2, 20261125
+VISION_SEED = 5  # pictures of the optional vision-only stage (--vision-steps)
 DEFAULT_OUT = Path(__file__).parent / "model"
 _NORM = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
          "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
@@ -169,7 +170,7 @@ def build(out: Path, *, steps: int, batch_size: int, lr: float, warmup: int, max
           align_weight: float, save_every: int, checkpoint_dir: str | None, init_from: str | None = None,
           data_seed: int = TRAIN_SEED, pos_weight: float = 0.0, pixels=None, num_workers: int = 0,
           min_turns: int = 1, bf16: bool = False, align_centre: bool = False, align_video: bool = False,
-          **model_kw) -> dict:
+          vision_steps: int = 0, vision_lr: float = 2e-3, **model_kw) -> dict:
     from ..model import Qwen2VLForConditionalGeneration
     from ..processing.processor import Qwen2VLProcessor
     from ..training.data import SFTCollator
@@ -200,6 +201,11 @@ def build(out: Path, *, steps: int, batch_size: int, lr: float, warmup: int, max
         output_dir=checkpoint_dir, save_steps=save_every if checkpoint_dir else 0, num_workers=num_workers, bf16=bf16)
     sft = SFTCollator(processor)
     collator = AlignCollator(sft, centre=align_centre, video=align_video)
+    if vision_steps:  # stage 0: the vision tower + LM head alone on the alignment loss, pictures only
+        from .vision_stage import train_vision
+
+        pictures = DemoDataset(vision_steps * batch_size, VISION_SEED, video_prob=0.0, text_only_prob=0.0)
+        train_vision(model, collator, pictures, steps=vision_steps, batch_size=batch_size, lr=vision_lr, bf16=bf16)
     trainer = aligned_trainer(align_weight, pos_weight, align_video)(model, processor, args, train_set, eval_set,
                                                                      collator=collator, eval_collator=sft)
     result = trainer.train()
@@ -214,7 +220,8 @@ def build(out: Path, *, steps: int, batch_size: int, lr: float, warmup: int, max
     acc = accuracy_by_kind(test, answer_questions(model, processor, test))
     summary = {"parameters": n_params, "steps": steps, "batch_size": batch_size, "lr": lr, "max_turns": max_turns,
                "align_weight": align_weight, "pos_weight": pos_weight, "min_turns": min_turns, "bf16": bf16,
-               "align_centre": align_centre, "align_video": align_video,
+               "align_centre": align_centre, "align_video": align_video, "vision_steps": vision_steps,
+               "vision_lr": vision_lr,
                "pixels": pixels, "video_prob": video_prob, "torch_threads": torch.get_num_threads(),
                "train_wall_s": round(train_s, 1), "tokens_per_s": round(result["tokens_per_s"], 1),
                "final_train_loss": result["final_loss"], "eval": result.get("eval"),
@@ -266,6 +273,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-turns", type=int, default=1, help="min questions per training conversation")
     p.add_argument("--bf16", action="store_true",
                    help="train under bfloat16 autocast (fp32 weights; about 1.4x faster on AVX512-BF16 CPUs)")
+    p.add_argument("--vision-steps", type=int, default=0,
+                   help="first train the vision tower + LM head alone on the alignment loss for N steps")
+    p.add_argument("--vision-lr", type=float, default=2e-3, help="learning rate of the vision-only stage")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--export", default=None, metavar="CHECKPOINT",
                    help="no training: write this checkpoint folder to --out as the demo model")
@@ -285,7 +295,8 @@ def main(argv=None) -> int:
               test_size=a.test_size, dtype=a.dtype, text_only_prob=a.text_only_prob, video_prob=a.video_prob,
               align_weight=a.align_weight, pos_weight=a.pos_weight, save_every=a.save_every,
               checkpoint_dir=a.checkpoint_dir, init_from=a.init_from, data_seed=a.data_seed, pixels=a.pixels,
-              num_workers=a.num_workers, bf16=a.bf16, align_centre=a.align_centre, align_video=a.align_video, hidden=a.hidden, layers=a.layers,
+              num_workers=a.num_workers, bf16=a.bf16, align_centre=a.align_centre, align_video=a.align_video,
+              vision_steps=a.vision_steps, vision_lr=a.vision_lr, hidden=a.hidden, layers=a.layers,
               intermediate=a.intermediate, vision_depth=a.vision_depth, vision_dim=a.vision_dim)
     if a.out.resolve() == DEFAULT_OUT.resolve():  # the bundled model comes with its example pictures
         write_examples(Path(__file__).parent / "assets")
