@@ -24,7 +24,9 @@ Options for further recipes (off for the bundled model): ``--align-centre`` (a t
 does a shape's centre lie in it), ``--align-video`` (video tokens labelled too), ``--pos-weight W`` (the decoder's
 output at each vision token names its row / column third), ``--pixels MIN MAX VIDEO_MAX`` (processor bounds, e.g.
 12544 28224 12544 for 16-36 tokens), ``--min-turns``, ``--bf16`` (autocast, ~1.4x fewer CPU seconds per step on
-AVX512-BF16), ``--threads``, ``--num-workers``; ``--export CHECKPOINT`` writes a checkpoint folder as the demo model.
+AVX512-BF16), ``--threads``, ``--num-workers``, ``--vision-steps N [--vision-lr]`` (first N steps train the vision
+tower + LM head alone on the alignment loss, ``vision_stage``); ``--export CHECKPOINT`` writes a checkpoint folder
+as the demo model.
 
 Reproducible: fixed seeds for the tokenizer corpus, the weights, the data and the shuffling (bit-exact results
 also need the same torch version and thread count).
