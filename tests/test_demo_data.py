@@ -4,14 +4,20 @@ import io
 import json
 import os
 import random
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qwen2vl.demo import build_tokenizer as bt
 from qwen2vl.demo import data, questions, scenes, video
-from qwen2vl.demo.align import token_targets
+from qwen2vl.demo.align import AlignCollator, centre_flags, clip_scenes, region_words, token_targets
+from qwen2vl.demo.train_demo import DemoDataset, write_configs
+from qwen2vl.processing.processor import Qwen2VLProcessor
+from qwen2vl.training.data import SFTCollator
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "qwen2-vl", "Qwen2-VL-2B-Instruct")
 
@@ -159,6 +165,39 @@ def test_alignment_targets():
                                             "outline": 0}]}
     assert token_targets(scene, (1, 2)) == [("red", "circle"), ("nothing", None)]
     assert token_targets(scene, (2, 4))[4] == ("red", "circle")  # the token under a small shape's centre
+    assert centre_flags(scene, (2, 4)) == [False, False, False, False, True, False, False, False]  # (20, 28): row 1
+    assert region_words((3, 3))[0] == ("top", "left") and region_words((3, 3))[5] == ("center", "right")
+    assert [r for r, _ in region_words((6, 1))] == ["top", "top", "center", "center", "bottom", "bottom"]
+
+
+def test_clip_alignment_follows_the_sampled_frames():
+    clip = video.sample_clip(random.Random(3), "move")
+    first, second = clip_scenes(clip, 2)
+    axis = 0 if clip["direction"] in ("left", "right") else 1
+    step = second["shapes"][0]["center"][axis] - first["shapes"][0]["center"][axis]
+    assert (step > 0) == (clip["direction"] in ("right", "down")) and abs(step) > 1
+    appear = video.sample_clip(random.Random(4), "appear")
+    before, after = clip_scenes(appear, 2)
+    assert not before["shapes"] and len(after["shapes"]) == 1  # the change falls between the two temporal patches
+
+
+def test_align_collator_labels_every_vision_token():
+    with tempfile.TemporaryDirectory() as d:
+        write_configs(Path(d))
+        processor = Qwen2VLProcessor.from_pretrained(d)
+    ds = DemoDataset(12, seed=5, max_turns=2, min_turns=2, video_prob=0.5)
+    records = [ds[i] for i in range(len(ds))]
+    word = processor.tokenizer.convert_tokens_to_ids
+    plain = AlignCollator(SFTCollator(processor))(records)  # the bundled recipe: image tokens, colour + shape
+    ids = plain["input_ids"]
+    n_image, n_video = int((ids == processor.image_token_id).sum()), int((ids == processor.video_token_id).sum())
+    assert n_image and n_video
+    assert plain["aux_labels"].shape == (n_image, 2) and plain["pos_labels"].shape == (n_image, 2)
+    full = AlignCollator(SFTCollator(processor), centre=True, video=True)(records)
+    assert full["aux_labels"].shape == (n_image + n_video, 3) and full["pos_labels"].shape == (n_image + n_video, 2)
+    assert torch.equal(full["aux_labels"][:n_image, :2], plain["aux_labels"])
+    assert set(full["aux_labels"][:, 2].tolist()) == {word("1"), word("\u0120no")}
+    assert set(full["pos_labels"][:, 0].tolist()) == {word("\u0120" + w) for w in ("top", "center", "bottom")}
 
 
 def test_jsonl(tmp_path):
@@ -256,3 +295,27 @@ def test_saved_tokenizer_matches_transformers(tok, tmp_path):
     for s in (rendered, prompt, "Hello, wörld! 12345  \n\n x", "There is a red circle in the top left."):
         assert hf(s)["input_ids"] == tok.encode(s).ids
         assert hf.decode(tok.encode(s).ids) == s
+
+
+def test_vision_stage_trains_only_the_vision_tower_and_lm_head():
+    from qwen2vl.demo.train_demo import demo_config
+    from qwen2vl.demo.vision_stage import train_vision
+    from qwen2vl.model import Qwen2VLForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as d:
+        ids = write_configs(Path(d), (12544, 12544, 12544))
+        processor = Qwen2VLProcessor.from_pretrained(d)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(demo_config(ids, hidden=64, layers=1, intermediate=128, vision_depth=1,
+                                                        vision_dim=32))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    collator = AlignCollator(SFTCollator(processor), centre=True)
+    pictures = DemoDataset(4, seed=5, video_prob=0.0, text_only_prob=0.0)
+    with pytest.raises(ValueError, match="4 items for 3 steps"):
+        train_vision(model, collator, pictures, steps=3, batch_size=2, lr=1e-2)
+    train_vision(model, collator, pictures, steps=2, batch_size=2, lr=1e-2, warmup=1)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    vision = {n for n, _ in model.named_parameters() if n.startswith("model.visual.")}
+    head = {n for n, p in model.named_parameters() if p is model.lm_head.weight}  # tied to the embeddings
+    assert changed and changed <= vision | head and head <= changed
+    assert len(changed & vision) > len(vision) // 2  # the tower itself learns, not only the head

@@ -1,17 +1,31 @@
-"""The demo recipe's auxiliary alignment loss: each merged image token should name what it shows.
+"""The demo recipe's auxiliary losses: each merged image / video token should say what it shows and where it is.
 
-For every merged token of every picture in a batch (the vision tower's order: row-major over the merged grid
-given by ``image_grid_thw``), the target is the ids of the colour and shape words of the shape under the token's
-centre ("red", "circle"), or "nothing" (and no shape target) on background. The token under each shape's centre
-is labelled with that shape even when it is small. The tied LM head applied to the vision tower's output is
-trained towards these words, which makes image tokens word-like early and speeds up learning several-fold.
-Video tokens get no targets.
+Dense signals that the question answers alone give only sparsely (training-time help; the model stays a plain
+Qwen2-VL model):
+
+* **vision** (the tied LM head applied to the vision tower's output; the bundled model's recipe): for every merged
+  image token (the tower's order: t-major, then row-major over the merged grid of ``*_grid_thw``), the colour and
+  shape words of the shape under the token's centre ("red", "circle") or "nothing" (and no shape target) on
+  background; the token under each shape's centre is labelled with that shape even when it is small. Options:
+  ``centre`` adds whether a shape's centre lies in the token ("1" / "no": one token per shape, for counting and
+  listing); ``video`` labels video tokens too, from the scene halfway through their temporal patch.
+* **position** (option, ``pos_weight`` > 0; the LM head applied to the decoder's last hidden state at each vision
+  token): the token's row ("top" / "center" / "bottom") and column ("left" / "center" / "right") third, so that
+  the decoder learns early to turn M-RoPE offsets into the words the ``where`` questions use.
 """
 from __future__ import annotations
 
 import torch
 
+from ..processing.video_processing import sample_frame_indices
 from .scenes import contains
+from .video import frame_scene
+
+ROWS, COLS = ("top", "center", "bottom"), ("left", "center", "right")
+
+
+def _cell(s: dict, w: float, h: float, gh: int, gw: int) -> tuple[int, int]:
+    return min(gh - 1, max(0, int(s["center"][1] / h * gh))), min(gw - 1, max(0, int(s["center"][0] / w * gw)))
 
 
 def token_targets(scene: dict, grid_hw: tuple[int, int]) -> list[tuple[str, str | None]]:
@@ -25,17 +39,50 @@ def token_targets(scene: dict, grid_hw: tuple[int, int]) -> list[tuple[str, str 
             hit = [s for s in scene["shapes"] if contains(s, x, y)]
             out.append((hit[-1]["color"], hit[-1]["shape"]) if hit else ("nothing", None))
     for s in scene["shapes"]:
-        j = min(gw - 1, int(s["center"][0] / w * gw))
-        i = min(gh - 1, int(s["center"][1] / h * gh))
+        i, j = _cell(s, w, h, gh, gw)
         out[i * gw + j] = (s["color"], s["shape"])
     return out
 
 
-class AlignCollator:
-    """SFT batches plus ``aux_labels (n_image_tokens, 2)``: word ids (colour or "nothing", shape or -100)."""
+def centre_flags(scene: dict, grid_hw: tuple[int, int]) -> list[bool]:
+    """Per merged token: does a shape's centre lie in it?"""
+    gh, gw = grid_hw
+    w, h = scene["size"]
+    flags = [False] * (gh * gw)
+    for s in scene["shapes"]:
+        i, j = _cell(s, w, h, gh, gw)
+        flags[i * gw + j] = True
+    return flags
 
-    def __init__(self, sft_collator, merge_size: int = 2):
-        self.sft, self.merge = sft_collator, merge_size
+
+def region_words(grid_hw: tuple[int, int]) -> list[tuple[str, str]]:
+    """(row word, column word) of each merged token's centre, row-major."""
+    gh, gw = grid_hw
+    return [(ROWS[min(2, int((i + 0.5) / gh * 3))], COLS[min(2, int((j + 0.5) / gw * 3))])
+            for i in range(gh) for j in range(gw)]
+
+
+def clip_scenes(clip: dict, temporal_patches: int, patch: int = 2) -> list[dict]:
+    """The scene halfway through each temporal patch of a clip (the frames the processor samples)."""
+    idx = sample_frame_indices(clip["frames"], num_frames=temporal_patches * patch)
+    out = []
+    for k in range(temporal_patches):
+        a, b = frame_scene(clip, idx[k * patch]), frame_scene(clip, idx[k * patch + patch - 1])
+        for sa, sb in zip(a["shapes"], b["shapes"]):
+            sb["center"] = [(u + v) / 2 for u, v in zip(sa["center"], sb["center"])]
+        out.append(b)
+    return out
+
+
+class AlignCollator:
+    """SFT batches plus ``aux_labels`` (n, 2): word ids (colour or "nothing", shape or -100) per image token, in the
+    vision tower's order, and ``pos_labels`` (n, 2): row and column words, same order. ``centre``: a third aux column,
+    the centre flag; ``video``: video tokens too (after the image tokens). The bundled model was trained with
+    neither (and no position loss); they are options of the recipe (``train_demo --align-centre --align-video
+    --pos-weight``)."""
+
+    def __init__(self, sft_collator, merge_size: int = 2, centre: bool = False, video: bool = False):
+        self.sft, self.merge, self.centre, self.video = sft_collator, merge_size, centre, video
         tok = sft_collator.tokenizer
 
         def word(w):  # byte-level BPE: "Ġred" = " red"; the demo tokenizer keeps these words whole
@@ -45,41 +92,83 @@ class AlignCollator:
             return i
 
         self.word = word
+        self.flag = {True: tok.convert_tokens_to_ids("1"), False: word("no")}
+
+    def _rows(self, scene: dict, gh: int, gw: int, aux: list, pos: list) -> None:
+        targets, flags = token_targets(scene, (gh, gw)), centre_flags(scene, (gh, gw))
+        for (color, shape), flag, (r, c) in zip(targets, flags, region_words((gh, gw))):
+            aux.append([self.word(color), self.word(shape) if shape else -100] + [self.flag[flag]] * self.centre)
+            pos.append([self.word(r), self.word(c)])
 
     def __call__(self, records):
         batch = self.sft(records)
-        scenes = [r["meta"]["scene"] for r in records if r.get("meta") and r["meta"].get("scene")]
-        rows = []
+        aux: list = []
+        pos: list = []
+        metas = [r.get("meta") or {} for r in records]
         grids = batch.get("image_grid_thw")
+        scenes = [m["scene"] for m in metas if m.get("scene")]
         for scene, (_, gh, gw) in zip(scenes, grids.tolist() if grids is not None else []):
-            for color, shape in token_targets(scene, (gh // self.merge, gw // self.merge)):
-                rows.append([self.word(color), self.word(shape) if shape else -100])
-        batch["aux_labels"] = torch.tensor(rows, dtype=torch.long).view(-1, 2)
+            self._rows(scene, gh // self.merge, gw // self.merge, aux, pos)
+        grids = batch.get("video_grid_thw") if self.video else None
+        clips = [m["clip"] for m in metas if m.get("clip")]
+        for clip, (t, gh, gw) in zip(clips, grids.tolist() if grids is not None else []):
+            for scene in clip_scenes(clip, t):
+                self._rows(scene, gh // self.merge, gw // self.merge, aux, pos)
+        batch["aux_labels"] = torch.tensor(aux, dtype=torch.long).view(-1, 3 if self.centre else 2)
+        batch["pos_labels"] = torch.tensor(pos, dtype=torch.long).view(-1, 2)
         return batch
 
 
-def aligned_trainer(weight: float):
+def _nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logp = logits.float().log_softmax(-1)
+    mask = labels >= 0
+    return -(logp.gather(1, labels.clamp(min=0)) * mask).sum() / mask.sum().clamp(min=1)
+
+
+def aligned_trainer(weight: float, pos_weight: float = 0.0, video: bool = False):
+    """A Trainer adding ``weight`` x the vision loss and ``pos_weight`` x the position loss (``video``: the collator
+    labels video tokens too)."""
     from ..training.trainer import Trainer
 
     class AlignedTrainer(Trainer):
-        """Adds ``weight`` x the cross-entropy of the tied LM head on each merged image token against its words."""
+        loss_parts: list
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_parts = []
 
         def compute_loss(self, model, batch, num_items_in_batch):
-            aux = batch.pop("aux_labels", None)
-            if aux is None or weight == 0 or aux.numel() == 0 or batch.get("pixel_values") is None:
+            aux, pos = batch.pop("aux_labels", None), batch.pop("pos_labels", None)
+            if aux is None or aux.numel() == 0 or (weight == 0 and pos_weight == 0) or \
+                    (batch.get("pixel_values") is None and not video):
                 return super().compute_loss(model, batch, num_items_in_batch)
             captured = []  # the vision tower runs for images first, then for videos
             hook = model.model.visual.register_forward_hook(lambda m, i, o: captured.append(o))
             try:
-                loss = super().compute_loss(model, batch, num_items_in_batch)
+                out = model(**batch, num_items_in_batch=num_items_in_batch)
             finally:
                 hook.remove()
-            feats = captured[0]
+            feats = torch.cat(captured) if video else captured[0]
             if feats.shape[0] != aux.shape[0]:
-                raise ValueError(f"{feats.shape[0]} image tokens but {aux.shape[0]} alignment targets")
-            logp = model.lm_head(feats).float().log_softmax(-1)
-            mask = aux >= 0
-            nll = -(logp.gather(1, aux.clamp(min=0)) * mask).sum() / mask.sum().clamp(min=1)
-            return loss + weight * nll
+                raise ValueError(f"{feats.shape[0]} vision tokens but {aux.shape[0]} alignment targets")
+            loss, parts = out.loss, [float(out.loss.detach())]
+            if weight:
+                vision = _nll(model.lm_head(feats), aux)
+                loss, parts = loss + weight * vision, parts + [float(vision.detach())]
+            if pos_weight:
+                ids = batch["input_ids"]
+                cfg = model.config
+                # decoder outputs at image tokens, then at video tokens: the vision tower's order
+                at = out.logits[ids == cfg.image_token_id]
+                if video:
+                    at = torch.cat([at, out.logits[ids == cfg.video_token_id]])
+                position = _nll(at, pos)
+                loss, parts = loss + pos_weight * position, parts + [float(position.detach())]
+            self.loss_parts.append(parts)  # (answers, vision, position) per micro-batch, for the training log
+            if len(self.loss_parts) % 50 == 0:
+                recent = torch.tensor(self.loss_parts[-50:]).mean(0).tolist()
+                print(f"\nlosses over the last 50 batches (answers, vision, position): "
+                      f"{', '.join(f'{v:.3f}' for v in recent)}", flush=True)
+            return loss
 
     return AlignedTrainer
