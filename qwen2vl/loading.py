@@ -88,8 +88,8 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     impl = getattr(config, "attn_implementation", None) or "sdpa"
     torch_dt = resolve_dtype(dtype, config)
     device = resolve_device(device_map)
-    if (dtype == "auto" and torch_dt == torch.float16 and device.type == "cpu"
-            and getattr(config, "quantization_config", None) is not None):
+    qcfg = getattr(config, "quantization_config", None)  # a quantized checkpoint (ours, AWQ, GPTQ)
+    if dtype == "auto" and torch_dt == torch.float16 and device.type == "cpu" and qcfg is not None:
         # The hub's AWQ / GPTQ repos say float16; on a CPU the int4 kernels take bf16 activations and float16
         # matmuls are slow, so "auto" means bfloat16 there (same exponent range as the float32 the scales need).
         logger.info("%s: float16 quantized checkpoint on the CPU: running in bfloat16 (pass dtype='float16' to "
@@ -101,7 +101,7 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     if tp_plan is not None or tp_size is not None:
         from .parallel.tp import load_tensor_parallel
 
-        if quantization is not None or getattr(config, "quantization_config", None) is not None:
+        if quantization is not None or qcfg is not None:
             raise ValueError("quantization is not supported together with tensor parallelism (tp_plan).")
         if device_map not in (None, "auto"):
             raise ValueError("device_map cannot be combined with tp_plan: each rank uses its own device "
@@ -117,7 +117,6 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
 
     with torch.device("meta"):
         model = cls(config)
-    qcfg = getattr(config, "quantization_config", None)
     if qcfg is not None:  # a quantized checkpoint: its layers are built quantized, then read as stored
         if quantization is not None or adapter is not None:
             raise ValueError(f"{model_dir} holds a quantized checkpoint ({qcfg.get('quant_method')!r}); "

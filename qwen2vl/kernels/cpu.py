@@ -4,8 +4,9 @@
 PyTorch's bf16 matmul with 1-8 activation rows reads weights at a fraction of memory bandwidth on CPUs without
 AMX (measured: 3-5 GB/s vs ~20 GB/s on AVX512, ~20 of ~40 GB/s on AVX2), and decoding is nothing but such
 matmuls. The C sources are compiled once with the system C compiler into a per-user cache, as the AVX512 or the
-AVX2 build (`flavour`; cpu_int4.c: the 4-bit GEMV, wrapped in cpu_int4.py), and called through ctypes (no torch headers, ~1 s build). Anything they cannot do (no
-AVX2, no compiler, autograd, odd shapes, > 8 rows) falls back to torch.
+AVX2 build (`flavour`; cpu_int4.c: the 4-bit GEMV, wrapped in cpu_int4.py), and called through ctypes (no torch
+headers, ~1 s build). Anything they cannot do (no AVX2, no compiler, autograd, odd shapes, > 8 rows) falls back to
+torch.
 Set QWEN2VL_DISABLE_KERNELS=1 to always use torch.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ from . import choose
 log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
 # Two builds of the library: AVX512 (the bf16 dot-product kernels need AVX512-BF16 too; `has_avx512bf16`) and
-# AVX2 + FMA (cpu_avx2.c: the decoding kernels only, the same entry points). cpu_rope.c / cpu_layer.c / cpu_int4.c go in both.
+# AVX2 + FMA (cpu_avx2.c: the decoding kernels only, the same entry points). cpu_rope.c / cpu_layer.c / cpu_int4.c
+# go in both.
 _FLAVOURS = {
     "avx512": (["cpu_gemv.c", "cpu_attention.c", "cpu_decode.c"], ["-mavx512f", "-mavx512bw", "-mavx512vl"]),
     "avx2": (["cpu_avx2.c"], ["-mavx2", "-mfma", "-mf16c"]),

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .int4 import Int4WeightOnlyLinear
 from .int8 import Int8WeightOnlyLinear
-from .model import decoder_linears
+from .model import LM_HEAD_FORMATS, decoder_linears
 
 OWN_INT4 = "qwen2vl_int4"
 
@@ -60,7 +60,7 @@ def _prepare_own_int4(model: nn.Module, qcfg: dict, model_dir, dtype: torch.dtyp
     for parent, attr, lin in decoder_linears(model):
         setattr(parent, attr, meta_layer(parent, attr, lin))
     head, lm_head = qcfg.get("lm_head"), getattr(model, "lm_head", None)
-    if head not in (None, False, True, "int8", "int4"):
+    if head is not None and head not in LM_HEAD_FORMATS:
         raise ValueError(f"quantization_config {OWN_INT4}: lm_head={head!r} not supported (false, 'int8', 'int4')")
     if head == "int8" and isinstance(lm_head, nn.Linear):
         model.lm_head = Int8WeightOnlyLinear(lm_head.in_features, lm_head.out_features, lm_head.bias is not None,
