@@ -95,7 +95,7 @@ def test_eviction_under_a_tiny_budget_keeps_answers_exact(model):
     assert stats["prefix_cache_bytes"] <= 60 * per_token and stats["prefix_cache_entries"] <= 2
     for p, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == naive_greedy(model, p, N_OUT)
-    assert set(engine.engine.pool.store.stashed) == set(engine.engine.prefix.entries)  # dropped KV is freed
+    assert set(engine.engine.runner.worker.stashed) == set(engine.engine.prefix.entries)  # dropped KV is freed
 
 
 def test_concurrent_requests_sharing_a_prefix(model):

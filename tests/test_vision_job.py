@@ -89,7 +89,7 @@ def test_streams_keep_decoding_while_a_picture_is_encoded_and_answers_match(mode
     if vision_cache:  # the running rows were not disturbed (once is enough)
         for s in short:
             assert s.seqs[0].output_ids == naive_greedy(model, {"prompt_token_ids": s.prompt_token_ids}, 40)
-    worker = eng.pool.store
+    worker = eng.runner.worker
     assert worker.vision_jobs.work == {}                    # the job's held features are let go
     assert len(worker.vision_cache) == (1 if vision_cache else 0)
 
@@ -111,6 +111,6 @@ def test_abort_during_the_encode_drops_the_job(model):
     eng = engine(model)
     req = eng.add_request(image_prompt([40], 14, grid=(1, 16, 16)), SamplingParams(max_tokens=3))
     eng.step()
-    assert req.vision_pending and eng.pool.store.vision_jobs.work
+    assert req.vision_pending and eng.runner.worker.vision_jobs.work
     eng.abort_request(req.request_id)
-    assert eng.pool.store.vision_jobs.work == {} and eng.pool.reserved == 0
+    assert eng.runner.worker.vision_jobs.work == {} and eng.pool.reserved == 0

@@ -75,7 +75,7 @@ class AsyncEngine:
 
     async def process(self, prompt, media_limits=None):
         """Run prompt processing in the processing pool; returns a `ProcessedPrompt`."""
-        pp = await self.run_in_pool(lambda: self.engine.inputs.process(prompt, media_limits=media_limits))
+        pp = await self.run_in_pool(self.engine.process_prompt, prompt, media_limits)
         await self.run_in_pool(self.engine.encode_media, pp)  # the vision tower runs here, not on the step thread
         return pp
 

@@ -1,13 +1,11 @@
-"""The engine's KV memory: one `KVCache` with one row per concurrently running sequence.
+"""The engine's KV rows: sizing the pool, and the bookkeeping of which row each running sequence holds.
 
-Rows [0, num_active) are in use and kept compacted, so a decode step runs on the zero-copy view
-`cache.rows(0, n)`. Each row holds up to `max_model_len` tokens (prompt + output). The number of rows comes from
-`max_num_seqs`, capped by `kv_cache_memory` bytes when given (under tensor parallelism: bytes per rank).
-
-`KVPool` is the row bookkeeping (allocation, compaction); the physical cache lives in a *store* with
-`reset_rows(rows)`, `move_rows([(src, dst), ...])` and `.cache`: a local `KVCache` wrapper by default, the
-engine's `ModelWorker` (which owns the cache its forwards use), or under tensor parallelism a proxy that
-mirrors every row operation on all ranks (`qwen2vl.engine.runner`).
+The KV memory itself is one `KVCache` owned by the engine's model worker (`runner.ModelWorker`, whose forwards
+write it; under tensor parallelism every rank's worker holds one, each with its share of the kv heads). `KVPool`
+only decides rows: rows [0, num_active) are in use and kept compacted, so a decode step runs on the zero-copy view
+`cache.rows(0, n)`; it asks the worker to clear / copy rows (`reset_rows(rows)`, `move_rows([(src, dst), ...])`).
+Each row holds up to `max_model_len` tokens (prompt + output). The number of rows comes from `max_num_seqs`,
+capped by `kv_cache_memory` bytes when given (under tensor parallelism: bytes per rank, `pool_rows`).
 """
 from __future__ import annotations
 
@@ -33,54 +31,47 @@ def parse_memory(value) -> int | None:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def kv_bytes_per_token(text_config, dtype: torch.dtype) -> int:
-    """K + V bytes per token on this rank (a tensor-parallel rank caches num_key_value_heads / tp_world_size)."""
+def local_kv_heads(model) -> int:
+    """The kv heads one rank's cache holds: all of them, or num_key_value_heads / N for a model sharded over N
+    tensor-parallel ranks (`parallel.tp.parallelize` sets `model.tp_world_size`)."""
+    return model.config.text_config.num_key_value_heads // getattr(model, "tp_world_size", 1)
+
+
+def kv_bytes_per_token(text_config, kv_heads: int, dtype: torch.dtype) -> int:
+    """K + V bytes per token of a cache holding `kv_heads` heads per layer."""
     elem = torch.empty((), dtype=dtype).element_size()
-    kv_heads = text_config.num_key_value_heads // getattr(text_config, "tp_world_size", 1)
     return 2 * text_config.num_hidden_layers * kv_heads * text_config.head_dim * elem
 
 
-class LocalStore:
-    """A `KVCache` in this process, as a pool store."""
-
-    def __init__(self, cache: KVCache):
-        self.cache = cache
-
-    def reset_rows(self, rows: list[int]) -> None:
-        self.cache.reset_rows(rows)
-
-    def move_rows(self, moves: list[tuple[int, int]]) -> None:
-        for src, dst in moves:
-            self.cache.move_row(src, dst)
+def pool_rows(max_num_seqs: int, max_model_len: int, bytes_per_token: int, kv_cache_memory=None) -> int:
+    """How many rows (sequences) the pool holds: `max_num_seqs`, fewer if `kv_cache_memory` (bytes or '2GiB')
+    cannot hold that many rows of `max_model_len` tokens."""
+    if max_num_seqs < 1 or max_model_len < 2:
+        raise ValueError(f"max_num_seqs must be >= 1 and max_model_len >= 2, got {max_num_seqs}, {max_model_len}")
+    budget = parse_memory(kv_cache_memory)
+    if budget is None:
+        return max_num_seqs
+    per_row = bytes_per_token * max_model_len
+    if budget < per_row:
+        raise ValueError(f"kv_cache_memory={budget} bytes cannot hold one sequence of max_model_len="
+                         f"{max_model_len} tokens ({per_row} bytes); raise it or lower max_model_len.")
+    return min(max_num_seqs, budget // per_row)
 
 
 class KVPool:
-    def __init__(self, text_config, *, max_num_seqs: int, max_model_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", kv_cache_memory=None, make_store=None):
-        """`make_store(max_num_seqs, max_model_len)` builds the store once the row count is known (default: a
-        local KVCache on `device`)."""
-        if max_num_seqs < 1 or max_model_len < 2:
-            raise ValueError(f"max_num_seqs must be >= 1 and max_model_len >= 2, got {max_num_seqs}, {max_model_len}")
-        budget = parse_memory(kv_cache_memory)
-        per_row = kv_bytes_per_token(text_config, dtype) * max_model_len
-        if budget is not None:
-            rows = budget // per_row
-            if rows < 1:
-                raise ValueError(f"kv_cache_memory={budget} bytes cannot hold one sequence of max_model_len="
-                                 f"{max_model_len} tokens ({per_row} bytes); raise it or lower max_model_len.")
-            max_num_seqs = min(max_num_seqs, int(rows))
+    def __init__(self, worker, max_num_seqs: int, max_model_len: int, bytes_per_token: int):
+        """`worker`: owns the cache of `max_num_seqs` rows (see the module docstring)."""
+        self.worker = worker
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
-        self.bytes = per_row * max_num_seqs
-        self.store = (make_store(max_num_seqs, max_model_len) if make_store is not None else
-                      LocalStore(KVCache.from_config(text_config, max_num_seqs, max_model_len, dtype, device)))
+        self.bytes = bytes_per_token * max_model_len * max_num_seqs
         self.num_active = 0
         self.reserved = 0  # rows at the top held by a request whose prefill is still running (chunked prefill)
 
     @property
     def cache(self) -> KVCache:
-        """This process's cache (rank 0's under tensor parallelism): read it, change it only through the pool."""
-        return self.store.cache
+        """This process's cache (rank 0's under tensor parallelism): read it, change rows only through the pool."""
+        return self.worker.cache
 
     @property
     def num_free(self) -> int:
@@ -93,12 +84,12 @@ class KVPool:
             raise RuntimeError(f"KV pool has {self.num_free} free rows, {k} requested")
         self.reserved += k
         first = self.max_num_seqs - self.reserved
-        self.store.reset_rows(list(range(first, first + k)))
+        self.worker.reset_rows(list(range(first, first + k)))
         return first
 
     def unreserve(self, first: int, k: int) -> None:
         self.reserved -= k
-        self.store.reset_rows(list(range(first, first + k)))
+        self.worker.reset_rows(list(range(first, first + k)))
 
     def promote(self, first: int, k: int) -> int:
         """The prefilled top row `first` becomes k decode rows at the end of the active range (row copies; the
@@ -111,7 +102,7 @@ class KVPool:
         self.copy_rows([(start, start + i) for i in range(1, k)])
         vacated = [r for r in range(first, first + k) if r >= self.num_active]
         if vacated:
-            self.store.reset_rows(vacated)
+            self.worker.reset_rows(vacated)
         return start
 
     def allocate(self, k: int) -> int:
@@ -120,19 +111,13 @@ class KVPool:
             raise RuntimeError(f"KV pool has {self.num_free} free rows, {k} requested")
         start = self.num_active
         self.num_active += k
-        self.store.reset_rows(list(range(start, start + k)))
+        self.worker.reset_rows(list(range(start, start + k)))
         return start
-
-    def copy_row(self, src: int, dst: int) -> None:
-        self.copy_rows([(src, dst)])
 
     def copy_rows(self, moves: list[tuple[int, int]]) -> None:
         """Copy row src into dst for each (src, dst); src stays valid."""
         if moves:
-            self.store.move_rows(moves)
-
-    def view(self, start: int, end: int) -> KVCache:
-        return self.cache.rows(start, end)
+            self.worker.move_rows(moves)
 
     def release(self, seqs: list, keep: list) -> None:
         """Free the rows of `seqs` and compact: sequences of `keep` (the still-running ones) living past the new
@@ -149,5 +134,5 @@ class KVPool:
             moves.append((s.row, dst))
             s.row = dst
         self.copy_rows(moves)
-        self.store.reset_rows(list(range(new_n, self.num_active)))
+        self.worker.reset_rows(list(range(new_n, self.num_active)))
         self.num_active = new_n

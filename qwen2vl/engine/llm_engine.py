@@ -23,10 +23,10 @@ import torch
 from . import guided
 from ..model.vision_job import make_choices, text_flops_per_token
 from .inputs import InputProcessor, ProcessedPrompt
-from .kv_pool import KVPool, kv_bytes_per_token, parse_memory
+from .kv_pool import KVPool, kv_bytes_per_token, local_kv_heads, parse_memory, pool_rows
 from .lora_adapters import LoraAdapters
 from .model_setup import default_eos_ids
-from .prefix_cache import PrefixCache, token_keys
+from .prefix_cache import PrefixCache, PrefixReuse
 from .runner import ModelRunner, make_worker
 from .sampler import sample
 from .sampling_params import SamplingParams
@@ -59,16 +59,19 @@ class LLMEngine:
         self.tp_runner = tp_runner
         tc = model.config.text_config
         self.max_model_len = int(config.max_model_len or min(tc.max_position_embeddings, 8192))
+        self.vocab_size = tc.vocab_size
         vision_bytes = parse_memory(config.vision_cache_memory) or 0
-        self.pool = KVPool(tc, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                           dtype=model.dtype, device=model.device, kv_cache_memory=config.kv_cache_memory,
-                           make_store=lambda rows, length: make_worker(model, rows, length, tp_runner, vision_bytes))
-        self.runner = ModelRunner(self.pool.store, model)
-        self.prefix = None
+        kv_heads = local_kv_heads(model)  # this rank's share under tensor parallelism
+        per_token = kv_bytes_per_token(tc, kv_heads, model.dtype)
+        rows = pool_rows(config.max_num_seqs, self.max_model_len, per_token, config.kv_cache_memory)
+        worker = make_worker(model, rows, self.max_model_len, kv_heads, tp_runner, vision_bytes)  # owns the cache
+        self.pool = KVPool(worker, rows, self.max_model_len, per_token)  # row bookkeeping
+        self.runner = ModelRunner(worker, model, local=tp_runner is None)
+        self.prefix = None  # the prefix cache's index; self.reuse: it with the worker's KV copies
         if config.enable_prefix_caching:
             budget = parse_memory(config.prefix_cache_memory)
-            self.prefix = PrefixCache(min(1 << 30, self.pool.bytes) if budget is None else budget,
-                                      kv_bytes_per_token(tc, model.dtype))
+            self.prefix = PrefixCache(min(1 << 30, self.pool.bytes) if budget is None else budget, per_token)
+        self.reuse = PrefixReuse(self.prefix, self.runner, model.config)
         if config.max_prefill_tokens_per_step is not None and config.max_prefill_tokens_per_step < 1:
             raise ValueError("max_prefill_tokens_per_step must be >= 1")
         self.token_flops = text_flops_per_token(tc)  # a prompt token's work: sizes a step's vision slice
@@ -85,9 +88,10 @@ class LLMEngine:
         self.loras: LoraAdapters | None = None  # served LoRA adapters (add_lora)
 
     # ------------------------------------------------------------------------------------------ requests
-    def process_prompt(self, prompt) -> ProcessedPrompt:
-        """Tokenize / render / preprocess media (CPU work that can run off the step thread)."""
-        return self.inputs.process(prompt)
+    def process_prompt(self, prompt, media_limits=None) -> ProcessedPrompt:
+        """Tokenize / render / preprocess media (CPU work that can run off the step thread); `media_limits`: see
+        `InputProcessor.process`."""
+        return self.inputs.process(prompt, media_limits=media_limits)
 
     def encode_media(self, pp: ProcessedPrompt) -> None:
         """Encode a processed prompt's pictures/videos into the vision cache now (from a processing thread), so
@@ -101,9 +105,7 @@ class LLMEngine:
                     if grid is not None and self.tp_runner is None:
                         make_choices(self.model.visual, int(grid.prod(-1).sum()))
             return
-        encode = getattr(self.pool.store, "encode_media", None)
-        if encode is not None and self.tp_runner is None and pp.mm.tensors():
-            encode(pp.mm.tensors(), pp.mm.hashes())
+        self.runner.encode_media(pp)
 
     def add_lora(self, name: str, path) -> None:
         """Serve the PEFT LoRA folder `path` as adapter `name` (requests pick it with `lora=name`); read now,
@@ -113,7 +115,7 @@ class LLMEngine:
         if self.loras is None:
             self.loras = LoraAdapters(self.model)
         self.loras.add(name, path)
-        self.pool.store.loras = self.loras
+        self.runner.use_loras(self.loras)
 
     @property
     def lora_names(self) -> list[str]:
@@ -130,8 +132,8 @@ class LLMEngine:
         n_prompt = len(pp.token_ids)
         if n_prompt == 0:
             raise RequestRejected("The prompt is empty.")
-        if any(not 0 <= t < self.runner.vocab for t in pp.token_ids):
-            raise RequestRejected(f"Prompt token ids must be in [0, {self.runner.vocab}).")
+        if any(not 0 <= t < self.vocab_size for t in pp.token_ids):
+            raise RequestRejected(f"Prompt token ids must be in [0, {self.vocab_size}).")
         if params.n > self.pool.max_num_seqs:
             raise RequestRejected(f"n={params.n} is larger than the number of sequences the engine can run at "
                                   f"once (max_num_seqs={self.pool.max_num_seqs}).")
@@ -150,15 +152,7 @@ class LLMEngine:
         req = Request(rid, pp.token_ids, params, mm=pp.mm, prompt=pp.prompt, tokenizer=self.tokenizer,
                       device=self.runner.device, eos_ids=self.eos_ids)
         req.adapter = -1 if lora is None else self.loras.index(lora)
-        if self.prefix is not None:
-            cfg = self.model.config
-            req.keys = token_keys(pp.token_ids, {cfg.image_token_id: pp.mm.image_hashes,
-                                                 cfg.video_token_id: pp.mm.video_hashes},
-                                  cfg.vision_config.spatial_merge_size,
-                                  {cfg.image_token_id: _grid(pp.mm.image_grid_thw),
-                                   cfg.video_token_id: _grid(pp.mm.video_grid_thw)})
-            if lora is not None:  # another adapter's KV differs: tagging the first key keeps every block of
-                req.keys[0] = ("lora", lora, req.keys[0])  # this prompt apart (block hashes are chained)
+        req.keys = self.reuse.keys(pp, lora)
         if grammar is not None:
             for s in req.seqs:
                 s.guide = guided.Guide(self.guide_tokenizer, grammar)
@@ -173,7 +167,7 @@ class LLMEngine:
         if grammar is not None and self.guide_tokenizer is None:
             if self.tokenizer is None:
                 raise RequestRejected("Structured output needs a tokenizer (the engine has none).")
-            self.guide_tokenizer = guided.GuideTokenizer(self.tokenizer, self.runner.vocab, self.eos_ids)
+            self.guide_tokenizer = guided.GuideTokenizer(self.tokenizer, self.vocab_size, self.eos_ids)
         return grammar
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
@@ -250,7 +244,7 @@ class LLMEngine:
                 s.append(t, self.max_model_len)
                 touched[s.request.request_id] = s.request
         done = [s for s in sched.running if s.finished]
-        self._stash_finished(done)
+        self.reuse.stash_finished(done, self.pool.cache.lengths)
         sched.release(done)
         for req in touched.values():
             if req.request_id not in sched.requests:
@@ -277,10 +271,10 @@ class LLMEngine:
                     self.scheduler.requeue(admitted[i:])
                     break
                 n_prompt = len(req.prompt_token_ids)
-                if budget is not None and (self._vision_begin(req) or n_prompt - self._cached_len(req) > budget):
+                if budget is not None and (self._vision_begin(req) or n_prompt - self.reuse.cached_len(req) > budget):
                     req.top_row = self.pool.reserve(req.params.n)
                     self.partial = req
-                    self._restore(req, req.top_row)
+                    self.reuse.restore(req, req.top_row)
                     budget = self._run_chunk(req, budget, outputs, complete)
                     continue
                 row = self.pool.allocate(req.params.n)
@@ -288,7 +282,7 @@ class LLMEngine:
                     s.row = row + i
                 self.scheduler.running.extend(req.seqs)
                 try:
-                    self._restore(req, row)
+                    self.reuse.restore(req, row)
                     if budget is not None:
                         budget -= n_prompt - req.prefilled
                     logits = self.runner.prefill(req, row, req.prefilled)
@@ -301,7 +295,7 @@ class LLMEngine:
         """Plan the vision work of a request about to be prefilled in chunks (pictures not in the vision cache
         with placeholders past its cached prefix); True if there is some: it then runs a slice per step."""
         try:
-            req.vision_pending = self.runner.vision_begin(req, self._cached_len(req))
+            req.vision_pending = self.runner.vision_begin(req, self.reuse.cached_len(req))
         except Exception:  # bad vision inputs: the request fails in its first prefill chunk, as unchunked
             req.vision_pending = False
         return req.vision_pending
@@ -348,57 +342,15 @@ class LLMEngine:
         req.prefilled = len(req.prompt_token_ids)
         if not copied:
             self.pool.copy_rows([(row, row + i) for i in range(1, req.params.n)])
-        self._stash(req.keys, row, len(req.keys))
+        self.reuse.stash(req.keys, row, len(req.keys))
         tokens = sample(logits[None].expand(req.params.n, -1), req.seqs)
         req.first_token_time = time.monotonic()
         for s, t in zip(req.seqs, tokens):
             s.append(t, self.max_model_len)
         complete.append(req)
 
-    # ------------------------------------------------------------------------------------------ prefix cache
-    def _cached_len(self, req: Request) -> int:
-        """How many prompt tokens the prefix cache would give (a look without counting it as a hit)."""
-        if self.prefix is None or not req.keys:
-            return 0
-        return self.prefix.lookup(req.keys, limit=len(req.keys) - 1, count=False)[1]
-
-    def _restore(self, req: Request, row: int) -> None:
-        """Copy the longest cached prefix of the prompt into `row` (at least one token is left to prefill)."""
-        req.prefilled = 0
-        if self.prefix is None or not req.keys:
-            return
-        entry, n = self.prefix.lookup(req.keys, limit=len(req.keys) - 1)
-        if entry is not None:
-            self.pool.store.restore(entry, row, n)
-            req.prefilled = req.num_cached_tokens = n
-
-    def _stash(self, keys: list, row: int, n: int) -> None:
-        if self.prefix is None or n == 0:
-            return
-        entry, dropped = self.prefix.insert(keys[:n])
-        self.pool.store.drop(dropped)
-        if entry is not None:
-            self.pool.store.stash(entry, row, n)
-
-    def _stash_finished(self, seqs) -> None:
-        """Keep the KV of finished answers (prompt + output): the next turn of a chat starts with them."""
-        if self.prefix is None:
-            return
-        for s in seqs:
-            req = s.request
-            if s.index != 0 or s.row is None or not req.keys or s.finish_reason in (None, "abort"):
-                continue
-            n = self.pool.cache.lengths[s.row]
-            self._stash(req.keys + s.output_ids[:n - len(req.keys)], s.row, n)
-
     def stats(self) -> dict:
-        out = {}
-        if self.prefix is not None:
-            out.update(self.prefix.stats())
-        vc = getattr(self.pool.store, "vision_cache", None)
-        if vc is not None:
-            out.update(vc.stats())
-        return out
+        return {**self.reuse.stats(), **self.runner.stats()}
 
     def run_until_done(self) -> list[RequestOutput]:
         finals = []
@@ -406,6 +358,3 @@ class LLMEngine:
             finals += [o for o in self.step() if o.finished]
         return finals
 
-
-def _grid(grid_thw) -> list:
-    return [] if grid_thw is None else grid_thw.tolist()

@@ -141,3 +141,67 @@ class PrefixCache:
         return {"prefix_cache_queries": self.queries, "prefix_cache_hits": self.hits,
                 "prefix_cache_cached_tokens": self.cached_tokens, "prefix_cache_bytes": self.bytes,
                 "prefix_cache_entries": len(self.entries)}
+
+
+class PrefixReuse:
+    """The prefix cache as the engine uses it: the index above (None when prefix caching is off) and the KV copies
+    the model worker(s) hold, reached through the engine's `ModelRunner` (`stash` / `restore` / `drop`)."""
+
+    def __init__(self, index: PrefixCache | None, runner, model_config):
+        self.index, self.runner, self.config = index, runner, model_config
+
+    def keys(self, pp, lora: str | None = None) -> list:
+        """Per-token keys of a `ProcessedPrompt` (none when prefix caching is off)."""
+        if self.index is None:
+            return []
+        cfg, mm = self.config, pp.mm
+        keys = token_keys(pp.token_ids, {cfg.image_token_id: mm.image_hashes, cfg.video_token_id: mm.video_hashes},
+                          cfg.vision_config.spatial_merge_size,
+                          {cfg.image_token_id: _grid(mm.image_grid_thw), cfg.video_token_id: _grid(mm.video_grid_thw)})
+        if lora is not None:  # another adapter's KV differs: tagging the first key keeps every block of
+            keys[0] = ("lora", lora, keys[0])  # this prompt apart (block hashes are chained)
+        return keys
+
+    def cached_len(self, req) -> int:
+        """How many prompt tokens the prefix cache would give (a look without counting it as a hit)."""
+        if self.index is None or not req.keys:
+            return 0
+        return self.index.lookup(req.keys, limit=len(req.keys) - 1, count=False)[1]
+
+    def restore(self, req, row: int) -> None:
+        """Copy the longest cached prefix of the prompt into `row` (at least one token is left to prefill)."""
+        req.prefilled = 0
+        if self.index is None or not req.keys:
+            return
+        entry, n = self.index.lookup(req.keys, limit=len(req.keys) - 1)
+        if entry is not None:
+            self.runner.restore(entry, row, n)
+            req.prefilled = req.num_cached_tokens = n
+
+    def stash(self, keys: list, row: int, n: int) -> None:
+        """Keep the first n tokens' KV of `row` under `keys[:n]`."""
+        if self.index is None or n == 0:
+            return
+        entry, dropped = self.index.insert(keys[:n])
+        self.runner.drop(dropped)
+        if entry is not None:
+            self.runner.stash(entry, row, n)
+
+    def stash_finished(self, seqs, row_lengths: list[int]) -> None:
+        """Keep the KV of finished answers (prompt + output): the next turn of a chat starts with them.
+        `row_lengths`: the cache's tokens per row."""
+        if self.index is None:
+            return
+        for s in seqs:
+            req = s.request
+            if s.index != 0 or s.row is None or not req.keys or s.finish_reason in (None, "abort"):
+                continue
+            n = row_lengths[s.row]
+            self.stash(req.keys + s.output_ids[:n - len(req.keys)], s.row, n)
+
+    def stats(self) -> dict:
+        return {} if self.index is None else self.index.stats()
+
+
+def _grid(grid_thw) -> list:
+    return [] if grid_thw is None else grid_thw.tolist()

@@ -1,17 +1,20 @@
 """Model calls of the engine: prefill one request into its own KV row, decode a batch of rows.
 
-* `ModelWorker(model, max_num_seqs, max_model_len)` owns the model and the engine's `KVCache` and does all
-  torch work: `prefill(token_ids, mm, row) -> logits (V,)`: input_ids (1, S) (+ pixel values, CPU tensors in
+* `ModelWorker(model, max_num_seqs, max_model_len, num_kv_heads)` owns the model and the engine's `KVCache`
+  (`max_num_seqs` rows of `num_kv_heads` heads: this rank's share under tensor parallelism) and does all torch
+  work: `prefill(token_ids, mm, row) -> logits (V,)`: input_ids (1, S) (+ pixel values, CPU tensors in
   `mm`: the vision tower runs once per request) on `cache.rows(row, row + 1)`, the returned rope_deltas stay
   in the cache row; `decode(tokens, n) -> logits (n, V)`: input_ids (n, 1) on the view `cache.rows(0, n)` (no
   attention_mask: each row's own length says which keys are valid, M-RoPE positions come from the row's real
-  length + delta); `reset_rows(rows)` / `move_rows([(src, dst)])` (it is the KV pool's store).
+  length + delta); `reset_rows(rows)` / `move_rows([(src, dst)])` for the KV pool's row bookkeeping.
 * `TPWorker(tp_runner, ...)`: the same interface under tensor parallelism, on rank 0. It creates a
   `ModelWorker` on every rank (`tp_runner.create`) and sends each call to all of them (`tp_runner.call`), so
   every rank runs the same forwards on identical KV caches (each holding its share of the kv heads); results
   come from rank 0's worker. Arguments are token-id lists, row numbers and CPU vision tensors (cheap to send).
-* `ModelRunner(worker, model)`: the engine's view (`prefill(request, row)`, `decode(tokens, n)`).
-All calls come from the engine's single step thread.
+* `ModelRunner(worker)`: the engine's only handle on the worker: it turns requests into the worker's calls, whose
+  arguments are plain (token-id lists, row numbers, adapter indices, CPU tensors) so that a `TPWorker` can send
+  them to every rank, and it holds what the engine reads of the model (device, vocabulary size).
+All calls come from the engine's single step thread (`encode_media`: from a processing thread, local worker only).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 
 from ..model.cache import KVCache
 from ..model.placeholders import PlaceholderRange
+from .kv_pool import local_kv_heads
 from .vision_cache import VisionCache, media_hashes
 from .vision_jobs import VisionJobs
 
@@ -30,11 +34,14 @@ WORKER_NAME = "qwen2vl-engine-worker"
 class ModelWorker:
     """One per rank: the model + the KV cache its forwards write."""
 
-    def __init__(self, model, max_num_seqs: int, max_model_len: int, vision_cache_bytes: int = 0):
+    def __init__(self, model, max_num_seqs: int, max_model_len: int, num_kv_heads: int | None = None,
+                 vision_cache_bytes: int = 0):
+        """`num_kv_heads`: kv heads per layer in this rank's cache (default `kv_pool.local_kv_heads(model)`)."""
         self.model = model
         self.device, self.dtype = model.device, model.dtype
+        kv_heads = local_kv_heads(model) if num_kv_heads is None else num_kv_heads
         self.cache = KVCache.from_config(model.config.text_config, max_num_seqs, max_model_len, model.dtype,
-                                         model.device)
+                                         model.device, num_kv_heads=kv_heads)
         self.vision_cache = VisionCache(vision_cache_bytes)
         self.vision_jobs = VisionJobs(model, self.vision_cache)
         self.stashed: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # prefix-cache entries
@@ -150,11 +157,12 @@ class ModelWorker:
 class TPWorker:
     """Rank 0's handle on the `ModelWorker`s of all tensor-parallel ranks (see the module docstring)."""
 
-    def __init__(self, tp_runner, max_num_seqs: int, max_model_len: int, vision_cache_bytes: int = 0,
-                 name: str = WORKER_NAME):
+    def __init__(self, tp_runner, max_num_seqs: int, max_model_len: int, num_kv_heads: int,
+                 vision_cache_bytes: int = 0, name: str = WORKER_NAME):
         self.tp_runner, self.name = tp_runner, name
         # rank 0's own worker
-        self.local = tp_runner.create(name, ModelWorker, max_num_seqs, max_model_len, vision_cache_bytes)
+        self.local = tp_runner.create(name, ModelWorker, max_num_seqs, max_model_len, num_kv_heads,
+                                      vision_cache_bytes)
         self.cache = self.local.cache
         self.vision_cache = self.local.vision_cache
 
@@ -196,18 +204,23 @@ class TPWorker:
         self._call("move_rows", [tuple(m) for m in moves])
 
 
-def make_worker(model, max_num_seqs: int, max_model_len: int, tp_runner=None, vision_cache_bytes: int = 0):
+def make_worker(model, max_num_seqs: int, max_model_len: int, num_kv_heads: int, tp_runner=None,
+                vision_cache_bytes: int = 0):
     """A local `ModelWorker`, or a `TPWorker` when a tensor-parallel runner (`qwen2vl.parallel.TPRunner`) is given."""
     if tp_runner is None:
-        return ModelWorker(model, max_num_seqs, max_model_len, vision_cache_bytes)
-    return TPWorker(tp_runner, max_num_seqs, max_model_len, vision_cache_bytes)
+        return ModelWorker(model, max_num_seqs, max_model_len, num_kv_heads, vision_cache_bytes)
+    return TPWorker(tp_runner, max_num_seqs, max_model_len, num_kv_heads, vision_cache_bytes)
 
 
 class ModelRunner:
-    def __init__(self, worker, model):
+    """The engine's handle on its worker (see the module docstring)."""
+
+    def __init__(self, worker, model, local: bool):
+        """`local`: the worker runs in this process only (no tensor parallelism): the vision tower may then run
+        off the step thread, and LoRA adapters may be served."""
         self.worker = worker
+        self.local = local
         self.device = model.device
-        self.dtype = model.dtype
         self.vocab = model.config.text_config.vocab_size
 
     def prefill(self, request, row: int, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -221,6 +234,17 @@ class ModelRunner:
             return self.worker.decode(tokens, n, adapters)
         return self.worker.decode(tokens, n)
 
+    def encode_media(self, pp) -> None:
+        """Run the vision tower for a processed prompt's pictures into the vision cache (local worker only: under
+        tensor parallelism every rank encodes during the mirrored prefill)."""
+        if self.local and pp.mm.tensors():
+            self.worker.encode_media(pp.mm.tensors(), pp.mm.hashes())
+
+    def use_loras(self, loras) -> None:
+        """Serve `loras` (a `LoraAdapters`) in the local worker's forwards."""
+        self.worker.loras = loras
+
+    # vision work of a prompt prefilled in chunks
     def vision_begin(self, request, start: int) -> bool:
         """Plan the vision work of `request`'s prompt from token `start` on; False if there is none to do."""
         if not request.mm.tensors():
@@ -233,3 +257,16 @@ class ModelRunner:
 
     def vision_end(self, request) -> None:
         self.worker.vision_end(request.request_id)
+
+    # prefix-cache entries (the KV copies the worker holds; the index is the engine's PrefixCache)
+    def stash(self, entry_id: int, row: int, n: int) -> None:
+        self.worker.stash(entry_id, row, n)
+
+    def restore(self, entry_id: int, row: int, n: int) -> None:
+        self.worker.restore(entry_id, row, n)
+
+    def drop(self, entry_ids: list[int]) -> None:
+        self.worker.drop(entry_ids)
+
+    def stats(self) -> dict:
+        return self.worker.vision_cache.stats()

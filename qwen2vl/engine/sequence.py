@@ -59,15 +59,6 @@ class MultiModalInputs:
         return {name: getattr(self, name) for name in ("pixel_values", "image_grid_thw", "pixel_values_videos",
                                                        "video_grid_thw") if getattr(self, name) is not None}
 
-    def as_kwargs(self, device, dtype) -> dict:
-        out = {}
-        for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-            t = getattr(self, name)
-            if t is not None:
-                t = t.to(device)
-                out[name] = t.to(dtype) if t.is_floating_point() else t
-        return out
-
 
 class Sequence:
     """One completion being generated. `row` is its KV-cache row while running (None otherwise)."""

@@ -61,10 +61,6 @@ class TPGroup:
         self._threads_before = torch.get_num_threads()
         self.runner: TPRunner | None = None
 
-    @property
-    def alive(self) -> bool:
-        return self.runner is not None and all(p.is_alive() for p in self.procs)
-
     def shutdown(self, timeout: float = 30.0) -> None:
         broken = any(p.exitcode is not None for p in self.procs)   # a worker died: collectives would fail/hang
         if self.runner is not None:

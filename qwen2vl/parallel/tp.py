@@ -45,10 +45,6 @@ class TPContext:
     group: object                 # data-plane group (the default group)
     control_group: object         # gloo group for pickled commands / RNG state (CPU)
 
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
 
 _CTX: TPContext | None = None
 

@@ -121,7 +121,7 @@ class ChatHandler:
             v = getattr(req, name)
             if v is not None:
                 d[name] = v
-        vocab = self.engine.engine.runner.vocab
+        vocab = self.engine.engine.vocab_size
         bad = [t for t in req.stop_token_ids or () if not 0 <= t < vocab]
         if bad:
             raise P.bad_request(f"stop_token_ids must be token ids in [0, {vocab}), got {bad[0]}.", "stop_token_ids")
@@ -138,13 +138,11 @@ class ChatHandler:
         except (ValueError, TypeError) as e:
             raise P.bad_request(str(e)) from None
 
-    def _process(self, req, conv, items, rid):  # processing thread
+    def _load_media(self, req, conv, items):  # processing thread
+        """Media loaded under the token budget, tools rendered: the conversation to process, and its limits."""
         eng = self.engine.engine
         limits = load_media(conv, items, self.settings.media, eng.inputs.processor, eng.max_model_len)
-        conv = tools.render(req, conv)  # tool definitions, calls and results in Qwen's Hermes format
-        pp = eng.inputs.process({"messages": conv}, media_limits=limits)
-        eng.encode_media(pp)  # the vision tower runs here, off the step thread: running streams keep going
-        return pp
+        return tools.render(req, conv), limits  # tool definitions, calls and results in Qwen's Hermes format
 
     async def _prepare(self, req: P.ChatCompletionRequest, rid: str):
         """Admitted request → ProcessedPrompt (fetching, then preprocessing on the processing threads)."""
@@ -154,7 +152,9 @@ class ChatHandler:
             await fetch_remote(items, self.settings.media, self.fetcher)
         with self.stages.stage("preprocessing"):
             try:
-                return await self.engine.run_in_pool(self._process, req, conv, items, rid)
+                conv, limits = await self.engine.run_in_pool(self._load_media, req, conv, items)
+                # processing, then the vision tower, off the step thread: running streams keep going
+                return await self.engine.process({"messages": conv}, media_limits=limits)
             except P.APIError:
                 raise
             except (ValueError, TypeError, OSError) as e:  # media / processor validation (MediaError: ValueError)
