@@ -111,7 +111,7 @@ def test_bad_adapters_are_clear_errors(model_dir, adapters, tmp_path):
 
 
 def test_server_selects_adapters_by_model_name(model_dir, adapters, want):
-    from qwen2vl.engine.llm import load_processor
+    from qwen2vl.engine.model_setup import load_processor
 
     msgs = [{"role": "user", "content": "Say something."}]
     srv, eng = start(model_dir, "--lora-modules", f"alpha={adapters['alpha']}",

@@ -14,20 +14,11 @@ import os
 import weakref
 from typing import Any, Sequence
 
-import torch
-
 from .inputs import _is_conversation
 from .llm_engine import EngineConfig, LLMEngine
-from .model_setup import load_model
+from .model_setup import load_model, load_processor, start_tp
 from .sampling_params import SamplingParams
 from .sequence import RequestOutput
-
-
-def load_processor(model_or_path):
-    from ..loading import resolve_name
-    from ..processing.processor import Qwen2VLProcessor
-
-    return Qwen2VLProcessor.from_pretrained(resolve_name(model_or_path))
 
 
 class LLM:
@@ -127,24 +118,3 @@ class LLM:
         convs = [messages] if _is_conversation(messages) else list(messages)
         return self.generate([{"messages": c} for c in convs], sampling_params, use_tqdm=use_tqdm)
 
-
-def start_tp(model, tp_size: int, *, dtype=None, device=None, attn_implementation=None, num_threads=None):
-    """Start `tp_size` tensor-parallel ranks for the checkpoint `model` (a path / hub id / 'qwen2vl-demo');
-    returns the `qwen2vl.parallel.TPGroup` (this process is rank 0)."""
-    from ..parallel import start_tensor_parallel
-
-    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
-        raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp_size!r}")
-    if not isinstance(model, (str, os.PathLike)):
-        raise ValueError("tensor_parallel_size > 1 needs the model as a path / hub id (every rank loads its own "
-                         "shards), not a loaded model instance.")
-    kind = None if device is None else str(device).split(":")[0]
-    if kind not in (None, "cpu", "cuda"):
-        raise ValueError(f"tensor parallelism runs on the CPU (gloo) or CUDA (NCCL), not device={device!r}")
-    if num_threads is None and (kind == "cpu" or (kind is None and not torch.cuda.is_available())):
-        num_threads = max(1, torch.get_num_threads() // tp_size)   # the ranks share this machine's cores
-    load = {"dtype": dtype or "auto"}
-    if attn_implementation:
-        load["attn_implementation"] = attn_implementation
-    return start_tensor_parallel(model, tp_size, num_threads=num_threads,
-                                 backend={"cpu": "gloo", "cuda": "nccl"}.get(kind), **load)

@@ -12,6 +12,7 @@ import threading
 
 from ..engine import AsyncEngine, EngineConfig, LLMEngine
 from ..engine.lora_adapters import parse_lora_modules
+from ..engine.model_setup import load_model, load_processor, start_tp
 from .app import ServerSettings, create_app
 from .fetch import FetchPolicy
 from .guards import default_allowed_hosts
@@ -131,9 +132,6 @@ def build_engine(args, model=None, processor=None, tp_runner=None) -> AsyncEngin
     """Load the model + processor named by `args.model` (unless given) and wrap them in an `AsyncEngine`.
     With `tp_runner` (rank 0 of a `qwen2vl.parallel` group) the engine runs on its model, every model call
     mirrored on all ranks."""
-    from ..engine.llm import load_processor
-    from ..engine.model_setup import load_model
-
     if tp_runner is not None:
         model = tp_runner.model
     model = model if model is not None else load_model(args.model, dtype=args.dtype, device=args.device,
@@ -222,8 +220,6 @@ def run(args) -> int:
         return _serve(args, engine)
     if args.quantization is not None:
         raise SystemExit("--quantization is not supported with --tensor-parallel-size > 1")
-    from ..engine.llm import start_tp
-
     logger.info("starting %d tensor-parallel ranks for %s", tp, args.model)
     try:
         group = start_tp(args.model, tp, dtype=args.dtype, device=args.device,
