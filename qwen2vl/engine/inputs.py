@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..vision_inputs import check_media, check_placeholders
 from .sequence import MultiModalInputs, RequestRejected
 from .vision_cache import media_hashes
 
@@ -44,7 +45,9 @@ class InputProcessor:
         self.tokenizer = getattr(processor, "tokenizer", processor) if processor is not None else None
         self.image_token_id = model_config.image_token_id
         self.video_token_id = model_config.video_token_id
-        self.merge = model_config.vision_config.spatial_merge_size
+        vc = model_config.vision_config
+        self.merge = vc.spatial_merge_size
+        self.row_width = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2  # values per patch row
 
     def _need_processor(self, what: str):
         if self.processor is None:
@@ -96,17 +99,12 @@ class InputProcessor:
         return pp
 
     def check(self, pp: ProcessedPrompt) -> None:
-        """Placeholder tokens must match the vision inputs (else the model would fail mid-batch)."""
-        for name, tok, grid, values in (("image", self.image_token_id, pp.mm.image_grid_thw, pp.mm.pixel_values),
-                                        ("video", self.video_token_id, pp.mm.video_grid_thw,
-                                         pp.mm.pixel_values_videos)):
-            n_tok = sum(1 for t in pp.token_ids if t == tok)
-            n_feat = 0 if grid is None else int(grid.prod(-1).sum()) // self.merge ** 2
-            if (grid is None) != (values is None):
-                raise RequestRejected(f"{name} pixel values and grid_thw must be given together.")
-            if grid is not None and int(grid.prod(-1).sum()) != values.shape[0]:
-                raise RequestRejected(f"{name} pixel values have {values.shape[0]} patches but grid_thw "
-                                      f"says {int(grid.prod(-1).sum())}.")
-            if n_tok != n_feat:
-                raise RequestRejected(f"The prompt has {n_tok} {name} placeholder tokens but the {name} inputs "
-                                      f"give {n_feat} features.")
+        """Pixels must match their grids, and placeholder tokens the grids (else the model would fail mid-batch)."""
+        mm = pp.mm
+        for kind, tok, grid, values in (("image", self.image_token_id, mm.image_grid_thw, mm.pixel_values),
+                                        ("video", self.video_token_id, mm.video_grid_thw, mm.pixel_values_videos)):
+            try:
+                check_media(kind, values, grid, self.merge, self.row_width)
+                check_placeholders(kind, sum(1 for t in pp.token_ids if t == tok), grid, self.merge)
+            except ValueError as e:
+                raise RequestRejected(str(e)) from None
