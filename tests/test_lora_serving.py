@@ -103,7 +103,7 @@ def test_bad_adapters_are_clear_errors(model_dir, adapters, tmp_path):
     from qwen2vl.server import build_engine
     with pytest.raises(ValueError, match=r"--lora-modules bad=.*no adapter_config.json"):
         build_engine(parse(model_dir, "--lora-modules", f"bad={tmp_path / 'missing'}"))
-    from qwen2vl.server.launch import main
+    from qwen2vl.server.startup import main
     with pytest.raises(SystemExit, match=r"--lora-modules v=.*decoder's linears only"):  # `qwen2vl serve` stops
         main(["--model", str(model_dir), "--lora-modules", f"v={vision}", "--port", "0"])
     with pytest.raises(SystemExit, match="expected name=path"):

@@ -146,7 +146,7 @@ def test_int4_quality_on_the_demo_model(demo):
 def test_llm_and_cli_take_int4(capsys):
     from qwen2vl.cli import main
     from qwen2vl.engine import LLM, SamplingParams
-    from qwen2vl.server.launch import add_arguments
+    from qwen2vl.server.startup import add_arguments
 
     llm = LLM(DEMO, quantization="int4", dtype="bfloat16")
     assert isinstance(llm.model.model.language_model.layers[0].mlp.up_proj, Int4WeightOnlyLinear)

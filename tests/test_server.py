@@ -104,7 +104,7 @@ def test_generation_config_defaults():
     from types import SimpleNamespace
 
     from qwen2vl.generation.config import GenerationConfig
-    from qwen2vl.server.launch import default_sampling
+    from qwen2vl.server.startup import default_sampling
 
     hub = GenerationConfig(do_sample=True, temperature=0.01, top_p=0.001, top_k=1, repetition_penalty=1.0)
     assert default_sampling(SimpleNamespace(generation_config=hub)) == {
@@ -157,7 +157,7 @@ def test_video_and_remote_media(setup, tmp_path):
     import av
     import numpy as np
 
-    from qwen2vl.server.media import MediaPolicy, to_conversation
+    from qwen2vl.server.media_policy import MediaPolicy, to_conversation
     from qwen2vl.server.protocol import APIError, ChatCompletionRequest
 
     path = tmp_path / "clip.mp4"

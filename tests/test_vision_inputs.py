@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qwen2vl.engine.inputs import InputProcessor
+from qwen2vl.engine.prompts import InputProcessor
 from qwen2vl.engine.sequence import RequestRejected
 from qwen2vl.vision_inputs import check_media, check_placeholders, placeholder_count
 

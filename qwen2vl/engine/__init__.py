@@ -1,6 +1,6 @@
 """Continuous-batching inference engine (KV pool, scheduler, runner), offline `LLM` and `AsyncEngine`."""
 from .async_engine import AsyncEngine
-from .inputs import ProcessedPrompt
+from .prompts import ProcessedPrompt
 from .llm import LLM
 from .llm_engine import EngineConfig, LLMEngine
 from .sampling_params import SamplingParams

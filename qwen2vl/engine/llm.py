@@ -1,7 +1,7 @@
 """Offline batch inference: `LLM(model).generate(prompts, SamplingParams(...)) -> list[RequestOutput]`.
 
 Prompts are conversations (lists of messages, images/videos in content blocks), strings (raw prompts),
-or dicts (see `qwen2vl.engine.inputs`). All requests go through the continuous-batching engine; outputs come
+or dicts (see `qwen2vl.engine.prompts`). All requests go through the continuous-batching engine; outputs come
 back in input order.
 
 `LLM(path, tensor_parallel_size=N)`: this process becomes rank 0 of N tensor-parallel ranks (N-1 spawned
@@ -14,7 +14,7 @@ import os
 import weakref
 from typing import Any, Sequence
 
-from .inputs import _is_conversation
+from .prompts import _is_conversation
 from .llm_engine import EngineConfig, LLMEngine
 from .model_setup import load_model, load_processor, start_tp
 from .sampling_params import SamplingParams

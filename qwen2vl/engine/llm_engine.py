@@ -22,7 +22,7 @@ import torch
 
 from . import guided
 from ..model.vision_job import make_choices, text_flops_per_token
-from .inputs import InputProcessor, ProcessedPrompt
+from .prompts import InputProcessor, ProcessedPrompt
 from .kv_pool import KVPool, kv_bytes_per_token, local_kv_heads, parse_memory, pool_rows
 from .lora_adapters import LoraAdapters
 from .model_setup import default_eos_ids

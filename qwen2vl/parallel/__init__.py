@@ -2,8 +2,8 @@
 `tp.parallelize`, and the rank launcher / rank-0 driver in `launch`."""
 from __future__ import annotations
 
-from .launch import TPRunner, launch, tp_main, worker_loop
-from .serving import TPGroup, serve_tensor_parallel, start_tensor_parallel
+from .tp_runner import TPRunner, launch, tp_main, worker_loop
+from .group import TPGroup, serve_tensor_parallel, start_tensor_parallel
 from .tp import (TPContext, check_tp_sizes, get_context, init_distributed, load_tensor_parallel, parallelize,
                  sync_rng_state, text_parameter_count)
 

@@ -25,10 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import AsyncEngine
 from .fetch import MediaFetcher
 from .guards import Guard, Lifecycle, Stages, read_json
-from .media import MediaPolicy
+from .media_policy import MediaPolicy
 from .metrics import Metrics
 from .protocol import APIError, error_body, now
-from .serving import ChatHandler, internal_error
+from .chat_completions import ChatHandler, internal_error
 from .web_ui import mount_web_ui
 
 logger = logging.getLogger("qwen2vl.server")

@@ -285,4 +285,4 @@ def tp_main(model_path, serve, **load_kwargs):
 
 
 # `serve_tensor_parallel` / `start_tensor_parallel` / `TPGroup` live in .serving (re-exported here).
-from .serving import TPGroup, serve_tensor_parallel, start_tensor_parallel  # noqa: E402,F401
+from .group import TPGroup, serve_tensor_parallel, start_tensor_parallel  # noqa: E402,F401

@@ -15,7 +15,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from .launch import TPRunner, _load, _set_env, worker_loop
+from .tp_runner import TPRunner, _load, _set_env, worker_loop
 from .tp import free_port
 
 

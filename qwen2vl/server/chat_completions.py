@@ -29,7 +29,7 @@ from ..engine import AsyncEngine, SamplingParams
 from ..processing.media import MediaError
 from ..engine.sequence import EngineDead, EngineError, QueueFull, RequestRejected
 from . import protocol as P
-from .media import fetch_remote, load_media, plan_media
+from .media_policy import fetch_remote, load_media, plan_media
 from .metrics import RequestClock
 from .logprobs import openai_logprobs
 from . import tools

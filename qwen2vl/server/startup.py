@@ -17,7 +17,7 @@ from .app import ServerSettings, create_app
 from .fetch import FetchPolicy
 from .guards import default_allowed_hosts
 from . import media_defaults
-from .media import MediaPolicy
+from .media_policy import MediaPolicy
 
 logger = logging.getLogger("qwen2vl.server")
 
