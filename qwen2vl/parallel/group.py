@@ -1,4 +1,5 @@
-"""Rank 0 = this process, N-1 spawned workers: `start_tensor_parallel` / `TPGroup` and `serve_tensor_parallel`.
+"""Tensor-parallel groups whose rank 0 is this process: `start_tensor_parallel` / `TPGroup`, `serve_tensor_parallel`
+(N-1 spawned workers), and `tp_main` (every rank started by torchrun).
 
 Workers (`_serve_worker`) load their shards and run `worker_loop` until rank 0's runner sends stop; they ignore
 SIGINT (Ctrl-C reaches the whole process group, rank 0 decides) and exit by themselves when rank 0's process
@@ -8,15 +9,29 @@ environment and torch thread count; after a worker died it skips the collectives
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import traceback
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from .tp_runner import TPRunner, _load, _set_env, worker_loop
-from .tp import free_port
+from ..checkpoint import resolve_model_dir
+from ..configuration import Qwen2VLConfig
+from ..loading import resolve_name
+from ..model import Qwen2VLForConditionalGeneration
+from .spawn import set_rank_env
+from .tp import check_tp_sizes, free_port
+from .tp_runner import TPRunner, worker_loop
+
+
+def load_rank_model(model_path, load_kwargs: dict, tp_size: int | None):
+    """This rank's shards of the checkpoint (`from_pretrained(model_path, tp_plan="auto", **load_kwargs)`)."""
+    kwargs = dict(load_kwargs or {})
+    kwargs.setdefault("tp_plan", "auto")
+    return Qwen2VLForConditionalGeneration.from_pretrained(model_path, tp_size=tp_size, **kwargs)
 
 
 def _watch_parent(parent_pid: int, interval: float = 1.0) -> None:
@@ -31,18 +46,16 @@ def _watch_parent(parent_pid: int, interval: float = 1.0) -> None:
 
 
 def _serve_worker(rank, world, port, num_threads, model_path, load_kwargs, backend=None, parent_pid=None):
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # rank 0 decides when workers stop (Ctrl-C hits the group)
     if parent_pid is not None:
         _watch_parent(parent_pid)
-    _set_env(rank, world, port)
+    set_rank_env(rank, world, port)
     if backend:
         os.environ["QWEN2VL_TP_BACKEND"] = backend
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        worker_loop(_load(model_path, load_kwargs, world))
+        worker_loop(load_rank_model(model_path, load_kwargs, world))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -102,15 +115,8 @@ def start_tensor_parallel(model_path, tp_size: int, *, num_threads: int | None =
     everywhere (`from_pretrained(model_path, tp_plan="auto", **load_kwargs)`) and return the `TPGroup`; call
     `group.shutdown()` when done. `backend`: gloo | nccl (default: nccl with CUDA, else gloo; on CUDA rank r
     uses cuda:r). `num_threads`: torch threads per rank (rank 0 included)."""
-    import torch.multiprocessing as mp
-
     if dist.is_initialized():
         raise RuntimeError("this process already belongs to a torch.distributed process group")
-    from ..configuration import Qwen2VLConfig
-    from ..loading import resolve_name
-    from ..checkpoint import resolve_model_dir
-    from .tp import check_tp_sizes
-
     check_tp_sizes(Qwen2VLConfig.from_pretrained(resolve_model_dir(resolve_name(model_path))).text_config,
                    tp_size)      # before any process is started
     port = master_port or free_port()
@@ -123,12 +129,12 @@ def start_tensor_parallel(model_path, tp_size: int, *, num_threads: int | None =
         p.start()
     group = TPGroup(procs, env_before)
     try:
-        _set_env(0, tp_size, port)
+        set_rank_env(0, tp_size, port)
         if backend:
             os.environ["QWEN2VL_TP_BACKEND"] = backend
         if num_threads:
             torch.set_num_threads(num_threads)
-        group.runner = TPRunner(_load(model_path, load_kwargs, tp_size))
+        group.runner = TPRunner(load_rank_model(model_path, load_kwargs, tp_size))
     except BaseException:
         group.shutdown(timeout=5)
         raise
@@ -146,3 +152,17 @@ def serve_tensor_parallel(model_path, tp_size: int, serve, *, num_threads: int |
         return serve(group.runner)
     finally:
         group.shutdown()
+
+
+def tp_main(model_path, serve, **load_kwargs):
+    """Under torchrun (`torchrun --nproc-per-node N app.py`): load on every rank; rank 0 returns `serve(runner)`,
+    the other ranks run the worker loop and return None when rank 0 shuts the runner down."""
+    model = load_rank_model(model_path, load_kwargs, None)
+    if model.tp_context.rank != 0:
+        worker_loop(model)
+        return None
+    runner = TPRunner(model)
+    try:
+        return serve(runner)
+    finally:
+        runner.shutdown()

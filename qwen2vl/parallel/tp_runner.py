@@ -1,20 +1,10 @@
-"""Running tensor-parallel ranks: spawning them, and driving them from rank 0 (serving).
+"""Driving tensor-parallel ranks from rank 0: `TPRunner` and its counterpart on the other ranks, `worker_loop`.
 
 Under tensor parallelism every rank must run exactly the same model calls in the same order (each forward
 contains collectives). For serving, rank 0 owns the HTTP server and the other ranks sit in `worker_loop`:
 rank 0 calls the model only through a `TPRunner`, which first broadcasts the call (pickled, on a gloo control
-group) and then runs it locally; each worker runs the same call on its own shards and objects.
-
-* `launch(fn, tp_size, args)`: spawn `tp_size` processes (torch.multiprocessing, spawn) with torchrun's env
-  (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) running `fn(*args)`; returns rank 0's result.
-* `serve_tensor_parallel(model_path, tp_size, serve, **load_kwargs)` (in `.serving`, re-exported): this
-  process becomes rank 0, tp_size-1 workers are spawned; loads the model everywhere and returns
-  `serve(runner)` (called on rank 0 only).
-* `start_tensor_parallel(model_path, tp_size, **load_kwargs) -> TPGroup` (`.serving`): the same without the
-  callback (`group.runner`, `group.shutdown()`), for long-lived owners such as `LLM(..., tensor_parallel_size=N)`
-  and `qwen2vl serve --tensor-parallel-size N`. Workers ignore SIGINT and exit if rank 0's process disappears.
-* `tp_main(model_path, serve, **load_kwargs)`: the same under torchrun (`torchrun --nproc-per-node N app.py`):
-  rank 0 calls `serve(runner)`, the other ranks run the worker loop.
+group) and then runs it locally; each worker runs the same call on its own shards and objects. The ranks are
+started by `spawn.launch`, `group.start_tensor_parallel` / `serve_tensor_parallel`, or torchrun (`group.tp_main`).
 
 `TPRunner` API (rank 0): `runner.model`, `runner(**forward_kwargs)`, `runner.generate(*a, **kw)`,
 `runner.run(fn, *a, **kw)` (fn(model, *a, **kw) on every rank; fn must be importable: a module-level
@@ -25,92 +15,14 @@ worker puts a tensor that was on CUDA on rank 0 onto its own device. Return valu
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
-import time
 import traceback
 
 import torch
 import torch.distributed as dist
 
-from .tp import free_port, get_context
-
-
-# ----------------------------------------------------------------------------------------------- spawning
-def _set_env(rank: int, world: int, port: int, local_rank: int | None = None) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank if local_rank is None
-                                                                            else local_rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def _entry(rank, world, port, num_threads, fn, args, queue):
-    _set_env(rank, world, port)
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    ok = False
-    try:
-        result = fn(*args)
-        if rank == 0:
-            queue.put((True, result))
-        ok = True
-    except BaseException:
-        tb = traceback.format_exc()
-        sys.stderr.write(tb)
-        if rank == 0:
-            queue.put((False, tb))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    # Leave without interpreter teardown: destroying gloo's / torch's background threads there occasionally
-    # aborts the process ("terminate called without an active exception") after all the work is done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0 if ok else 1)
-
-
-def launch(fn, tp_size: int, args: tuple = (), *, master_port: int | None = None, num_threads: int | None = None,
-           timeout: float | None = None):
-    """Run `fn(*args)` in `tp_size` spawned processes (ranks 0..N-1) and return rank 0's result.
-    `fn` must be importable by the children (a module-level function). A failing rank stops the others and
-    raises RuntimeError (with rank 0's traceback when it is the one that failed)."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = master_port or free_port()
-    procs = [ctx.Process(target=_entry, args=(r, tp_size, port, num_threads, fn, args, queue), daemon=False)
-             for r in range(tp_size)]
-    for p in procs:
-        p.start()
-    result, start = None, time.monotonic()
-    try:
-        while True:
-            if not queue.empty() and result is None:
-                result = queue.get()
-            codes = [p.exitcode for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                if result is None and not queue.empty():
-                    result = queue.get()
-                detail = f"\n{result[1]}" if result is not None and not result[0] else ""
-                raise RuntimeError(f"tensor-parallel rank(s) failed (rank, exit code): {failed}{detail}")
-            if all(c == 0 for c in codes):
-                break
-            if timeout is not None and time.monotonic() - start > timeout:
-                raise TimeoutError(f"tensor-parallel ranks still running after {timeout}s")
-            time.sleep(0.05)
-        if result is None and not queue.empty():
-            result = queue.get()
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(5)
-    if result is None:
-        raise RuntimeError("rank 0 finished without returning a result")
-    return result[1]
+from .tp import get_context
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -259,30 +171,3 @@ def worker_loop(model) -> None:
         except Exception:
             print(f"[qwen2vl tp rank {ctx.rank}] command {cmd[0]} failed:\n{traceback.format_exc()}",
                   file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------- serving
-def _load(model_path, load_kwargs: dict, tp_size: int | None):
-    from ..model import Qwen2VLForConditionalGeneration
-
-    kwargs = dict(load_kwargs or {})
-    kwargs.setdefault("tp_plan", "auto")
-    return Qwen2VLForConditionalGeneration.from_pretrained(model_path, tp_size=tp_size, **kwargs)
-
-
-def tp_main(model_path, serve, **load_kwargs):
-    """Under torchrun: load on every rank; rank 0 returns `serve(runner)`, other ranks return None when rank 0
-    shuts the runner down."""
-    model = _load(model_path, load_kwargs, None)
-    if model.tp_context.rank != 0:
-        worker_loop(model)
-        return None
-    runner = TPRunner(model)
-    try:
-        return serve(runner)
-    finally:
-        runner.shutdown()
-
-
-# `serve_tensor_parallel` / `start_tensor_parallel` / `TPGroup` live in .serving (re-exported here).
-from .group import TPGroup, serve_tensor_parallel, start_tensor_parallel  # noqa: E402,F401
