@@ -1,4 +1,5 @@
-"""Checkpoint I/O: hub resolution, key layouts, safetensors loading into meta-built models, sharded saving.
+"""Checkpoint I/O: key layouts, safetensors loading into meta-built models, sharded saving (where the files are:
+`model_files`).
 
 Key layouts (REFERENCE §4.4):
 * hub / legacy (what official repos and transformers' ``save_pretrained`` contain):
@@ -21,63 +22,17 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .configuration import hub_offline
+from .model_files import (SHARD_RE, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, checkpoint_files,  # noqa: F401 (re-exported)
+                          resolve_model_dir)
 from .own_memory import to_own_memory
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PATCH_EMBED_SUFFIX = "patch_embed.proj.weight"  # also the bare vision model's name
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _PROGRESS_MIN_BYTES = 256 * 2 ** 20
 
 
 class LoadResult(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
-
-
-# ----------------------------------------------------------------------------------------------- hub resolution
-def resolve_model_dir(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local directory, or a hub repo id downloaded (config/json/safetensors/tokenizer files only)."""
-    p = Path(path_or_hub_id).expanduser()
-    if p.is_dir():
-        return p
-    name = str(path_or_hub_id)
-    if p.exists():
-        raise ValueError(f"{name!r} is a file; expected a model directory or a hub repo id")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ValueError(f"model directory {name!r} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
-                                      local_files_only=hub_offline()))
-    except Exception as e:  # offline, unknown repo, network error, ...
-        raise ValueError(
-            f"could not resolve model {name!r}: not a local directory and the Hugging Face Hub could not provide it "
-            f"({type(e).__name__}: {e}). If you are offline (HF_HUB_OFFLINE="
-            f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}), download the model first or pass a local directory."
-        ) from None
-
-
-def checkpoint_files(model_dir: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a model directory (single file or the shards named by the index)."""
-    d = Path(model_dir)
-    index = d / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})") from None
-        files = [d / f for f in dict.fromkeys(weight_map.values())]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise ValueError(f"{index} names shard files that do not exist in {d}: {absent}")
-        return files
-    if (d / WEIGHTS_NAME).is_file():
-        return [d / WEIGHTS_NAME]
-    found = sorted(f.name for f in d.iterdir()) if d.is_dir() else []
-    raise ValueError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {d} (found: {found[:20]})")
 
 
 # ----------------------------------------------------------------------------------------------- key mapping
@@ -414,7 +369,7 @@ def save_checkpoint(model: nn.Module, save_dir: str | os.PathLike, max_shard_siz
         shards[-1].append(key)
         size += nbytes
     for f in out_dir.iterdir():
-        if f.name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_RE.match(f.name):
+        if f.name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or SHARD_RE.match(f.name):
             f.unlink()
     n = len(shards)
     names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

@@ -31,6 +31,9 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from .checkpoint import checkpoint_files, checkpoint_to_model_key, model_kind
+from .quantization import Int4WeightOnlyLinear
+from .quantization.model import text_model
+from .quantization.serialization import LOADERS, OWN_INT4
 
 SUPPORTED = ("awq (version 'gemm', bits 4, zero_point true) and gptq (bits 4; checkpoint_format 'gptq' with "
              "sym true, or 'gptq_v2'; desc_act true or false; pack_dtype int32)")
@@ -150,8 +153,6 @@ class PackedInt4Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
 
     def to_int4(self, dtype: torch.dtype) -> nn.Module:
-        from .quantization import Int4WeightOnlyLinear
-
         if self.fmt.method == "awq":
             q, scales, zeros = unpack_awq(self.qweight, self.qzeros, self.scales)
         else:
@@ -237,10 +238,6 @@ def finish_quantized(model: nn.Module, dtype: torch.dtype) -> None:
 def _own_int4_config(model: nn.Module, fmt: QuantFormat) -> dict | None:
     """Our int4 format's quantization_config for `model`, None where that format cannot describe it (some decoder
     projections left in float, or several group sizes)."""
-    from .quantization import Int4WeightOnlyLinear
-    from .quantization.model import text_model
-    from .quantization.serialization import OWN_INT4
-
     proj = [c for layer in text_model(model).layers for parent in (layer.self_attn, layer.mlp)
             for c in parent.children() if isinstance(c, (nn.Linear, Int4WeightOnlyLinear))]
     int4 = [m for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)]
@@ -259,8 +256,6 @@ def _prepare_hub_format(model: nn.Module, qcfg: dict, model_dir, dtype: torch.dt
 
 
 def _register() -> None:
-    from .quantization.serialization import LOADERS
-
     LOADERS.update(awq=_prepare_hub_format, gptq=_prepare_hub_format)
 
 

@@ -8,29 +8,21 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint_quant  # registers the hub int4 formats (awq, gptq) in quantization.serialization.LOADERS
+from .checkpoint import load_checkpoint_into, save_checkpoint
+from .configuration import Qwen2VLConfig
+from .lora import load_adapter
 from .model.attention import check_backend
+from .model_files import DEMO_MODEL_NAME, demo_model_path, resolve_model_dir, resolve_name  # noqa: F401 (public)
+from .quantization import quantize_model
+from .quantization.awq import calibration_ids
+from .quantization.serialization import config_for_save, prepare_quantized
 
 logger = logging.getLogger(__name__)
-
-DEMO_MODEL_NAME = "qwen2vl-demo"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def demo_model_path() -> Path:
-    return Path(__file__).parent / "demo" / "model"
-
-
-def resolve_name(name_or_path: str | os.PathLike) -> str | os.PathLike:
-    """Map the bundled demo model's name to its folder; everything else is returned unchanged."""
-    if str(name_or_path) == DEMO_MODEL_NAME:
-        path = demo_model_path()
-        if not (path / "config.json").exists():
-            raise ValueError(f"The bundled demo model is missing from {path}; reinstall qwen2vl.")
-        return path
-    return name_or_path
 
 
 def resolve_dtype(dtype, config) -> torch.dtype:
@@ -68,8 +60,7 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     """Build `cls` on the meta device and load the checkpoint into it. A base-model checkpoint (Qwen2VLModel
     saved alone) loads into the conditional-generation class with a freshly initialized LM head (logged), as
     the reference does. `adapter`: a PEFT LoRA adapter folder applied on top (see `qwen2vl.lora`)."""
-    from .checkpoint import load_checkpoint_into, resolve_model_dir
-    from .configuration import Qwen2VLConfig
+    # generation/ imports the model classes, which call this function: imported on use
     from .generation.config import GenerationConfig
 
     unknown = set(kwargs) - {"trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "cache_dir",
@@ -99,6 +90,7 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
                   torch_dt if impl == "flash_attention_2" else None)
 
     if tp_plan is not None or tp_size is not None:
+        # parallel/ (its groups load models through the model classes) sits above this module: imported on use
         from .parallel.tp import load_tensor_parallel
 
         if quantization is not None or qcfg is not None:
@@ -121,9 +113,6 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
         if quantization is not None or adapter is not None:
             raise ValueError(f"{model_dir} holds a quantized checkpoint ({qcfg.get('quant_method')!r}); "
                              "quantization= and adapter= need a full-precision one.")
-        from . import checkpoint_quant  # registers the hub formats (awq, gptq); finishes them below
-        from .quantization.serialization import prepare_quantized
-
         prepare_quantized(model, qcfg, model_dir, torch_dt)
     # A base model's checkpoint has no LM head: the reference then starts one from its init.
     head_optional = hasattr(model, "lm_head") and not getattr(config, "tie_word_embeddings", False)
@@ -138,13 +127,8 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     if model.can_generate() if hasattr(model, "can_generate") else True:
         model.generation_config = GenerationConfig.from_model_dir(model_dir, config)
     if adapter is not None:  # merged before any quantization, so int8 weights include it
-        from .lora import load_adapter
-
         model = load_adapter(model, adapter)
     if quantization is not None:
-        from .quantization import quantize_model
-        from .quantization.awq import calibration_ids
-
         cal = calibration_ids(model_dir, config.get_text_config().vocab_size) if quantization == "int4" else None
         quantize_model(model, quantization, calibration=cal)
     model.name_or_path = str(pretrained_model_name_or_path)
@@ -155,15 +139,11 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
 
 
 def save_pretrained(model, save_directory, max_shard_size="5GB", **kwargs) -> None:
-    from .checkpoint import save_checkpoint
-
     unknown = set(kwargs) - {"safe_serialization", "is_main_process"}
     if unknown:
         raise TypeError(f"save_pretrained got unexpected arguments: {sorted(unknown)}")
     if not kwargs.get("is_main_process", True):
         return
-    from .quantization.serialization import config_for_save
-
     qcfg = config_for_save(model)  # ValueError for what cannot be saved (int8)
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import safe_open
 
+from ..checkpoint import checkpoint_files, checkpoint_to_model_key
 from .layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead,
                      shard_size)
 
@@ -244,10 +246,6 @@ def load_tensor_parallel(cls, config, model_dir, torch_dtype=None, tp_plan="auto
                          backend: str | None = None):
     """Build `cls` (Qwen2VLForConditionalGeneration or Qwen2VLModel) sharded over the ranks of the process
     group, each rank reading only its shards from `model_dir`'s safetensors. Call on every rank."""
-    from safetensors import safe_open
-
-    from ..checkpoint import checkpoint_files, checkpoint_to_model_key
-
     if tp_plan not in ("auto", None):
         raise ValueError(f"tp_plan={tp_plan!r} is not supported; use tp_plan='auto'")
     config = copy.deepcopy(config)

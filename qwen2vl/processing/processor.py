@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..model_files import resolve_name
 from . import media
+from .chat_template import apply_chat_template
 from .batch_feature import BatchFeature
 from .image_processing import Qwen2VLImageProcessor, smart_resize
 from .image_processing_pil import Qwen2VLImageProcessorPil
@@ -91,8 +93,7 @@ class Qwen2VLProcessor:
         video processors (`min_pixels`, `max_pixels`, `size`, ..., each processor taking the names it knows).
         `backend="pil"` (or `use_fast=False`) picks the PIL image processor, default is the torch one.
         """
-        from ..loading import resolve_name  # "qwen2vl-demo" -> the bundled model's folder, as for the model
-
+        # "qwen2vl-demo" -> the bundled model's folder, as for the model
         path = resolve_pretrained_dir(resolve_name(name_or_path), ["*.json", "*.txt", "*.jinja"], revision=revision,
                                       cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         if backend is None:
@@ -298,8 +299,6 @@ class Qwen2VLProcessor:
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
         """Render (and optionally tokenize + process media of) conversations; see `chat_template.apply`."""
-        from .chat_template import apply_chat_template
-
         return apply_chat_template(self, conversation, chat_template=chat_template, **kwargs)
 
     def __repr__(self) -> str:

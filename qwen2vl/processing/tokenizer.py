@@ -22,6 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from .batch_feature import BatchFeature
+from .chat_template import tokenizer_apply_chat_template
 
 # Qwen2's pre-tokenizer split (a GPT-4-like regex: single digits, letter runs, punctuation runs, newline runs).
 PRETOKENIZE_REGEX = (
@@ -394,8 +395,6 @@ class Qwen2TokenizerFast:
         """Text-only chat templating (placeholders are not expanded; use the processor for media). Keyword
         arguments: tokenize=True, add_generation_prompt, continue_final_message, return_tensors, return_dict, and
         template variables."""
-        from .chat_template import tokenizer_apply_chat_template
-
         return tokenizer_apply_chat_template(self, conversation, chat_template=chat_template, **kwargs)
 
 

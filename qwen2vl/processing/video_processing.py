@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from .batch_feature import BatchFeature
-from .image_processing import ProcessorConfigMixin, _channels_first, resolve_config_file, smart_resize, to_chw_array
+from .image_processing import (ProcessorConfigMixin, _channels_first, number_of_patches, resolve_config_file,
+                               smart_resize, to_chw_array)
 from .patchify import channel_lut, lut_patchify, patchify, torch_rescale_normalize, torch_resize
 from .media import MediaLimits, VideoMetadata, is_image_source_string, load_image, load_video
 
@@ -277,8 +278,6 @@ class Qwen2VLVideoProcessor(ProcessorConfigMixin):
     def get_num_of_video_patches(self, num_frames: int, height: int, width: int,
                                  videos_kwargs: dict | None = None) -> int:
         """Patches for a video of this size (ceil(F/T)*gh*gw; ignores total_pixels like the reference)."""
-        from .image_processing import number_of_patches
-
         gh, gw = number_of_patches(height, width, self, videos_kwargs)
         t = (videos_kwargs or {}).get("temporal_patch_size") or self.temporal_patch_size
         return math.ceil(num_frames / t) * gh * gw

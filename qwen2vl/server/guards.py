@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 from starlette.responses import JSONResponse
 
-from .protocol import APIError, error_body
+from .protocol import APIError, bad_request, error_body
 
 UNGUARDED = ("/health",)  # always answers (load balancers), never counted against the connection cap
 
@@ -163,8 +163,6 @@ class Stages:
 async def read_json(request, max_bytes: int, timeout: float) -> dict:
     """The request body as a JSON object: at most `max_bytes` (checked while streaming), read within `timeout`
     seconds (a stalled upload gets 408 and its connection closed), strict JSON (no NaN / Infinity)."""
-    from .protocol import bad_request
-
     declared = request.headers.get("content-length")
     too_big = bad_request(f"Request body too large: the limit is {max_bytes} bytes.", None, "request_too_large")
     if declared and declared.isdigit() and int(declared) > 4 * max_bytes:

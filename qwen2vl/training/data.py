@@ -16,6 +16,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..processing.media import load_image
+
 IGNORE_INDEX = -100
 _MEDIA_KEYS = {"image": ("image", "url", "path", "image_url"), "video": ("video", "url", "path")}
 
@@ -161,8 +163,6 @@ class SFTCollator:
     def _load_image(self, src):
         if not self.load_media:
             return src
-        from ..processing.media import load_image
-
         return load_image(src)
 
     def texts_and_media(self, records: Iterable[dict], add_generation_prompt: bool = False):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..lora import apply_lora, is_peft_model
 from .data import IGNORE_INDEX, SFTCollator, split_prompt_answer
 
 
@@ -150,8 +151,6 @@ class Trainer:
         torch.manual_seed(a.seed)
         model = self.model.to(self.device)
         if a.lora_r > 0:
-            from ..lora import apply_lora, is_peft_model
-
             if not is_peft_model(model):
                 model = self.model = apply_lora(model, r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout,
                                                 targets=a.lora_target, vision=a.lora_vision)
