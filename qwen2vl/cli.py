@@ -210,10 +210,10 @@ def cmd_serve(argv: list[str]) -> int:
 
 def cmd_train(argv: list[str]) -> int:
     try:
-        from . import train
+        from . import training
     except ImportError as exc:
         raise CliError(f"training is not available in this installation ({exc})") from exc
-    return train.main(argv) or 0
+    return training.main(argv) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
