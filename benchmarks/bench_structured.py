@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from qwen2vl.engine import LLM, SamplingParams
-from qwen2vl.engine import guided
+from qwen2vl import guided_decoding as guided
 
 PROMPT = [{"role": "user", "content": "List some numbers as JSON."}]
 QWEN2_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "qwen2-vl" / "Qwen2-VL-2B-Instruct"

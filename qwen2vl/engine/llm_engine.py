@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import guided
+from .. import guided_decoding as guided
 from ..model.vision_job import make_choices, text_flops_per_token
-from .prompts import InputProcessor, ProcessedPrompt
 from .kv_pool import KVPool, kv_bytes_per_token, local_kv_heads, parse_memory, pool_rows
 from .lora_adapters import LoraAdapters
 from .model_setup import default_eos_ids
 from .prefix_cache import PrefixCache, PrefixReuse
+from .prompts import InputProcessor, ProcessedPrompt
 from .runner import ModelRunner, make_worker
 from .sampler import sample
 from .sampling_params import SamplingParams

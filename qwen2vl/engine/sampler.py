@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from . import guided, logprobs
+from .. import guided_decoding as guided
+from . import logprobs
 from ..generation.logits import (NEG_INF, apply_repetition_penalty, min_p_filter, sample_from_scores,
                                  temperature_warp, top_k_filter, top_p_filter)
 
@@ -58,7 +59,7 @@ def warp(scores: torch.Tensor, params) -> torch.Tensor:
 
 
 def mask(logits: torch.Tensor, seqs) -> torch.Tensor:
-    """logits (n, V) → float32 scores with each constrained row's grammar mask applied (engine/guided.py)."""
+    """logits (n, V) → float32 scores with each constrained row's grammar mask applied (guided_decoding.py)."""
     scores = logits.float()
     guides = [s.guide for s in seqs]
     if any(g is not None for g in guides):  # grammar masks first: penalties and warpers then only see allowed tokens

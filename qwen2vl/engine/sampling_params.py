@@ -31,7 +31,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # structured output (at most one; see qwen2vl.engine.guided): a JSON schema (dict or JSON text), a regex,
+    # structured output (at most one; see qwen2vl.guided_decoding): a JSON schema (dict or JSON text), a regex,
     # a list of allowed strings, or a Lark / GBNF grammar
     json_schema: dict | str | None = None
     regex: str | None = None

@@ -71,7 +71,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.generator = generator
-        self.guide = None  # a qwen2vl.engine.guided.Guide when the request is constrained
+        self.guide = None  # a qwen2vl.guided_decoding.Guide when the request is constrained
         self.logprobs: list | None = [] if request.params.logprobs is not None else None  # engine/logprobs.py
         self.detok = IncrementalDetokenizer(request.tokenizer, request.prompt_token_ids, request.params)
         self._sent_tokens = 0

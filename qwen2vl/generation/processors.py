@@ -6,7 +6,7 @@ running, before its own processors (repetition penalty, min-length) and warpers;
 the same as transformers' order (custom processors after the built-in processors, before the warpers).
 
 `GrammarLogitsProcessor(tokenizer, json_schema=... | regex=... | choice=[...] | grammar=...)` masks every
-token the constraint forbids (llguidance, see `qwen2vl.engine.guided`). `generate` drops finished rows from the
+token the constraint forbids (llguidance, see `qwen2vl.guided_decoding`). `generate` drops finished rows from the
 running batch, so a row is not identified by its index: each row's grammar state is looked up by the tokens it
 has generated so far (its ids after the prompt), which also makes the processor correct for
 `num_return_sequences > 1`.
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..engine import guided
+from .. import guided_decoding as guided
 
 
 def as_processor_list(logits_processor) -> list:

@@ -1,5 +1,5 @@
 """Structured output in chat completions: OpenAI `response_format` and vLLM's `guided_*` extras → the one
-constraint `SamplingParams` takes (`json_schema` / `regex` / `choice` / `grammar`, see `qwen2vl.engine.guided`).
+constraint `SamplingParams` takes (`json_schema` / `regex` / `choice` / `grammar`, see `qwen2vl.guided_decoding`).
 
 - `{"type": "json_object"}` → any JSON object; `{"type": "json_schema", "json_schema": {"name", "schema",
   "strict"}}` → that schema. With `strict: true` every object schema that does not say otherwise gets
@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
-from ..engine import guided
+from .. import guided_decoding as guided
 from . import protocol as P
 from . import tools
 
