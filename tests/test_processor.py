@@ -258,7 +258,7 @@ def test_chat_template_video_path_decodes_only_sampled_frames(ours, tmp_path, mo
     """A video named by path in a chat message reaches the video processor undecoded: sampling indices come from
     the stream metadata, and only the sampled frames are converted and kept (not all 30 frames first)."""
     av = pytest.importorskip("av")
-    from qwen2vl.processing import media
+    from qwen2vl.processing import video_loading as media  # the frames are decoded there
 
     path = tmp_path / "long.mp4"
     with av.open(str(path), "w") as container:

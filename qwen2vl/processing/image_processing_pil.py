@@ -14,9 +14,10 @@ import numpy as np
 from PIL import Image
 
 from .batch_feature import BatchFeature
-from .image_processing import ProcessorConfigMixin, flatten_images, number_of_patches, smart_resize, to_chw_array
+from .image_processing import flatten_images, number_of_patches, smart_resize, to_chw_array
 from .media import to_rgb
 from .patchify import assemble, channel_lut, lut_patchify, patchify
+from .processor_config import ProcessorConfigMixin
 
 
 def _to_uint8_for_pil(arr: np.ndarray) -> tuple[np.ndarray, bool]:

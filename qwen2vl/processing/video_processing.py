@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 from .batch_feature import BatchFeature
-from .image_processing import (ProcessorConfigMixin, _channels_first, number_of_patches, resolve_config_file,
-                               smart_resize, to_chw_array)
-from .patchify import channel_lut, lut_patchify, patchify, torch_rescale_normalize, torch_resize
+from .image_processing import _channels_first, number_of_patches, smart_resize, to_chw_array
 from .media import MediaLimits, VideoMetadata, is_image_source_string, load_image, load_video
+from .patchify import channel_lut, lut_patchify, patchify, torch_rescale_normalize, torch_resize
+from .processor_config import ProcessorConfigMixin, resolve_config_file
 
 
 def sample_frame_indices(total_num_frames: int, video_fps: float | None = None, *, fps: float | None = None,
