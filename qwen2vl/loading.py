@@ -3,7 +3,6 @@ attention backend, quantization, tensor parallel) around the checkpoint reader/w
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch

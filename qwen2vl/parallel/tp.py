@@ -9,12 +9,14 @@ Plan ("auto", as the reference tp plan), N = tensor-parallel size, rank r:
   ranks afterwards); a tied lm_head shares the embedding shard;
 * norms and the whole vision tower replicated.
 Each rank reads only its shards from the safetensors files (`safe_open(...).get_slice(name)[rows]`), so no rank
-ever holds the full text weights. Attention modules get the local `num_heads` / `num_kv_heads`, and
-`config.text_config.tp_world_size = N` makes `KVCache.from_config` allocate the local kv-head count.
+ever holds the full text weights. Attention modules get the local `num_heads` / `num_kv_heads` and the model
+`tp_world_size = N`; the engine derives its caches' kv-head count from that (`engine.kv_pool.local_kv_heads`) and
+passes it explicitly. `config.text_config.tp_world_size = N` is still set for the caches that model/ and
+generation/ build themselves (`KVCache.from_config` without `num_kv_heads`).
 
 Entry points: `from_pretrained(..., tp_plan="auto", tp_size=N)` under torchrun (→ `load_tensor_parallel`),
 `parallelize(model)` for a model already in memory (every rank holds the same full model; tests / tools), and
-`qwen2vl.parallel.launch` (spawning ranks, rank-0 driver + worker loop for serving).
+`qwen2vl.parallel.launch` / `start_tensor_parallel` (spawning ranks; rank-0 driver + worker loop in `tp_runner`).
 """
 from __future__ import annotations
 
@@ -206,7 +208,7 @@ def parallelize_modules(model: nn.Module, ctx: TPContext) -> None:
     text.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, h, **kw)
     if getattr(model, "lm_head", None) is not None:
         model.lm_head = VocabParallelLMHead(h, cfg.vocab_size, **kw)
-    cfg.tp_world_size = n      # read by KVCache.from_config: caches hold num_key_value_heads // n heads
+    cfg.tp_world_size = n      # for KVCache.from_config callers in model/ and generation/ (see the docstring)
     model.tp_rank, model.tp_world_size = r, n
 
 
