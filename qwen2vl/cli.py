@@ -48,7 +48,7 @@ def _load(args):
     if name != DEMO and not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
         raise CliError(f"model not found: {name} (give a model folder, a hub id like Qwen/Qwen2-VL-2B-Instruct, "
                        f"or leave --model out for the bundled demo model)")
-    from .loading import resolve_name
+    from .model_files import resolve_name
 
     path = resolve_name(name)
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
