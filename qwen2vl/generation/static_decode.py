@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.cpu import Linear as KernelLinear
+from ..kernels.cpu import KernelLinear
 from ..kernels.cpu import linear as cpu_linear
 from ..model.cache import KVCache
 from ..model.vision import rotate_half

@@ -13,7 +13,7 @@ import weakref
 import torch
 
 from ..kernels import cpu_ops
-from ..kernels.cpu import Linear, linear_choice
+from ..kernels.cpu import KernelLinear, linear_choice
 from .attention import attention_choice
 from .cache import KVCache
 
@@ -45,9 +45,9 @@ class _LayerPlan:
 
     def tensors(self) -> list[torch.Tensor] | None:
         """The layer's tensors in `cpu_ops.DECODE_LAYER_WEIGHTS` order (checked by the kernel wrapper), or None
-        when a projection is not the plain kernel Linear (int8 / tensor-parallel layers, a served LoRA adapter
+        when a projection is not the plain KernelLinear (int8 / tensor-parallel layers, a served LoRA adapter
         that a row of this step uses) or a bias differs."""
-        if any(type(p) is not Linear and not getattr(p, "idle_lora", False) for p in self.projs):
+        if any(type(p) is not KernelLinear and not getattr(p, "idle_lora", False) for p in self.projs):
             return None
         q, k, v, o, g, u, d = (p._parameters for p in self.projs)
         if q["bias"] is None or k["bias"] is None or v["bias"] is None or \
@@ -127,7 +127,7 @@ def choose_decoding_backends(model, rows: int = 1) -> None:
     seen = set()
     with torch.inference_mode():
         for mod in [*text.layers[0].modules(), model.lm_head]:
-            w = mod.weight if type(mod) is Linear else getattr(mod, "weight_int8", getattr(mod, "qweight", None))
+            w = mod.weight if type(mod) is KernelLinear else getattr(mod, "weight_int8", getattr(mod, "qweight", None))
             key = (type(mod), None if w is None else tuple(w.shape), getattr(mod, "bias", None) is not None)
             if w is None or w.device.type != "cpu" or key in seen:
                 continue

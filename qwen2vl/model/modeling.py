@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.cpu import Linear
+from ..kernels.cpu import KernelLinear
 from ..configuration import Qwen2VLConfig
 from .attention import check_backend
 from .cache import KVCache
@@ -173,7 +173,7 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
         super().__init__()
         self.config = config
         self.model = Qwen2VLModel(config)
-        self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = KernelLinear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         if not self.lm_head.weight.is_meta:
             with torch.no_grad():
                 self._init_weights(self.lm_head)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configuration import Qwen2VLTextConfig
-from ..kernels.cpu import Linear
+from ..kernels.cpu import KernelLinear
 from ..kernels.cpu_ops import rms_norm as rms_norm_kernel
 from ..kernels.cpu_ops import rope as rope_kernel
 from ..kernels.cpu_ops import silu_mul_
@@ -70,10 +70,10 @@ class Qwen2VLAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.scale = self.head_dim ** -0.5
         h = config.hidden_size
-        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_proj = KernelLinear(h, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = KernelLinear(h, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = KernelLinear(h, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = KernelLinear(self.num_heads * self.head_dim, h, bias=False)
         self.attn_implementation = getattr(config, "attn_implementation", None) or "sdpa"
         self.recorded_attentions: list | None = None   # set by Qwen2VLTextModel.forward(output_attentions=True)
 
@@ -102,9 +102,9 @@ class Qwen2MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(h, i, bias=False)
-        self.up_proj = Linear(h, i, bias=False)
-        self.down_proj = Linear(i, h, bias=False)
+        self.gate_proj = KernelLinear(h, i, bias=False)
+        self.up_proj = KernelLinear(h, i, bias=False)
+        self.down_proj = KernelLinear(i, h, bias=False)
         if config.hidden_act != "silu":
             raise ValueError(f"Qwen2-VL text MLP uses silu, got hidden_act={config.hidden_act!r}")
 
