@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..kernels.cpu import KernelLinear
+from ..kernels.backend import KernelLinear
 
 _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _DECODER = re.compile(r"(^|\.)language_model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+$")

@@ -18,10 +18,9 @@ final norm + LM head; finally `lengths`, `next_pos`, `key_valid` are advanced in
 GQA: for one query token all query heads of a kv group share keys and mask, so q (B,Hq,1,D) is regrouped to
 (B,Hkv,Hq/Hkv,D) and attends to the un-repeated cache (same math as repeating K/V, without the copy).
 
-The model's own modules are called (embedding, RMSNorms, q/k/v/o, MLP and LM-head Linears); only the attention
-math is written here. Under compilation, plain `kernels.cpu.Linear` layers use `F.linear` on CUDA and their CPU
-kernel through an opaque custom op on CPU (a ctypes call would break the graph); eagerly they run exactly as in
-the eager decode path.
+The model's own modules are called (embedding, RMSNorms, q/k/v/o, MLP and LM-head linears, the rotary of the
+op layer); only the cache write and the attention are written here. The op layer's kernels are `torch.library`
+ops with fake implementations, so a compiled CPU graph keeps them without a break; on CUDA they are torch ops.
 
 `get_static_decoder(model, ...)` keeps one decoder per model (buffers reused, so a compiled graph is reused by
 later `generate` calls of the same batch size and length bucket; `release_static_decoder` frees it);
@@ -33,34 +32,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.cpu import KernelLinear
-from ..kernels.cpu import linear as cpu_linear
 from ..model.cache import KVCache
-from ..model.vision import rotate_half
 from .config import COMPILE_MODES
 
 LENGTH_BUCKET = 256  # get_static_decoder rounds Smax up to this, so nearby prompt lengths share one graph
 _COMPILED: dict[str, object] = {}
-
-
-@torch.library.custom_op("qwen2vl::static_decode_cpu_linear", mutates_args=())
-def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`kernels.cpu.linear` as an opaque op: compiled CPU graphs keep the bandwidth-bound GEMV kernel (a plain
-    F.linear becomes torch's slow few-row bf16 matmul) without a graph break at the ctypes call."""
-    return cpu_linear(x, weight, bias)  # always a new tensor (custom ops may not alias inputs)
-
-
-@_cpu_linear.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def _proj(mod, x: torch.Tensor) -> torch.Tensor:
-    if type(mod) is KernelLinear and torch.compiler.is_compiling():
-        if x.device.type == "cpu":
-            return _cpu_linear(x, mod.weight, mod.bias)
-        return F.linear(x, mod.weight, mod.bias)
-    return mod(x)
 
 
 def decode_forward(text, lm_head, inv_freq, tokens, keys, values, lengths, next_pos, key_valid):
@@ -70,7 +46,7 @@ def decode_forward(text, lm_head, inv_freq, tokens, keys, values, lengths, next_
     b = tokens.shape[0]
     x = text.embed_tokens(tokens.clamp(0, text.embed_tokens.num_embeddings - 1))    # (B,1,H)
     freqs = next_pos[:, None].float() * inv_freq                                         # (B,D/2)
-    f = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]                              # (B,1,1,D)
+    f = torch.cat([freqs, freqs], dim=-1)[:, None, :]                                    # (B,1,D)
     cos, sin = f.cos().to(x.dtype), f.sin().to(x.dtype)
     key_valid.scatter_(1, lengths[:, None], True)
     mask = key_valid[:, None, None, :]                                                   # (B,1,1,Smax)
@@ -79,23 +55,18 @@ def decode_forward(text, lm_head, inv_freq, tokens, keys, values, lengths, next_
         attn = layer.self_attn
         d = attn.head_dim
         h = layer.input_layernorm(x)
-        q = _proj(attn.q_proj, h).view(b, 1, -1, d).transpose(1, 2)                     # (B,Hq,1,D)
-        k = _proj(attn.k_proj, h).view(b, 1, -1, d).transpose(1, 2)                     # (B,Hkv,1,D)
-        v = _proj(attn.v_proj, h).view(b, 1, -1, d).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = attn.ops.rope(attn.q_proj(h), attn.k_proj(h), cos, sin, d)                # (B,Hq,1,D), (B,Hkv,1,D)
+        v = attn.v_proj(h).view(b, 1, -1, d).transpose(1, 2)
         hkv = k.shape[1]
         idx = slot.expand(b, hkv, 1, d)
         keys[i].scatter_(2, idx, k)
         values[i].scatter_(2, idx, v)
         qg = q.reshape(b, hkv, -1, d)                  # query head g*rep + r → group g, row r (as repeat_kv)
         o = F.scaled_dot_product_attention(qg, keys[i], values[i], attn_mask=mask, scale=attn.scale)
-        x = x + _proj(attn.o_proj, o.reshape(b, 1, -1))
-        h = layer.post_attention_layernorm(x)
-        mlp = layer.mlp
-        x = x + _proj(mlp.down_proj, F.silu(_proj(mlp.gate_proj, h)) * _proj(mlp.up_proj, h))
+        x = x + attn.o_proj(o.reshape(b, 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
     x = text.norm(x)
-    logits = _proj(lm_head, x[:, -1]).float()
+    logits = lm_head(x[:, -1]).float()
     lengths.add_(1)
     next_pos.add_(1)
     return logits

@@ -59,7 +59,7 @@ C_FUNCTIONS: dict[str, list] = {
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
-why_not: str | None = None  # why the library is None (for the one log line of backend.py)
+why_not: str | None = None  # why the library is None (logged once)
 
 
 @functools.cache
@@ -191,6 +191,8 @@ def library() -> ctypes.CDLL | None:
                     _lib = _build()
                 except Exception as exc:  # a broken toolchain must never break inference
                     _lib, why_not = None, f"the kernels could not be loaded ({exc})"
+                if _lib is None and why_not and not settings().disable_kernels and flavour() is not None:
+                    log.warning("qwen2vl: %s: using PyTorch ops", why_not)
             _tried = True
     return _lib
 

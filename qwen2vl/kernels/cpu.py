@@ -1,4 +1,4 @@
-"""The bf16 / int8 weight GEMV for the few-rows case (decoding) behind `linear` / `KernelLinear`, and the many-rows
+"""The bf16 / int8 weight GEMV for the few-rows case (decoding) behind `linear` (backend.KernelLinear's op), and the many-rows
 linears where bf16 is emulated (`widened_linear`, `_chunked_gemv`). The library itself is built and loaded in
 `build.py`, its calls go through the `torch.library` ops of `ops.py`; the attention and elementwise kernels' entry
 points are in `cpu_ops.py`.
@@ -19,7 +19,7 @@ from . import choose
 from .build import cpu_flags as _cpu_flags  # noqa: F401  (tests patch these names here)
 from .build import cache_dir as _cache_dir  # noqa: F401
 from .build import flavour, has_avx512bf16, has_native_bf16_matmul, kernel, library  # noqa: F401
-from .ops import MAX_ROWS
+from .ops import MAX_ROWS, implement
 _gemv_op = torch.ops.qwen2vl.gemv.default
 
 
@@ -215,6 +215,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _linear_today(x, weight, bias)
 
 
+implement("linear", linear)  # torch.ops.qwen2vl.linear: what KernelOps.linear calls
+
+
 def _linear_today(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Today's rule for `linear`: the bf16 few-rows case on the CPU kernel, 9-63 rows in 8-row chunks and 64+ on
     widened operands where bf16 is emulated, else F.linear."""
@@ -240,11 +243,3 @@ def linear_int8(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor
         return None
     y = _call("gemv_i8", x, weight_int8, scales.float().contiguous())
     return y.to(x.dtype).view(*x.shape[:-1], weight_int8.shape[0])
-
-
-class KernelLinear(torch.nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) whose bf16 CPU inference runs `linear`: the GEMV kernel for
-    few rows (decoder projections, LM head)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)

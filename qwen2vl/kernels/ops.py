@@ -10,6 +10,7 @@ argument count differs (ctypes itself passes extra arguments on silently).
 Which op runs for a given call (kernel or PyTorch) is decided by `backend.py` and the per-op checks in `cpu.py` /
 `cpu_ops.py`; these ops assume their preconditions hold. Ops (torch.ops.qwen2vl.*):
 
+    linear(x, weight, bias)                      F.linear; bf16 on the route `choose` picked (cpu.linear)
     gemv(x, weight, scale, bias, bf16_out)       x (M<=8, K) bf16 / fp32, weight (N, K) bf16 / int8 -> (M, N)
     gemv_int4(x, qweight, scales, zeros, group)  x (M<=8, K) bf16 -> (M, N) bf16
     dequant_int4_(out, qweight, scales, zeros, group, use512)   out (N, K) bf16 written
@@ -49,6 +50,7 @@ def _check(rc: int, op: str) -> None:
 
 _lib = torch.library.Library("qwen2vl", "FRAGMENT")
 _SCHEMAS = {
+    "linear": "linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     "gemv": "gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, bool bf16_out) -> Tensor",
     "gemv_int4": "gemv_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor",
     "dequant_int4_": "dequant_int4_(Tensor(a!) out, Tensor qweight, Tensor scales, Tensor zeros, int group_size, "
@@ -81,6 +83,25 @@ def _fake(name: str):
         torch.library.register_fake(f"qwen2vl::{name}", fn, lib=_lib)
         return fn
     return register
+
+
+def _mutates_only(*args) -> None:  # fake of the ops that only write into their (a!) arguments
+    return None
+
+
+for _name in ("silu_mul_", "bias_quick_gelu_", "dequant_int4_", "vision_attention_", "decode_layers_"):
+    torch.library.register_fake(f"qwen2vl::{_name}", _mutates_only, lib=_lib)
+
+
+def implement(name: str, fn) -> None:
+    """Register `fn` as the CPU implementation of op `name` (for ops implemented outside this file: `linear`, the
+    chooser's route between the GEMV kernel and torch, lives in cpu.py)."""
+    _lib.impl(name, fn, "CPU")
+
+
+@_fake("linear")
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _ptr(t: torch.Tensor | None):

@@ -1,5 +1,5 @@
 """The CPU decoding fast path: one kernel call runs a whole decoding step through the decoder stack
-(`cpu_ops.decode_layers`), instead of ~7 Python-level module calls per layer. Same kernels, same order as the
+(the op layer's `decode_layers`), instead of ~7 Python-level module calls per layer. Same kernels, same order as the
 per-op path, so the output is bit-identical to it (tests/test_fused_decode.py); it only applies where the per-op
 path would itself run on those kernels, and anything else (autograd, hooks, int8 or tensor-parallel layers,
 eager / flash attention, fp32, more than 8 rows, a CPU without AVX512-BF16) takes the per-op path. (int4 / int8
@@ -12,8 +12,8 @@ import weakref
 
 import torch
 
-from ..kernels import cpu_ops
-from ..kernels.cpu import KernelLinear, linear_choice
+from ..kernels.backend import KernelLinear
+from ..kernels.cpu import linear_choice
 from .attention import attention_choice
 from .cache import KVCache
 
@@ -44,7 +44,7 @@ class _LayerPlan:
             not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
 
     def tensors(self) -> list[torch.Tensor] | None:
-        """The layer's tensors in `cpu_ops.DECODE_LAYER_WEIGHTS` order (checked by the kernel wrapper), or None
+        """The layer's tensors in `kernels.ops.DECODE_LAYER_WEIGHTS` order (checked by the kernel wrapper), or None
         when a projection is not the plain KernelLinear (int8 / tensor-parallel layers, a served LoRA adapter
         that a row of this step uses) or a bias differs."""
         if any(type(p) is not KernelLinear and not getattr(p, "idle_lora", False) for p in self.projs):
@@ -108,7 +108,7 @@ def fused_decode_step(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
             return None
         mask = mask.reshape(x.shape[0], kv_len).to(torch.uint8)
     out = x.reshape(x.shape[0], x.shape[2]).clone()
-    ok = cpu_ops.decode_layers(out, weights, cache.keys, cache.values, list(cache.lengths), kv_len, mask,
+    ok = attn0.ops.decode_layers(out, weights, cache.keys, cache.values, list(cache.lengths), kv_len, mask,
                                cos.reshape(cos.shape[0], -1).contiguous(), sin.reshape(sin.shape[0], -1).contiguous(),
                                attn0.num_heads, layers[0].input_layernorm.variance_epsilon, attn0.scale)
     return out.view_as(x) if ok else None

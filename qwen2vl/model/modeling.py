@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.cpu import KernelLinear
+from ..kernels.backend import KernelLinear
 from ..configuration import Qwen2VLConfig
 from .attention import check_backend
 from .cache import KVCache
