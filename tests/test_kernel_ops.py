@@ -139,3 +139,36 @@ def test_decode_layers_refuses_what_it_cannot_run():
     x = torch.randn(1, 48).bfloat16()  # H % 32 != 0
     assert cpu_ops.decode_layers(x, [x] * 12, [torch.zeros(1, 1, 4, 16).bfloat16()],
                                  [torch.zeros(1, 1, 4, 16).bfloat16()], [0], 1, None, x, x, 2, 1e-6, 1.0) is False
+
+
+def test_decode_step_backends_agree(monkeypatch):
+    """The model's one decoding step on its three backends, from the same prefilled cache: the fused CPU kernel
+    call and the layer-by-layer ops give the same bits, the static-shape step (uncompiled) the same logits up to
+    its SDPA-over-all-slots rounding."""
+    from qwen2vl.model import static_decode, text
+    from qwen2vl.model.cache import KVCache
+
+    if not cpu_ops.has_bf16_gemv():
+        pytest.skip("needs the CPU kernels' bf16 GEMV (AVX512-BF16 or the AVX2 build)")
+    m = tiny_model(seed=0).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    runs = {}
+    for backend_name in ("fused", "per_op", "static"):
+        with torch.no_grad():
+            cache = KVCache.from_config(m.config.text_config, 2, 12, torch.bfloat16, "cpu")
+            logits = m(input_ids=ids, past_key_values=cache).logits[:, -1].float()
+            static = None
+            if backend_name == "static":
+                static = static_decode.StaticDecoder(m, 2, 12, compile=False)
+                static.adopt(cache)
+            steps = []
+            with monkeypatch.context() as mp:
+                if backend_name == "per_op":
+                    mp.setattr(text, "fused_decode_step", lambda *a: None)
+                for _ in range(3):
+                    tokens = logits.argmax(-1)[:, None]
+                    logits = static.step(tokens) if static else m.decode_step(tokens, cache)[0]
+                    steps.append(logits)
+        runs[backend_name] = torch.stack(steps)
+    assert torch.equal(runs["fused"], runs["per_op"])
+    torch.testing.assert_close(runs["static"], runs["fused"], atol=0.05 * runs["fused"].abs().max().item(), rtol=0)

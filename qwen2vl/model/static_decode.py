@@ -1,6 +1,7 @@
 """Static-shape decode step (`torch.compile` / CUDA graphs): `StaticDecoder`.
 
-The eager decode step (`generate._decode_step` → `Qwen2VLTextModel`) is dynamic: keys are sliced to
+The eager decode step (`Qwen2VLForConditionalGeneration.decode_step` → `Qwen2VLTextModel`, whose CPU
+decoding runs all layers in one kernel call where `fused_decode` applies) is dynamic: keys are sliced to
 max(lengths)+1, masks and positions are rebuilt from host lists each step. `StaticDecoder` runs the same math
 with every shape fixed and all per-row state on the device, so `torch.compile(mode="reduce-overhead")` can
 capture the whole step as one CUDA graph and the host never waits for the device:
@@ -22,8 +23,9 @@ The model's own modules are called (embedding, RMSNorms, q/k/v/o, MLP and LM-hea
 op layer); only the cache write and the attention are written here. The op layer's kernels are `torch.library`
 ops with fake implementations, so a compiled CPU graph keeps them without a break; on CUDA they are torch ops.
 
-`get_static_decoder(model, ...)` keeps one decoder per model (buffers reused, so a compiled graph is reused by
-later `generate` calls of the same batch size and length bucket; `release_static_decoder` frees it);
+`get_static_decoder(model, ...)` (`model.static_decoding(...)`) keeps one decoder per model in
+`model.static_decoder` (buffers reused, so a compiled graph is reused by later `generate` calls of the same batch
+size and length bucket; `release_static_decoder` frees it);
 `adopt(cache, attention_mask)` copies a prefilled `KVCache` into it (the prompt's slots only: `generate` then
 sizes its prefill cache to the prompt, so K/V memory is not held twice).
 """
@@ -32,8 +34,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.cache import KVCache
-from .config import COMPILE_MODES
+from .cache import KVCache
+
+# torch.compile modes a static decoder accepts (generation's `compile=` option names one of them)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 LENGTH_BUCKET = 256  # get_static_decoder rounds Smax up to this, so nearby prompt lengths share one graph
 _COMPILED: dict[str, object] = {}
@@ -100,7 +104,7 @@ class StaticDecoder:
         if compile and mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
         self.model = model
-        self.text = model.model.language_model
+        self.text = model.language_model
         cfg = self.text.config
         if getattr(cfg, "tp_world_size", 1) != 1:
             raise ValueError("StaticDecoder does not support tensor-parallel models; use the engine.")
@@ -136,7 +140,7 @@ class StaticDecoder:
         return self.compile and self.device.type == "cuda" and self.mode == "reduce-overhead"
 
     def matches(self, model, batch_size: int, max_length: int, compile: bool, mode: str) -> bool:
-        weight = model.model.language_model.embed_tokens.weight
+        weight = model.language_model.embed_tokens.weight
         return (self.model is model and self.batch_size == batch_size and self.max_length == max_length
                 and self.compile == bool(compile) and self.mode == mode and weight.device == self.device
                 and weight.dtype == self.dtype)
@@ -197,17 +201,17 @@ def _bucket(n: int) -> int:
 def get_static_decoder(model, batch_size: int, max_length: int, compile: bool = True,
                        mode: str = "reduce-overhead") -> StaticDecoder:
     """The model's StaticDecoder for this shape (Smax = max_length rounded up to LENGTH_BUCKET), reused
-    across calls; one is kept per model (a different shape replaces it and frees the old buffers)."""
+    across calls; one is kept per model (`model.static_decoder`; a different shape replaces it and frees the old
+    buffers)."""
     smax = min(_bucket(max_length), max(max_length, model.config.text_config.max_position_embeddings))
-    current = model.__dict__.get("_qwen2vl_static_decoder")
+    current = model.static_decoder
     if current is not None and current.matches(model, batch_size, smax, compile, mode):
         return current
-    model.__dict__["_qwen2vl_static_decoder"] = None  # free the old buffers before allocating new ones
-    current = StaticDecoder(model, batch_size, smax, compile=compile, mode=mode)
-    model.__dict__["_qwen2vl_static_decoder"] = current
-    return current
+    model.static_decoder = None  # free the old buffers before allocating new ones
+    model.static_decoder = StaticDecoder(model, batch_size, smax, compile=compile, mode=mode)
+    return model.static_decoder
 
 
 def release_static_decoder(model) -> None:
     """Drop the model's StaticDecoder (its K/V buffers) until the next `generate(..., compile=...)`."""
-    model.__dict__.pop("_qwen2vl_static_decoder", None)
+    model.static_decoder = None
