@@ -23,7 +23,7 @@ _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 class _LayerPlan:
     """One decoder layer's modules, found once; `current()` sees a submodule replaced since (the layer is then
     planned again), `usable()` hooks or another attention backend, and `tensors()` re-reads its weights every step
-    (plain dict reads; the kernel wrapper checks them)."""
+    (the op checks them)."""
 
     def __init__(self, layer):
         self.layer, self.attn, self.mlp = layer, layer.self_attn, layer.mlp
@@ -33,7 +33,7 @@ class _LayerPlan:
         self.children = self._children()
 
     def _children(self) -> tuple:
-        return (*self.layer._modules.values(), *self.attn._modules.values(), *self.mlp._modules.values())
+        return (*self.layer.children(), *self.attn.children(), *self.mlp.children())
 
     def current(self) -> bool:
         """Whether no submodule was replaced since the plan was made."""
@@ -49,12 +49,11 @@ class _LayerPlan:
         that a row of this step uses) or a bias differs."""
         if any(type(p) is not KernelLinear and not getattr(p, "idle_lora", False) for p in self.projs):
             return None
-        q, k, v, o, g, u, d = (p._parameters for p in self.projs)
-        if q["bias"] is None or k["bias"] is None or v["bias"] is None or \
-                any(p["bias"] is not None for p in (o, g, u, d)):
+        q, k, v, o, g, u, d = self.projs
+        if q.bias is None or k.bias is None or v.bias is None or any(p.bias is not None for p in (o, g, u, d)):
             return None
-        return [self.norms[0]._parameters["weight"], q["weight"], q["bias"], k["weight"], k["bias"], v["weight"],
-                v["bias"], o["weight"], self.norms[1]._parameters["weight"], g["weight"], u["weight"], d["weight"]]
+        return [self.norms[0].weight, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight,
+                self.norms[1].weight, g.weight, u.weight, d.weight]
 
 
 _plans: "weakref.WeakKeyDictionary[torch.nn.ModuleList, list[_LayerPlan]]" = weakref.WeakKeyDictionary()
@@ -102,7 +101,7 @@ def fused_decode_step(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         return None
     attn0 = layers[0].self_attn
     kv_len = max(cache.lengths) + 1
-    cache._ensure_capacity(kv_len)  # what the per-op path's layer-0 cache.update does
+    cache.ensure_capacity(kv_len)  # what the per-op path's layer-0 cache.update does
     if mask is not None:
         if mask.shape != (x.shape[0], 1, 1, kv_len):
             return None
