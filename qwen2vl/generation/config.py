@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..configuration import hub_offline
 from ..model.static_decode import COMPILE_MODES
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -78,8 +79,6 @@ class GenerationConfig:
                 raise ValueError(f"no {config_file_name} in directory {p}")
             p = p / config_file_name
         elif not p.is_file():
-            from ..configuration import hub_offline
-
             try:
                 from huggingface_hub import hf_hub_download
 

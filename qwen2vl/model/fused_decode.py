@@ -14,6 +14,7 @@ import torch
 
 from ..kernels.backend import KernelLinear
 from ..kernels.cpu import linear_choice
+from ..quantization import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from .attention import attention_choice
 from .cache import KVCache
 
@@ -118,8 +119,6 @@ def choose_decoding_backends(model, rows: int = 1) -> None:
     """At load: `choose`'s decisions for decoding `rows` rows (each distinct projection shape, the LM head, the
     decode attention), so a bf16 CPU model's first generated tokens do not pay for the timing (within the chooser's
     budget; the vision and prefill shapes are decided at their first use)."""
-    from ..quantization import Int4WeightOnlyLinear, Int8WeightOnlyLinear
-
     text = model.model.language_model
     if not text.layers:
         return

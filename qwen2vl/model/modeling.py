@@ -9,6 +9,7 @@ from ..kernels.backend import KernelLinear
 from ..configuration import Qwen2VLConfig
 from .attention import check_backend
 from .cache import KVCache
+from .fused_decode import choose_decoding_backends
 from .pretrained import Qwen2VLPreTrainedModel
 from .outputs import Qwen2VLCausalLMOutputWithPast, Qwen2VLModelOutputWithPast, VisionFeatures
 from .rope_index import get_rope_index
@@ -270,8 +271,6 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        from .fused_decode import choose_decoding_backends
-
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # CPU backends for decoding measured (or read) now, not at the first token
         choose_decoding_backends(loaded[0] if isinstance(loaded, tuple) else loaded)  # (model, info) on request
