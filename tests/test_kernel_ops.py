@@ -13,6 +13,18 @@ from tiny import tiny_model
 _CTYPE = {"int": "int", "int64_t": "int64", "float": "float"}
 
 
+def sharp_model():
+    """A bf16 tiny model whose weights are large enough that attention is far from uniform (at the init scale
+    q.k is ~0 and a rotary or cache bug would not show in the logits)."""
+    m = tiny_model(seed=0, intermediate=64, mrope_section=(4, 2, 2))  # fused kernels: I % 32, head_dim % 16
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m.to(torch.bfloat16).eval()
+
+
 def header_functions() -> dict[str, list[str]]:
     """name -> argument kinds ("ptr", "int64", "int", "float") of every QWEN2VL_API prototype in the header."""
     text = re.sub(r"/\*.*?\*/", "", build.HEADER.read_text(), flags=re.S)
@@ -110,8 +122,8 @@ def test_forced_backend_through_a_model_matches_torch_ops(monkeypatch, spec):
 
     monkeypatch.setenv(choose.ENV, spec)
     choose.reset()
-    m = tiny_model(seed=0).to(torch.bfloat16).eval()
-    ids = torch.randint(0, 100, (2, 9))
+    m = sharp_model()
+    ids = torch.arange(7, 25).view(2, 9)
     with torch.no_grad():
         got = m(input_ids=ids).logits.float()
         for mod in m.modules():
@@ -150,9 +162,11 @@ def test_decode_step_backends_agree(monkeypatch):
 
     if not cpu_ops.has_bf16_gemv():
         pytest.skip("needs the CPU kernels' bf16 GEMV (AVX512-BF16 or the AVX2 build)")
-    m = tiny_model(seed=0).to(torch.bfloat16).eval()
-    ids = torch.randint(0, 100, (2, 7))
-    runs = {}
+    m = sharp_model()
+    ids = torch.arange(7, 21).view(2, 7)
+    runs, fused = {}, []
+    real = cpu_ops.decode_layers
+    monkeypatch.setattr(cpu_ops, "decode_layers", lambda *a: fused.append(real(*a)) or fused[-1])
     for backend_name in ("fused", "per_op", "static"):
         with torch.no_grad():
             cache = KVCache.from_config(m.config.text_config, 2, 12, torch.bfloat16, "cpu")
@@ -170,5 +184,6 @@ def test_decode_step_backends_agree(monkeypatch):
                     logits = static.step(tokens) if static else m.decode_step(tokens, cache)[0]
                     steps.append(logits)
         runs[backend_name] = torch.stack(steps)
+    assert fused == [True] * 3  # the fused backend ran (and only in its own run)
     assert torch.equal(runs["fused"], runs["per_op"])
     torch.testing.assert_close(runs["static"], runs["fused"], atol=0.05 * runs["fused"].abs().max().item(), rtol=0)
