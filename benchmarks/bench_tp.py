@@ -5,7 +5,7 @@
     python benchmarks/bench_tp.py --config 2b --device cuda --dtype bfloat16
 
 TP=1 is the plain single-process model (no process group). TP=N loads the checkpoint with
-`from_pretrained(tp_plan="auto")` in N processes spawned by `qwen2vl.parallel.launch`. On CPU every run gets
+`from_pretrained(tp_plan="auto")` in N processes spawned by `qwen2vl.parallel.spawn.launch`. On CPU every run gets
 the same total number of threads (--threads, split over the ranks), so TP cannot win there: the figure shows
 the communication overhead. Not a test: timings depend on the machine; the output states it.
 """

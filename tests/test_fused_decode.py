@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from qwen2vl.engine.runner import ModelWorker
+from qwen2vl.kernels.backend import KernelLinear
 from qwen2vl.kernels import cpu, cpu_ops
 from qwen2vl.model import text
 from qwen2vl.quantization import quantize_model
@@ -165,7 +166,7 @@ def test_fused_step_follows_a_swapped_projection(spy):
     ids, mask = left_pad([[15, 17, 33, 8, 61, 12, 9]])
     before, _ = decode(model, ids, mask, 2)
     layer = model.model.language_model.layers[1]
-    new = cpu.Linear(layer.mlp.down_proj.in_features, layer.mlp.down_proj.out_features, bias=False)
+    new = KernelLinear(layer.mlp.down_proj.in_features, layer.mlp.down_proj.out_features, bias=False)
     with torch.no_grad():
         new.weight.copy_(-layer.mlp.down_proj.weight)
     layer.mlp.down_proj = new.to(torch.bfloat16)

@@ -174,7 +174,7 @@ def test_cuda_forward_matches_oracle_on_cuda(pair):
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_cuda_greedy_generate_matches_oracle_on_cuda(pair, compile):
     """Greedy tokens on CUDA equal transformers' on CUDA, for eager and CUDA-graph (`compile=True`) decoding."""
-    from qwen2vl.generation.static_decode import get_static_decoder
+    from qwen2vl.model.static_decode import get_static_decoder
 
     ours, hf = pair
     ids, mask, media = mixed_batch()

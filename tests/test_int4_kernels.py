@@ -138,10 +138,13 @@ def test_kernel_rejects_shapes_it_cannot_do():
     assert cpu_int4.linear_int4(x, layer.qweight, layer.scales, layer.zeros, 64) is None
     with torch.no_grad():
         assert close(layer(x), x.float() @ w.T)
-    fn = cpu_int4._fn()
-    if fn is None:
+    name = cpu_int4._fn()
+    if name is None:
         pytest.skip("needs the CPU kernels' bf16 GEMV (AVX512-BF16 or the AVX2 build)")
+    fn = cpu.kernel(name)
     y = torch.empty(2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="K % 128"):  # the op refuses before reaching C
+        torch.ops.qwen2vl.gemv_int4(x, layer.qweight, layer.scales, layer.zeros, 64)
     assert fn(x.data_ptr(), layer.qweight.data_ptr(), layer.scales.data_ptr(), layer.zeros.data_ptr(),
               y.data_ptr(), 2, 16, 192, 64, 1) == -1
     assert fn(x.data_ptr(), layer.qweight.data_ptr(), layer.scales.data_ptr(), layer.zeros.data_ptr(),

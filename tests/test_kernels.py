@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from qwen2vl.kernels.backend import KernelLinear
 from qwen2vl.kernels import cpu, cpu_ops
 from qwen2vl.quantization import Int8WeightOnlyLinear
 
@@ -14,7 +15,7 @@ needs_kernel = pytest.mark.skipif(cpu.library() is None, reason="no AVX2 / AVX51
 @pytest.mark.parametrize("n", [40, 43])  # 43: odd shares, so the one-row kernel's lone last row runs too
 def test_bf16_gemv_matches_fp32_reference(rows, k, n):
     torch.manual_seed(0)
-    lin = cpu.Linear(k, n, bias=True).to(torch.bfloat16)
+    lin = KernelLinear(k, n, bias=True).to(torch.bfloat16)
     x = torch.randn(rows, 1, k, dtype=torch.bfloat16)
     with torch.no_grad():
         got = lin(x)
@@ -47,10 +48,10 @@ def test_int8_gemv_matches_dequantized_reference():
 
 def test_fallbacks_keep_torch_semantics():
     torch.manual_seed(0)
-    lin = cpu.Linear(37, 8).to(torch.bfloat16)          # K not a multiple of 16
+    lin = KernelLinear(37, 8).to(torch.bfloat16)          # K not a multiple of 16
     x = torch.randn(1, 37, dtype=torch.bfloat16)
     assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
-    lin = cpu.Linear(32, 8).to(torch.bfloat16)          # autograd needs the torch op
+    lin = KernelLinear(32, 8).to(torch.bfloat16)          # autograd needs the torch op
     x = torch.randn(1, 32, dtype=torch.bfloat16, requires_grad=True)
     lin(x).sum().backward()
     assert x.grad is not None and lin.weight.grad is not None
@@ -219,7 +220,7 @@ def test_bias_quick_gelu_kernel_matches_reference():
 def test_prepacked_linear_is_linear_and_follows_weight_changes():
     """bf16 inference with oneDNN's prepacked weight equals F.linear bit for bit; the packed copy is rebuilt after
     the weight changes, never saved, and fp32 / few rows / autograd use F.linear."""
-    from qwen2vl.kernels.cpu import PrepackedLinear
+    from qwen2vl.kernels.prepacked import PrepackedLinear
 
     torch.manual_seed(0)
     lin = PrepackedLinear(64, 48).to(torch.bfloat16)

@@ -14,8 +14,8 @@ from test_generation import model  # noqa: F401  (fixture: the scaled tiny model
 from tiny import PAD, left_pad, pixels, sample, tiny_model
 
 from qwen2vl.generation import GenerationConfig
-from qwen2vl.generation import static_decode
-from qwen2vl.generation.static_decode import StaticDecoder, get_static_decoder
+from qwen2vl.model import static_decode
+from qwen2vl.model.static_decode import StaticDecoder, get_static_decoder
 from qwen2vl.model.cache import KVCache
 
 generate_module = importlib.import_module("qwen2vl.generation.generate")
@@ -102,17 +102,17 @@ def test_finished_rows_keep_running_and_are_padded(model, uncompiled):
 
 def test_decoder_is_reused_across_calls(model, uncompiled):
     run(model, "text", compile=True)
-    first = model.__dict__["_qwen2vl_static_decoder"]
+    first = model.static_decoder
     run(model, "text", compile=True, max_new_tokens=NEW - 3)       # same length bucket → same buffers
-    assert model.__dict__["_qwen2vl_static_decoder"] is first
+    assert model.static_decoder is first
     assert first.max_length % static_decode.LENGTH_BUCKET == 0
     run(model, "batch", compile=True)                               # other batch size → replaced
-    assert model.__dict__["_qwen2vl_static_decoder"] is not first
+    assert model.static_decoder is not first
     with torch.inference_mode():                                    # built under inference_mode ...
         ref = run(model, "image", compile=True)
     assert torch.equal(run(model, "image", compile=True), ref)      # ... still usable outside it
     static_decode.release_static_decoder(model)
-    assert "_qwen2vl_static_decoder" not in model.__dict__
+    assert model.static_decoder is None
 
 
 def test_seeded_sampling_is_unchanged(model, uncompiled):
@@ -194,6 +194,6 @@ def test_compiled_generate_smoke():
         eager = m.generate(**kw)
         out = m.generate(compile=True, **kw)
         assert torch.equal(out, eager), dtype
-        dec = m.__dict__["_qwen2vl_static_decoder"]
+        dec = m.static_decoder
         assert dec.compile and dec.dtype == dtype and dec._fn is static_decode._COMPILED["reduce-overhead"]
     assert time.perf_counter() - start < 90

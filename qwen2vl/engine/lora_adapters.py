@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from ..kernels.cpu import Linear
+from ..kernels.backend import KernelLinear
 
 _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _DECODER = re.compile(r"(^|\.)language_model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+$")
 
 
-class MultiLoraLinear(Linear):
-    """A decoder `Linear` with per-row LoRA deltas (see the module docstring). `lora`: {adapter index: (A (r, in),
+class MultiLoraLinear(KernelLinear):
+    """A decoder `KernelLinear` with per-row LoRA deltas (see the module docstring). `lora`: {adapter index: (A (r, in),
     B (out, r), scale)}; `adapters`: the model's `LoraAdapters`, which holds the rows of the current forward."""
 
     lora: dict
@@ -127,7 +127,7 @@ class LoraAdapters:
             if not _DECODER.search(mod_name):
                 raise ValueError(f"{path}: the adapter targets {mod_name}; per-request adapters cover the "
                                  "decoder's linears only (merge this one into the model with --adapter instead)")
-            if not isinstance(module, Linear):
+            if not isinstance(module, KernelLinear):
                 raise ValueError(f"{path}: {mod_name} is a {type(module).__name__}, not a plain linear layer: "
                                  "per-request adapters need an unquantized model")
             r = lora_a.shape[0]

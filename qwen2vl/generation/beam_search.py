@@ -151,10 +151,8 @@ def beam_search(model, cfg, ids, mask, vision: dict, max_new: int, pad: int | No
             break
         cache.select_batch(origin)
         tokens = beams.running.view(rows, -1)[:, cur - 1:cur]
-        out = model.model.language_model(input_ids=tokens, attention_mask=full_mask[:, :cur] if has_pad else None,
-                                         past_key_values=cache, use_cache=True, **capture.kwargs)
+        logits, out = model.decode_step(tokens, cache, full_mask[:, :cur] if has_pad else None, **capture.kwargs)
         capture.add(out)
-        logits = model.lm_head(out.last_hidden_state[:, -1]).float()
     seqs, seq_scores, origin = beams.result(cfg.num_return_sequences)
     if not cfg.return_dict_in_generate:
         return seqs

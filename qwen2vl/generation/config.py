@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..configuration import hub_offline
+from ..model.static_decode import COMPILE_MODES
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 # Global defaults applied to options nobody set (transformers 5.24 `_get_default_generation_params`). An unset
@@ -31,8 +34,7 @@ FIELDS = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "do_sa
           "use_cache", "compile", "num_beams", "length_penalty", "early_stopping", "bad_words_ids",
           "remove_invalid_values", "output_hidden_states", "output_attentions")
 # `compile`: False, True (torch.compile mode "reduce-overhead": CUDA graphs on CUDA) or a torch.compile mode name;
-# decoding then runs through `static_decode.StaticDecoder` (static shapes, no rows dropped).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# decoding then runs through the model's `static_decoding` (static shapes, no rows dropped).
 
 
 class GenerationConfig:
@@ -77,8 +79,6 @@ class GenerationConfig:
                 raise ValueError(f"no {config_file_name} in directory {p}")
             p = p / config_file_name
         elif not p.is_file():
-            from ..configuration import hub_offline
-
             try:
                 from huggingface_hub import hf_hub_download
 

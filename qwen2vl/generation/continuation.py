@@ -42,8 +42,8 @@ def prefill_continuation(model, ids: torch.Tensor, cache: KVCache, past: int, me
     pos, delta = model.get_rope_index(ids, grids["image"], grids["video"])
     kw = {}
     for kind, tok, pixels, encode in (
-            ("image", cfg.image_token_id, media.get("pixel_values"), model.model.get_image_features),
-            ("video", cfg.video_token_id, media.get("pixel_values_videos"), model.model.get_video_features)):
+            ("image", cfg.image_token_id, media.get("pixel_values"), model.get_image_features),
+            ("video", cfg.video_token_id, media.get("pixel_values_videos"), model.get_video_features)):
         grid = grids[kind]
         span = None if grid is None else PlaceholderRange.of(ids[0], tok, grid, cfg.vision_config.spatial_merge_size,
                                                              past)

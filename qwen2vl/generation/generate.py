@@ -10,7 +10,7 @@ Flow (one request = one call):
    `pad_token_id` on the device and dropped from the running batch (`KVCache.select_batch`) once the host
    learns about them (see `stopping.FinishedFlags`).
    With `compile=True` (or a torch.compile mode name) the prefilled cache is handed to a
-   `static_decode.StaticDecoder` instead: static shapes, compiled step (CUDA graphs on CUDA), no rows dropped
+   `model.static_decoding(...)` (model/static_decode.py) instead: static shapes, compiled step (CUDA graphs on CUDA), no rows dropped
    (finished rows keep decoding pad tokens); the loop still stops once the host sees every row finished.
 
 Returns `(B*n, S+new)` long ids (prompt + generated, rows that stopped early padded), or a
@@ -30,7 +30,6 @@ from .continuation import check_continuation, prefill_continuation
 from .inputs import check_prompt, encode_vision, plan_vision
 from .logits import NEG_INF, LogitsPipeline, seen_tokens
 from .processors import apply_processors, as_processor_list
-from .static_decode import get_static_decoder
 from .stopping import FinishedFlags, StopStringChecker
 
 _OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "temperature",
@@ -133,14 +132,12 @@ def _make_generator(seed, generator, device: torch.device) -> torch.Generator | 
 
 def _decode_step(model, tokens: torch.Tensor, mask: torch.Tensor | None, cache: KVCache,
                  capture: StepCapture | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """tokens (B,1) → next-token logits (B,V) float32. Calls the text decoder directly: a generated token may
-    be a vision placeholder id, which the multimodal forward would try to match with vision features, and the
-    text path needs no per-step placeholder scan. Positions come from the cache (real lengths + rope deltas)."""
-    out = model.model.language_model(input_ids=tokens, attention_mask=mask, past_key_values=cache,
-                                     use_cache=True, **(capture.kwargs if capture is not None else {}))
+    """tokens (B,1) → next-token logits (B,V) float32 through the model's `decode_step` (hidden states /
+    attentions recorded into `capture` when asked)."""
+    logits, out = model.decode_step(tokens, cache, mask, **(capture.kwargs if capture is not None else {}))
     if capture is not None:
         capture.add(out, rows)
-    return model.lm_head(out.last_hidden_state[:, -1]).float()
+    return logits
 
 
 def _check_unsupported(cfg, streamer) -> None:
@@ -291,7 +288,7 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
             logits = prefill.logits[:, -1].float()
         if cfg.compile and max_new > 1:
             mode = cfg.compile if isinstance(cfg.compile, str) else "reduce-overhead"
-            static = get_static_decoder(model, b, s + max_new, compile=True, mode=mode)
+            static = model.static_decoding(b, s + max_new, compile=True, mode=mode)
             static.adopt(cache, mask)
             cache = None
         for step in range(max_new):

@@ -110,8 +110,8 @@ def encode_vision(model, plan: VisionPlan, repeats: int, pixel_values, image_gri
     grids) for the batch expanded `repeats` times per sample (row order b*repeats + j)."""
     out = {}
     for kind, pixels, grid, per_sample, encode in (
-            ("image", pixel_values, image_grid_thw, plan.images, model.model.get_image_features),
-            ("video", pixel_values_videos, video_grid_thw, plan.videos, model.model.get_video_features)):
+            ("image", pixel_values, image_grid_thw, plan.images, model.get_image_features),
+            ("video", pixel_values_videos, video_grid_thw, plan.videos, model.get_video_features)):
         if grid is None or grid.shape[0] == 0:
             continue
         device = model.device

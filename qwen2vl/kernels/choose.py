@@ -41,6 +41,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..settings import settings
+from .build import cache_dir, flavour, library
+
 log = logging.getLogger(__name__)
 
 OPS: dict[str, tuple[str, ...]] = {
@@ -70,7 +73,7 @@ BUDGET_ENV = "QWEN2VL_CHOOSE_BUDGET"  # seconds, instead of BUDGET_S (benchmarks
 
 
 def budget() -> float:
-    value = os.environ.get(BUDGET_ENV, "").strip()
+    value = settings().choose_budget
     if not value:
         return BUDGET_S
     try:
@@ -112,7 +115,7 @@ def reset() -> None:
 
 def forced() -> dict[str, str]:
     """QWEN2VL_BACKEND parsed: op -> forced candidate ("kernel" = today's rule). ValueError naming a bad item."""
-    spec = os.environ.get(ENV, "").strip()
+    spec = settings().backend
     out: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if "=" not in item:
@@ -262,18 +265,14 @@ def cpu_description() -> dict[str, str]:
 
 
 def machine_key() -> str:
-    from . import cpu
-
     c = cpu_description()
-    build = cpu.flavour() if cpu.library() is not None else "none"
+    lib = flavour() if library() is not None else "none"
     return f"{c['vendor']} {c['model']} [{c['flags']}] | torch {torch.__version__} | " \
-           f"{torch.get_num_threads()} threads | kernels {build}"
+           f"{torch.get_num_threads()} threads | kernels {lib}"
 
 
 def choices_path() -> Path:
-    from . import cpu
-
-    return cpu._cache_dir() / "choices.json"
+    return cache_dir() / "choices.json"
 
 
 def _read_all() -> dict:

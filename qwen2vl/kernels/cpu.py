@@ -1,170 +1,32 @@
-"""CPU kernels via a small C library: building it, and the bf16 / int8 weight GEMV for the few-rows case
-(decoding) behind `linear` / `Linear`. The attention and elementwise kernels' wrappers are in `cpu_ops.py`.
+"""The bf16 / int8 weight GEMV for the few-rows case (decoding) behind `linear` (backend.KernelLinear's op), and the many-rows
+linears where bf16 is emulated (`widened_linear`, `_chunked_gemv`). The library itself is built and loaded in
+`build.py`, its calls go through the `torch.library` ops of `ops.py`; the attention and elementwise kernels' entry
+points are in `cpu_ops.py`.
 
 PyTorch's bf16 matmul with 1-8 activation rows reads weights at a fraction of memory bandwidth on CPUs without
 AMX (measured: 3-5 GB/s vs ~20 GB/s on AVX512, ~20 of ~40 GB/s on AVX2), and decoding is nothing but such
-matmuls. The C sources are compiled once with the system C compiler into a per-user cache, as the AVX512 or the
-AVX2 build (`flavour`; cpu_int4.c: the 4-bit GEMV, wrapped in cpu_int4.py), and called through ctypes (no torch
-headers, ~1 s build). Anything they cannot do (no AVX2, no compiler, autograd, odd shapes, > 8 rows) falls back to
-torch.
-Set QWEN2VL_DISABLE_KERNELS=1 to always use torch.
+matmuls. Anything the kernels cannot do (no library, autograd, odd shapes, > 8 rows) runs torch's op.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import choose
-
-log = logging.getLogger(__name__)
-_DIR = Path(__file__).parent
-# Two builds of the library: AVX512 (the bf16 dot-product kernels need AVX512-BF16 too; `has_avx512bf16`) and
-# AVX2 + FMA (cpu_avx2.c: the decoding kernels only, the same entry points). cpu_rope.c / cpu_layer.c / cpu_int4.c
-# go in both.
-_FLAVOURS = {
-    "avx512": (["cpu_gemv.c", "cpu_attention.c", "cpu_decode.c"], ["-mavx512f", "-mavx512bw", "-mavx512vl"]),
-    "avx2": (["cpu_avx2.c"], ["-mavx2", "-mfma", "-mf16c"]),
-}
-_SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c", "cpu_int4.c"]
-_HEADERS = ["cpu_common.h"]
-_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
-MAX_ROWS = 8
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_GEMV = [_P] * 4 + [_I] * 3 + [ctypes.c_int]
-# name: argument types (every function returns an int status; 0 = done). A library has a subset of these.
-_SIGNATURES = {
-    "gemv_bf16": _GEMV, "gemv_i8": _GEMV,
-    "gemv_bf16_dp": _GEMV + [_P, ctypes.c_int], "gemv_i8_dp": _GEMV + [_P, ctypes.c_int],  # + bias, bf16 output
-    "decode_attention": [_P] * 5 + [_I] * 13 + [_F, ctypes.c_int],
-    "prefill_attention": [_P] * 4 + [_I] * 15 + [_F, ctypes.c_int],
-    "rms_norm": [_P] * 3 + [_I] * 2 + [_F, ctypes.c_int],
-    "rope_bf16": [_P] * 4 + [_I] * 3 + [ctypes.c_int],
-    "bias_quick_gelu": [_P, _P, _I, _I, ctypes.c_int],
-    "silu_mul": [_P, _P, _I, ctypes.c_int],
-    "decode_layers": [_P, _I] + [_P] * 5 + [_I] + [_P] * 3 + [_I] * 6 + [_F] * 2 + [ctypes.c_int],
-    "vision_attention": [_P] * 4 + [_I] * 3 + [_F, ctypes.c_int, ctypes.c_int, _I, _I],
-    "gemv_q4_avx512bf16": [_P] * 5 + [_I] * 4 + [ctypes.c_int], "gemv_q4_avx2": [_P] * 5 + [_I] * 4 + [ctypes.c_int],
-    "dequant_q4_bf16": [_P] * 4 + [_I] * 3 + [ctypes.c_int] * 2,
-}
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    """This CPU's /proc/cpuinfo flags, read once (the int8 / int4 decode paths ask per call: reading the file
-    cost ~0.4 ms each time, tens of ms per decoded token)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return frozenset()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.cache
-def flavour() -> str | None:
-    """Which build of the library this CPU runs: "avx512", "avx2", or None (no kernels). QWEN2VL_KERNEL_ISA=avx2
-    picks the AVX2 build on an AVX512 CPU (to test it there)."""
-    flags = _cpu_flags()
-    avx512 = {"avx512f", "avx512bw", "avx512vl"} <= flags
-    avx2 = {"avx2", "fma", "f16c"} <= flags
-    if os.environ.get("QWEN2VL_KERNEL_ISA", "") == "avx2":
-        return "avx2" if avx2 else None
-    return "avx512" if avx512 else "avx2" if avx2 else None
-
-
-def has_avx512bf16() -> bool:
-    """AVX512-BF16 dot products (Zen 4+, Cooper Lake / Sapphire Rapids+) in the library this CPU runs."""
-    return flavour() == "avx512" and "avx512_bf16" in _cpu_flags()
+from .build import cpu_flags as _cpu_flags  # noqa: F401  (tests patch these names here)
+from .build import cache_dir as _cache_dir  # noqa: F401
+from .build import flavour, has_avx512bf16, has_native_bf16_matmul, kernel, library  # noqa: F401
+from .ops import MAX_ROWS, implement
+_gemv_op = torch.ops.qwen2vl.gemv.default
 
 
 def has_bf16_gemv() -> bool:
     """Whether the library has the bf16-activation kernels (`*_dp`, decode attention, the fused decoding step):
     the AVX512 build on an AVX512-BF16 CPU, or the AVX2 build."""
     return library() is not None and (flavour() == "avx2" or has_avx512bf16())
-
-
-@functools.cache
-def has_native_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Elsewhere oneDNN emulates a bf16 matmul,
-    and an fp32 one on widened operands is several times faster (measured on a 2-core Zen 3: 21 vs 160 GFLOP/s)."""
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()) or platform.machine() not in ("x86_64", "AMD64")
-
-
-def kernel(name: str):
-    """The library's function `name`, or None without the library or where its build lacks it."""
-    lib = library()
-    return getattr(lib, name, None) if lib is not None else None
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("QWEN2VL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen2vl")
-    return Path(base) / "kernels"
-
-
-def _build() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    isa = flavour()
-    if cc is None or isa is None:
-        return None
-    srcs, isa_flags = _FLAVOURS[isa]
-    paths = [_DIR / n for n in srcs + _SHARED_SRCS]
-    flags = _FLAGS + isa_flags
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in paths + [_DIR / n for n in _HEADERS])
-                            + " ".join(flags).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_{isa}-{digest}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            out = Path(tmp) / target.name
-            proc = subprocess.run([cc, *flags, "-o", str(out), *map(str, paths)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                log.warning("qwen2vl: CPU kernels not built (%s); using torch matmuls", proc.stderr.strip()[:300])
-                return None
-            os.replace(out, target)  # atomic: concurrent builders never see a partial file
-    lib = ctypes.CDLL(str(target))
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name, None)
-        if fn is not None:
-            fn.restype, fn.argtypes = ctypes.c_int, argtypes
-    return lib
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot run (built on first use)."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            if os.environ.get("QWEN2VL_DISABLE_KERNELS", "0") not in ("", "0"):
-                _lib = None
-            else:
-                try:
-                    _lib = _build()
-                except Exception as exc:  # a broken toolchain must never break inference
-                    log.warning("qwen2vl: CPU kernels unavailable (%s); using torch matmuls", exc)
-                    _lib = None
-            _tried = True
-    return _lib
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -200,29 +62,15 @@ def _call(name: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
     """y (rows, N) = x @ W.T (* scale), no bias. gemv_bf16 on the dot-product path returns bf16, everything else
     fp32. (`_decode_gemv` is the bf16 path with the bias fused.)"""
     k = x.shape[-1]
-    rows = _rows(x)
-    if _dot_products(name, x):
-        xin = x.reshape(-1, k).contiguous()   # bf16 activations, BF16 dot products
-        bf16_out = name == "gemv_bf16"
-        out = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16 if bf16_out else torch.float32)
-        extra = (None, int(bf16_out))
-        name += "_dp"
-    else:
-        xin = x.reshape(-1, k).to(torch.float32).contiguous()
-        out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-        extra = ()
-    rc = getattr(library(), name)(xin.data_ptr(), weight.data_ptr(),
-                                  None if scale is None else scale.data_ptr(), out.data_ptr(),
-                                  rows, weight.shape[0], k, torch.get_num_threads(), *extra)
-    if rc != 0:
-        raise RuntimeError(f"{name} failed with code {rc}")
-    return out
+    if _dot_products(name, x):  # bf16 activations, BF16 dot products
+        return _gemv_op(x.reshape(-1, k).contiguous(), weight, scale, None, name == "gemv_bf16")
+    return _gemv_op(x.reshape(-1, k).to(torch.float32).contiguous(), weight, scale, None, False)
 
 
 @functools.cache
-def _dp_gemv():
-    """lib.gemv_bf16_dp, or None without the library or its bf16-activation kernels (resolved once)."""
-    return library().gemv_bf16_dp if has_bf16_gemv() else None
+def _dp_gemv() -> bool:
+    """Whether the library has the bf16-activation GEMV (resolved once)."""
+    return has_bf16_gemv()
 
 
 def _decode_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -231,10 +79,9 @@ def _decode_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     and bf16 written in the kernel's epilogue. None when any condition fails."""
     if x.dtype is not torch.bfloat16 or weight.dtype is not torch.bfloat16 or x.device.type != "cpu":
         return None
-    fn = _dp_gemv()
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if (fn is None or not 0 < rows <= MAX_ROWS or k % 32 or weight.device.type != "cpu"
+    if (not _dp_gemv() or not 0 < rows <= MAX_ROWS or k % 32 or weight.device.type != "cpu"
             or not weight.is_contiguous() or weight.shape[1] != k):
         return None
     if bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_contiguous()):
@@ -244,12 +91,7 @@ def _decode_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     xin = x.reshape(rows, k)
     if not xin.is_contiguous():
         xin = xin.contiguous()
-    n = weight.shape[0]
-    out = torch.empty(rows, n, dtype=torch.bfloat16)
-    if fn(xin.data_ptr(), weight.data_ptr(), None, out.data_ptr(), rows, n, k, torch.get_num_threads(),
-          None if bias is None else bias.data_ptr(), 1) != 0:
-        return None
-    return out.view(*x.shape[:-1], n)
+    return _gemv_op(xin, weight, None, bias, True).view(*x.shape[:-1], weight.shape[0])
 
 
 # Where fp32 products of widened bf16 operands overtake the GEMV kernel in 8-row chunks (2-core Zen 3, a
@@ -373,6 +215,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _linear_today(x, weight, bias)
 
 
+implement("linear", linear)  # torch.ops.qwen2vl.linear: what KernelOps.linear calls
+
+
 def _linear_today(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Today's rule for `linear`: the bf16 few-rows case on the CPU kernel, 9-63 rows in 8-row chunks and 64+ on
     widened operands where bf16 is emulated, else F.linear."""
@@ -398,19 +243,3 @@ def linear_int8(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor
         return None
     y = _call("gemv_i8", x, weight_int8, scales.float().contiguous())
     return y.to(x.dtype).view(*x.shape[:-1], weight_int8.shape[0])
-
-
-class Linear(torch.nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) whose inference forward uses the decode kernel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def __getattr__(name: str):
-    """`PrepackedLinear` (the vision tower's linear) lives in prepacked.py; this name stays importable."""
-    if name == "PrepackedLinear":
-        from .prepacked import PrepackedLinear
-
-        return PrepackedLinear
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

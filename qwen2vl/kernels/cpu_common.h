@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "qwen2vl_kernels.h"
+
 #define MAXD 128
 
 /* Thread t's contiguous share [lo, hi) of n items split among nt threads, boundaries multiples of `align`. */

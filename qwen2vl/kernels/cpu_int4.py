@@ -9,9 +9,10 @@ import threading
 
 import torch
 
-from . import cpu
+from . import build
+from .ops import MAX_ROWS, int4_function
 
-MAX_ROWS = cpu.MAX_ROWS
+_ops = torch.ops.qwen2vl
 
 
 def usable(k: int, group_size: int) -> bool:
@@ -20,12 +21,10 @@ def usable(k: int, group_size: int) -> bool:
 
 
 @functools.cache
-def _fn():
+def _fn() -> str | None:
     """The variant this CPU runs (resolved once: reading the CPU flags costs ~0.4 ms, a decode step makes
     ~200 calls)."""
-    if cpu.flavour() == "avx2":
-        return cpu.kernel("gemv_q4_avx2")
-    return cpu.kernel("gemv_q4_avx512bf16") if cpu.has_avx512bf16() else None
+    return int4_function()
 
 
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -33,20 +32,13 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     """x (..., K) bf16 on the CPU, 1..MAX_ROWS rows -> (..., N) bf16, or None where the kernel cannot run."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    fn = _fn()
-    if (fn is None or x.dtype is not torch.bfloat16 or x.device.type != "cpu" or not 0 < rows <= MAX_ROWS
+    if (_fn() is None or x.dtype is not torch.bfloat16 or x.device.type != "cpu" or not 0 < rows <= MAX_ROWS
             or k % 128 or group_size % 128 or qweight.shape[1] * 2 != k or qweight.device.type != "cpu"):
         return None
     if torch.is_grad_enabled() and x.requires_grad:
         return None
-    n = qweight.shape[0]
-    xin = x.reshape(rows, k).contiguous()
-    out = torch.empty(rows, n, dtype=torch.bfloat16)
-    rc = fn(xin.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(),
-            rows, n, k, group_size, torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"4-bit GEMV failed with code {rc}")
-    return out.view(*x.shape[:-1], n)
+    out = _ops.gemv_int4.default(x.reshape(rows, k).contiguous(), qweight, scales, zeros, group_size)
+    return out.view(*x.shape[:-1], qweight.shape[0])
 
 
 _tiles = threading.local()
@@ -66,13 +58,10 @@ def dequantize_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
                     group_size: int, reuse: bool = False) -> torch.Tensor | None:
     """W (N, K) bf16 from packed rows (the prefill path's tile), or None where the kernel does not apply.
     reuse: written into this thread's tile buffer (valid until the next reuse call on this thread)."""
-    fn = cpu.kernel("dequant_q4_bf16")
-    if fn is None or k % 128 or group_size % 128 or qweight.device.type != "cpu" or qweight.shape[1] * 2 != k \
+    if build.kernel("dequant_q4_bf16") is None or k % 128 or group_size % 128 or qweight.device.type != "cpu" or qweight.shape[1] * 2 != k \
             or not (qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
         return None
     n = qweight.shape[0]
     out = _tile_buffer(n * k).view(n, k) if reuse else torch.empty(n, k, dtype=torch.bfloat16)
-    if fn(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), n, k,
-          group_size, torch.get_num_threads(), int(cpu.has_avx512bf16())) != 0:
-        return None
+    _ops.dequant_int4_.default(out, qweight, scales, zeros, group_size, build.has_avx512bf16())
     return out

@@ -12,20 +12,6 @@
  */
 #include "cpu_common.h"
 
-int gemv_bf16_dp(const uint16_t *x, const uint16_t *w, const float *scale, float *y, int64_t M, int64_t N,
-                 int64_t K, int nthreads, const uint16_t *bias, int out_bf16);
-void gemv_bf16_dp_rows(const uint16_t *x, const uint16_t *w, const float *scale, float *y, int64_t M, int64_t N,
-                       int64_t K, const uint16_t *bias, int out_bf16, int64_t n0, int64_t n1);
-int64_t gemv_bf16_dp_align(int64_t M);
-void silu_mul_span(uint16_t *gate, const uint16_t *up, int64_t n);
-int rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t N, float eps, int nthreads);
-int rope_bf16(const uint16_t *x, const uint16_t *cs, const uint16_t *sn, uint16_t *out, int64_t rows, int64_t heads,
-              int64_t D, int nthreads);
-int decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
-                     int64_t B, int64_t Hq, int64_t Hkv, int64_t K, int64_t D, int64_t q_sb, int64_t q_sh,
-                     int64_t k_sb, int64_t k_sh, int64_t k_sk, int64_t v_sb, int64_t v_sh, int64_t v_sk,
-                     float scale, int nthreads);
-
 enum { LN1, WQ, BQ, WK, BK, WV, BV, WO, LN2, WG, WU, WD, NPTR };
 
 static int gemv(const uint16_t *x, const void *w, const void *bias, uint16_t *y, int64_t M, int64_t N, int64_t K,

@@ -1,15 +1,17 @@
-"""Attention and elementwise CPU kernels (bf16; the C library that `cpu.library()` builds, whose AVX2 build lacks
-the vision and prefill attention kernels): the vision
-tower's fused rotary + attention, text prefill / decoding attention, the decoder's RMSNorm, rotary, SiLU * up, and
-one whole decoding step through the decoder stack (`decode_layers`). Each returns None / False where its kernel
-cannot run, and the caller then uses torch ops."""
+"""When the attention and elementwise kernels apply (bf16; the AVX2 build lacks the vision and prefill attention
+kernels): the vision tower's fused rotary + attention, text prefill / decoding attention, the decoder's RMSNorm,
+rotary, SiLU * up, and one whole decoding step through the decoder stack (`decode_layers`). Each checks its
+kernel's conditions and calls its `torch.library` op (ops.py), or returns None / False where the kernel cannot run;
+`backend.py` then runs the PyTorch reference."""
 from __future__ import annotations
-
-import ctypes
 
 import torch
 
-from .cpu import has_avx512bf16, has_bf16_gemv, kernel, library
+from .build import has_avx512bf16, kernel, library
+from .cpu import has_bf16_gemv
+from .ops import DECODE_LAYER_WEIGHTS
+
+_ops = torch.ops.qwen2vl
 
 
 def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, scale: float,
@@ -44,13 +46,9 @@ def vision_attention_rows(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         return False
     if not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and out.is_contiguous()):
         raise ValueError("vision_attention_rows needs contiguous qkv / cos / sin / out")
-    cos, sin = cos.float(), sin.float()
     (a, b), (q0, q1) = segment, queries
-    row_q, row_o = qkv.shape[1] * qkv.element_size(), out.shape[1] * out.element_size()
-    rc = library().vision_attention(qkv.data_ptr() + a * row_q, cos.data_ptr() + a * d * 4,
-                                    sin.data_ptr() + a * d * 4, out.data_ptr() + a * row_o, b - a, num_heads, d,
-                                    ctypes.c_float(scale), int(is_bf16), torch.get_num_threads(), q0 - a, q1 - a)
-    return rc == 0
+    _ops.vision_attention_.default(out, qkv, cos.float(), sin.float(), num_heads, scale, a, b, q0, q1)
+    return True
 
 
 def _bf16_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -81,12 +79,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         if mask.dtype != torch.bool or mask.numel() != b * klen:
             return None
         m = mask.reshape(b, klen).to(torch.uint8).contiguous()
-    out = torch.empty(b, hq, 1, d, dtype=torch.bfloat16)
-    rc = library().decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
-                                    out.data_ptr(), b, hq, hkv, klen, d, q.stride(0), q.stride(1),
-                                    k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                                    ctypes.c_float(scale), torch.get_num_threads())
-    return out if rc == 0 else None
+    return _ops.decode_attention.default(q, k, v, m, scale)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
@@ -99,12 +92,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     hkv, klen = k.shape[1], k.shape[2]
     if s < 1 or klen < s or not has_avx512bf16() or not _bf16_attention_inputs(q, k, v):
         return None
-    out = torch.empty(b, s, hq, d, dtype=torch.bfloat16)
-    rc = library().prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, hq, hkv, s, klen, d,
-                                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                                     v.stride(0), v.stride(1), v.stride(2), ctypes.c_float(scale),
-                                     torch.get_num_threads())
-    return out.transpose(1, 2) if rc == 0 else None
+    return _ops.prefill_attention.default(q, k, v, scale)
 
 
 def bias_quick_gelu_(x: torch.Tensor, bias: torch.Tensor) -> bool:
@@ -116,8 +104,8 @@ def bias_quick_gelu_(x: torch.Tensor, bias: torch.Tensor) -> bool:
         return False
     if kernel("bias_quick_gelu") is None:
         return False
-    b = bias.detach().float().contiguous()
-    return library().bias_quick_gelu(x.data_ptr(), b.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads()) == 0
+    _ops.bias_quick_gelu_.default(x, bias.detach().float().contiguous())
+    return True
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -132,10 +120,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         return None
     if library() is None:
         return None
-    out = torch.empty_like(x)
-    rc = library().rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, ctypes.c_float(eps),
-                            torch.get_num_threads())
-    return out if rc == 0 else None
+    return _ops.rms_norm.default(x, weight, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor | None:
@@ -149,14 +134,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -
         return None
     if torch.is_grad_enabled() and x.requires_grad:
         return None
-    lib = library()
-    if lib is None:
+    if library() is None or head_dim % 2:
         return None
-    out = torch.empty_like(x)
-    rows = x.shape[0] * x.shape[1]
-    rc = lib.rope_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), rows, x.shape[-1] // head_dim,
-                       head_dim, torch.get_num_threads())
-    return out if rc == 0 else None
+    return _ops.rope.default(x, cos, sin, head_dim)
 
 
 def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> bool:
@@ -169,12 +149,10 @@ def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return False
-    lib = library()
-    return lib is not None and lib.silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), torch.get_num_threads()) == 0
-
-
-# weights of one decoder layer, in the order cpu_layer.c reads them
-DECODE_LAYER_WEIGHTS = ("ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "ln2", "wg", "wu", "wd")
+    if library() is None:
+        return False
+    _ops.silu_mul_.default(gate, up)
+    return True
 
 
 def decode_layers(x: torch.Tensor, weights: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor],
@@ -187,40 +165,16 @@ def decode_layers(x: torch.Tensor, weights: list[torch.Tensor], keys: list[torch
     (Hkv*D, H) + bias, o (H, Hq*D), gate / up (I, H), down (H, I), all contiguous bf16; keys/values per layer
     (B, Hkv, Smax, D) cache tensors, the new token of row b written at slot slots[b]; attention over slots
     [0, kv_len) where mask (B, kv_len) uint8 (1 = attend; None = all); cos/sin (B, D) bf16 contiguous."""
-    lib = library()
-    if not has_bf16_gemv() or not keys or len(values) != len(keys):
+    if not has_bf16_gemv() or not keys or x.dim() != 2 or x.device.type != "cpu" or weights[11].dim() != 2:
         return False
     b, h = x.shape
-    kc = keys[0]
-    hkv, smax, d = kc.shape[1:]
-    layers, n = len(keys), len(DECODE_LAYER_WEIGHTS)
-    if len(weights) != layers * n or weights[n - 1].dim() != 2:
+    hkv, d = keys[0].shape[1], keys[0].shape[3]
+    qd, inter = num_heads * d, weights[11].shape[1]
+    if b > 8 or h % 32 or inter % 32 or qd % 32 or d % 16 or d > 128 or num_heads % hkv:
+        return False  # the kernels' own shape conditions (cpu_layer.c)
+    try:  # the op checks every tensor before anything is written: a ValueError means "does not apply here"
+        _ops.decode_layers_.default(x, weights, keys, values, list(slots), kv_len, mask, cos, sin, num_heads, eps,
+                                    scale)
+    except ValueError:
         return False
-    qd, inter = num_heads * d, weights[n - 1].shape[1]
-    shapes = [(h,), (qd, h), (qd,), (hkv * d, h), (hkv * d,), (hkv * d, h), (hkv * d,), (h, qd), (h,), (inter, h),
-              (inter, h), (h, inter)] * layers
-    if any(t.shape != shape or t.dtype is not torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous()
-           for t, shape in zip(weights, shapes)):
-        return False
-    if (x.dtype is not torch.bfloat16 or x.device.type != "cpu" or not x.is_contiguous() or len(slots) != b
-            or kc.shape[0] != b or not 0 < kv_len <= smax or max(slots) >= kv_len or cos.shape != (b, d)
-            or sin.shape != (b, d) or not (cos.is_contiguous() and sin.is_contiguous())
-            or cos.dtype is not torch.bfloat16 or sin.dtype is not torch.bfloat16
-            or (mask is not None and (mask.dtype != torch.uint8 or mask.shape != (b, kv_len)
-                                      or not mask.is_contiguous()))):
-        return False
-    if any(t.shape != kc.shape or t.stride() != kc.stride() or t.dtype is not torch.bfloat16
-           or t.device.type != "cpu" or t.stride(-1) != 1 for t in keys + values):
-        return False
-    ptrs = (ctypes.c_void_p * (layers * n))(*[t.data_ptr() for t in weights])
-    kp = (ctypes.c_void_p * layers)(*[t.data_ptr() for t in keys])
-    vp = (ctypes.c_void_p * layers)(*[t.data_ptr() for t in values])
-    strides = (ctypes.c_int64 * 6)(*kc.stride()[:3], *values[0].stride()[:3])
-    rc = lib.decode_layers(x.data_ptr(), layers, ptrs, kp, vp, strides, (ctypes.c_int64 * b)(*slots), kv_len,
-                           None if mask is None else mask.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                           b, h, inter, num_heads, hkv, d, eps, scale, torch.get_num_threads())
-    if rc == -1:  # a kernel's shape precondition (checked before anything is written)
-        return False
-    if rc != 0:  # -3 out of memory, -2 a kernel failed after x / the cache were written: no way to fall back
-        raise RuntimeError(f"decode_layers kernel failed with code {rc}")
     return True

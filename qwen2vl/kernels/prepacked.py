@@ -3,15 +3,13 @@ fp32 on widened operands, whichever `choose` measured fastest for the shape (tod
 emulated, else prepacked)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from ..settings import settings
 from . import choose, cpu
 
 PREPACK_MIN_ROWS = 64
-_PREPACK_OK = os.environ.get("QWEN2VL_DISABLE_PREPACK", "0") in ("", "0")
 
 
 class PrepackedLinear(torch.nn.Linear):
@@ -21,9 +19,13 @@ class PrepackedLinear(torch.nn.Linear):
     bit-identical. Costs one extra copy of these weights in memory (QWEN2VL_DISABLE_PREPACK=1 turns it off).
     Which of prepacked / F.linear / widened runs for a shape is `choose`'s "vision_linear" decision."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prepack = not settings().disable_prepack  # read when the model is built
+
     def packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         w = self.weight
-        if not _PREPACK_OK or x.device.type != "cpu" or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        if not self.prepack or x.device.type != "cpu" or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
             return None
         if x.dim() != 2 or x.shape[0] < PREPACK_MIN_ROWS or (torch.is_grad_enabled() and
                                                             (x.requires_grad or w.requires_grad)):

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import choose
-from ..kernels import cpu as cpu_lib
-from ..kernels import cpu_ops as cpu_kernels
+from ..kernels.backend import KernelOps, TorchOps
+from ..kernels.backend import current as current_ops
+from ..kernels.build import has_native_bf16_matmul
 
 
 BACKENDS = ("sdpa", "eager", "flash_attention_2")
@@ -105,18 +106,21 @@ def eager_attention(q, k, v, mask, scale, causal_if_no_mask=True):
     return torch.matmul(probs, _repeat_kv(v, q.shape[1] // v.shape[1]))
 
 
-def sdpa_attention(q, k, v, mask, scale, causal_if_no_mask=True):
+def sdpa_attention(q, k, v, mask, scale, causal_if_no_mask=True, ops: TorchOps | None = None):
+    """SDPA semantics; on CPU the op layer's decode / prefill kernels where `choose` keeps them (ops: the model's
+    op layer, default this process's)."""
     s = q.shape[2]
+    ops = current_ops() if ops is None else ops
     if s == 1 and q.device.type == "cpu" and causal_if_no_mask \
             and text_attention_choice("decode_attention", q, k) != "torch":
         # Decoding on CPU: torch's SDPA has a large fixed cost per (row, head); the kernel reads each KV head once.
-        o = cpu_kernels.decode_attention(q, k, v, mask, scale)
+        o = ops.decode_attention(q, k, v, mask, scale)
         if o is not None:
             return o
     if s >= 64 and mask is None and causal_if_no_mask and q.device.type == "cpu" \
             and text_attention_choice("prefill_attention", q, k) != "torch":
         # Prefill on CPU (rows alike): bf16 flash kernel, several times faster than CPU SDPA without AMX.
-        o = cpu_kernels.prefill_attention(q, k, v, scale)
+        o = ops.prefill_attention(q, k, v, scale)
         if o is not None:
             return o
     return torch_sdpa(q, k, v, mask, scale, causal_if_no_mask)
@@ -162,8 +166,9 @@ def _text_attention_trial(op: str, rows: int, hq: int, hkv: int, d: int) -> choo
     q = torch.randn(b, hq, s, d, dtype=torch.bfloat16)
     k, v = (torch.randn(b, hkv, kl, d, dtype=torch.bfloat16) for _ in range(2))
     scale = d ** -0.5
-    kern = cpu_kernels.decode_attention if op == "decode_attention" else \
-        (lambda q, k, v, mask, scale: cpu_kernels.prefill_attention(q, k, v, scale))
+    ops = KernelOps("trial")
+    kern = ops.decode_attention if op == "decode_attention" else \
+        (lambda q, k, v, mask, scale: ops.prefill_attention(q, k, v, scale))
     cands = {"kernel": lambda: kern(q, k, v, None, scale), "torch": lambda: torch_sdpa(q, k, v, None, scale)}
     return choose.Trial(cands, lambda: torch_sdpa(q.float(), k.float(), v.float(), None, scale))
 
@@ -218,7 +223,7 @@ def flash_text_attention(q, k, v, scale, varlen: VarlenBatch):
 
 
 def text_attention(impl: str, q, k, v, mask, scale, key_valid=None, query_valid=None,
-                   varlen: VarlenBatch | None = None):
+                   varlen: VarlenBatch | None = None, ops: TorchOps | None = None):
     """q (B,Hq,S,D), k/v (B,Hkv,K,D), mask (B,1,S,K) bool or None (causal). flash_attention_2 on CUDA uses
     `varlen`, else builds it from key_valid (B,K) / query_valid (B,S) (None = all real)."""
     if impl == "flash_attention_2" and q.is_cuda:
@@ -233,7 +238,7 @@ def text_attention(impl: str, q, k, v, mask, scale, key_valid=None, query_valid=
         return flash_text_attention(q, k, v, scale, varlen)
     if impl == "eager":
         return eager_attention(q, k, v, mask, scale)
-    return sdpa_attention(q, k, v, mask, scale)
+    return sdpa_attention(q, k, v, mask, scale, ops=ops)
 
 
 class VisionSegments(NamedTuple):
@@ -260,7 +265,7 @@ def vision_attention(impl: str, q, k, v, cu_seqlens, scale: float, fp32: bool | 
     native bf16 matmul; the vision tower passes `choose`'s pick)."""
     n, h, d = q.shape
     if fp32 is None:
-        fp32 = not cpu_lib.has_native_bf16_matmul()
+        fp32 = not has_native_bf16_matmul()
     if impl == "sdpa" and q.device.type == "cpu" and q.dtype == torch.bfloat16 and fp32 \
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # No native bf16 matmul on this CPU: torch's fp32 SDPA is ~20 % faster than its bf16 one (Zen 3).

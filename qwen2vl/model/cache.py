@@ -92,11 +92,12 @@ class KVCache:
         """Make room for `total` positions per row (reallocating; for continuing a returned cache)."""
         growable, self.growable = self.growable, True
         try:
-            self._ensure_capacity(total)
+            self.ensure_capacity(total)
         finally:
             self.growable = growable
 
-    def _ensure_capacity(self, needed: int) -> None:
+    def ensure_capacity(self, needed: int) -> None:
+        """Room for `needed` positions per row: grows a growable cache, else ValueError when it lacks them."""
         if needed <= self.max_length:
             return
         if not self.growable:
@@ -116,7 +117,7 @@ class KVCache:
         where K = max(lengths) + S. Lengths are advanced by `advance` once all layers ran."""
         s = key.shape[2]
         if layer_idx == 0:
-            self._ensure_capacity(max(self.lengths) + s)
+            self.ensure_capacity(max(self.lengths) + s)
         kc, vc = self.keys[layer_idx], self.values[layer_idx]
         if self.is_uniform():
             p = self.lengths[0]

@@ -1,5 +1,5 @@
 """The CPU decoding fast path: one kernel call runs a whole decoding step through the decoder stack
-(`cpu_ops.decode_layers`), instead of ~7 Python-level module calls per layer. Same kernels, same order as the
+(the op layer's `decode_layers`), instead of ~7 Python-level module calls per layer. Same kernels, same order as the
 per-op path, so the output is bit-identical to it (tests/test_fused_decode.py); it only applies where the per-op
 path would itself run on those kernels, and anything else (autograd, hooks, int8 or tensor-parallel layers,
 eager / flash attention, fp32, more than 8 rows, a CPU without AVX512-BF16) takes the per-op path. (int4 / int8
@@ -12,8 +12,9 @@ import weakref
 
 import torch
 
-from ..kernels import cpu_ops
-from ..kernels.cpu import Linear, linear_choice
+from ..kernels.backend import KernelLinear
+from ..kernels.cpu import linear_choice
+from ..quantization import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from .attention import attention_choice
 from .cache import KVCache
 
@@ -23,7 +24,7 @@ _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 class _LayerPlan:
     """One decoder layer's modules, found once; `current()` sees a submodule replaced since (the layer is then
     planned again), `usable()` hooks or another attention backend, and `tensors()` re-reads its weights every step
-    (plain dict reads; the kernel wrapper checks them)."""
+    (the op checks them)."""
 
     def __init__(self, layer):
         self.layer, self.attn, self.mlp = layer, layer.self_attn, layer.mlp
@@ -33,7 +34,7 @@ class _LayerPlan:
         self.children = self._children()
 
     def _children(self) -> tuple:
-        return (*self.layer._modules.values(), *self.attn._modules.values(), *self.mlp._modules.values())
+        return (*self.layer.children(), *self.attn.children(), *self.mlp.children())
 
     def current(self) -> bool:
         """Whether no submodule was replaced since the plan was made."""
@@ -44,17 +45,16 @@ class _LayerPlan:
             not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
 
     def tensors(self) -> list[torch.Tensor] | None:
-        """The layer's tensors in `cpu_ops.DECODE_LAYER_WEIGHTS` order (checked by the kernel wrapper), or None
-        when a projection is not the plain kernel Linear (int8 / tensor-parallel layers, a served LoRA adapter
+        """The layer's tensors in `kernels.ops.DECODE_LAYER_WEIGHTS` order (checked by the kernel wrapper), or None
+        when a projection is not the plain KernelLinear (int8 / tensor-parallel layers, a served LoRA adapter
         that a row of this step uses) or a bias differs."""
-        if any(type(p) is not Linear and not getattr(p, "idle_lora", False) for p in self.projs):
+        if any(type(p) is not KernelLinear and not getattr(p, "idle_lora", False) for p in self.projs):
             return None
-        q, k, v, o, g, u, d = (p._parameters for p in self.projs)
-        if q["bias"] is None or k["bias"] is None or v["bias"] is None or \
-                any(p["bias"] is not None for p in (o, g, u, d)):
+        q, k, v, o, g, u, d = self.projs
+        if q.bias is None or k.bias is None or v.bias is None or any(p.bias is not None for p in (o, g, u, d)):
             return None
-        return [self.norms[0]._parameters["weight"], q["weight"], q["bias"], k["weight"], k["bias"], v["weight"],
-                v["bias"], o["weight"], self.norms[1]._parameters["weight"], g["weight"], u["weight"], d["weight"]]
+        return [self.norms[0].weight, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight,
+                self.norms[1].weight, g.weight, u.weight, d.weight]
 
 
 _plans: "weakref.WeakKeyDictionary[torch.nn.ModuleList, list[_LayerPlan]]" = weakref.WeakKeyDictionary()
@@ -102,13 +102,13 @@ def fused_decode_step(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         return None
     attn0 = layers[0].self_attn
     kv_len = max(cache.lengths) + 1
-    cache._ensure_capacity(kv_len)  # what the per-op path's layer-0 cache.update does
+    cache.ensure_capacity(kv_len)  # what the per-op path's layer-0 cache.update does
     if mask is not None:
         if mask.shape != (x.shape[0], 1, 1, kv_len):
             return None
         mask = mask.reshape(x.shape[0], kv_len).to(torch.uint8)
     out = x.reshape(x.shape[0], x.shape[2]).clone()
-    ok = cpu_ops.decode_layers(out, weights, cache.keys, cache.values, list(cache.lengths), kv_len, mask,
+    ok = attn0.ops.decode_layers(out, weights, cache.keys, cache.values, list(cache.lengths), kv_len, mask,
                                cos.reshape(cos.shape[0], -1).contiguous(), sin.reshape(sin.shape[0], -1).contiguous(),
                                attn0.num_heads, layers[0].input_layernorm.variance_epsilon, attn0.scale)
     return out.view_as(x) if ok else None
@@ -119,15 +119,13 @@ def choose_decoding_backends(model, rows: int = 1) -> None:
     """At load: `choose`'s decisions for decoding `rows` rows (each distinct projection shape, the LM head, the
     decode attention), so a bf16 CPU model's first generated tokens do not pay for the timing (within the chooser's
     budget; the vision and prefill shapes are decided at their first use)."""
-    from ..quantization import Int4WeightOnlyLinear, Int8WeightOnlyLinear
-
     text = model.model.language_model
     if not text.layers:
         return
     seen = set()
     with torch.inference_mode():
         for mod in [*text.layers[0].modules(), model.lm_head]:
-            w = mod.weight if type(mod) is Linear else getattr(mod, "weight_int8", getattr(mod, "qweight", None))
+            w = mod.weight if type(mod) is KernelLinear else getattr(mod, "weight_int8", getattr(mod, "qweight", None))
             key = (type(mod), None if w is None else tuple(w.shape), getattr(mod, "bias", None) is not None)
             if w is None or w.device.type != "cpu" or key in seen:
                 continue

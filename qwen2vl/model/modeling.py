@@ -5,13 +5,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.cpu import Linear
+from ..kernels.backend import KernelLinear
 from ..configuration import Qwen2VLConfig
 from .attention import check_backend
 from .cache import KVCache
+from .fused_decode import choose_decoding_backends
 from .pretrained import Qwen2VLPreTrainedModel
 from .outputs import Qwen2VLCausalLMOutputWithPast, Qwen2VLModelOutputWithPast, VisionFeatures
 from .rope_index import get_rope_index
+from .static_decode import StaticDecoder, get_static_decoder, release_static_decoder
 from .text import Qwen2VLTextModel
 from .vision import Qwen2VisionTransformerPretrainedModel
 
@@ -173,11 +175,12 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
         super().__init__()
         self.config = config
         self.model = Qwen2VLModel(config)
-        self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = KernelLinear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         if not self.lm_head.weight.is_meta:
             with torch.no_grad():
                 self._init_weights(self.lm_head)
         self.tie_weights()
+        self.static_decoder: StaticDecoder | None = None  # the compiled decoding state (`static_decoding`)
         from ..generation.config import GenerationConfig
 
         self.generation_config = GenerationConfig.from_model_config(config)
@@ -244,10 +247,30 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
                                                rope_deltas=out.rope_deltas)
         return result if kwargs.get("return_dict", True) is not False else result.to_tuple()
 
+    # ------------------------------------------------------------------------------------------ decoding
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
+                    **flags) -> tuple[torch.Tensor, object]:
+        """One decoding step: tokens (B,1) -> next-token logits (B,V) float32 and the decoder's output (hidden
+        states / attentions when `flags` ask for them). Positions come from the cache (real lengths + rope
+        deltas); the text decoder is called directly (a generated token may be a placeholder id, which the
+        multimodal forward would try to match with vision features). On a bf16 CPU model the decoder runs all
+        layers in one kernel call where it applies (fused_decode.py), else layer by layer: same bits. The
+        static-shape (compiled) backend of the same step is `static_decoding`."""
+        out = self.language_model(input_ids=tokens, attention_mask=attention_mask, past_key_values=cache,
+                                  use_cache=True, **flags)
+        return self.lm_head(out.last_hidden_state[:, -1]).float(), out
+
+    def static_decoding(self, batch_size: int, max_length: int, compile: bool = True,
+                        mode: str = "reduce-overhead") -> StaticDecoder:
+        """The model's static-shape decoder (static_decode.py: `adopt(cache, mask)` then `step(tokens)`), kept in
+        `self.static_decoder` and reused while the batch size and length bucket stay the same."""
+        return get_static_decoder(self, batch_size, max_length, compile=compile, mode=mode)
+
+    def release_static_decoder(self) -> None:
+        release_static_decoder(self)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        from .fused_decode import choose_decoding_backends
-
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # CPU backends for decoding measured (or read) now, not at the first token
         choose_decoding_backends(loaded[0] if isinstance(loaded, tuple) else loaded)  # (model, info) on request

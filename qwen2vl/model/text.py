@@ -12,10 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configuration import Qwen2VLTextConfig
-from ..kernels.cpu import Linear
-from ..kernels.cpu_ops import rms_norm as rms_norm_kernel
-from ..kernels.cpu_ops import rope as rope_kernel
-from ..kernels.cpu_ops import silu_mul_
+from ..kernels.backend import KernelLinear
+from ..kernels.backend import current as current_ops
 from .attention import VarlenBatch, attention_probs, text_attention, varlen_batch
 from .cache import KVCache
 from .fused_decode import fused_decode_step
@@ -24,7 +22,6 @@ from .pretrained import Qwen2VLPreTrainedModel
 from .introspection import output_flags, recording_attentions
 from .packing import check_packed_allowed, packed_segments, packed_varlen, segment_mask, segments_from_cu_seq_lens
 from .rope_index import text_positions_from_cache
-from .vision import rotate_half
 
 
 class Qwen2VLRMSNorm(nn.Module):
@@ -32,16 +29,10 @@ class Qwen2VLRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.ops = current_ops()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = rms_norm_kernel(x, self.weight, self.variance_epsilon)  # bf16 on CPU: one call instead of eight ops
-        if y is not None:
-            return y
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        # The reference casts back before the weight multiply; keep that order for bit-level parity.
-        return self.weight * x32.to(dtype)
+        return self.ops.rms_norm(x, self.weight, self.variance_epsilon)
 
 
 def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section: list[int],
@@ -70,31 +61,24 @@ class Qwen2VLAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.scale = self.head_dim ** -0.5
         h = config.hidden_size
-        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_proj = KernelLinear(h, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = KernelLinear(h, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = KernelLinear(h, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = KernelLinear(self.num_heads * self.head_dim, h, bias=False)
         self.attn_implementation = getattr(config, "attn_implementation", None) or "sdpa"
         self.recorded_attentions: list | None = None   # set by Qwen2VLTextModel.forward(output_attentions=True)
+        self.ops = current_ops()
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, varlen: VarlenBatch | None = None):
         b, s, _ = x.shape
         d = self.head_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        qr = rope_kernel(q, cos, sin, d)  # bf16 on CPU: one kernel call each, else None
-        kr = rope_kernel(k, cos, sin, d) if qr is not None else None
-        if kr is not None:
-            q, k = qr, kr
-        q, k, v = (t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
-        if kr is None:
-            c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
-            q = q * c + rotate_half(q) * sn
-            k = k * c + rotate_half(k) * sn
+        q, k = self.ops.rope(self.q_proj(x), self.k_proj(x), cos, sin, d)    # (B,Hq,S,D), (B,Hkv,S,D)
+        v = self.v_proj(x).view(b, s, -1, d).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if self.recorded_attentions is not None:  # output_attentions (eager only): this call's probabilities
             self.recorded_attentions.append(attention_probs(q, k, mask, self.scale))
-        o = text_attention(self.attn_implementation, q, k, v, mask, self.scale, varlen=varlen)
+        o = text_attention(self.attn_implementation, q, k, v, mask, self.scale, varlen=varlen, ops=self.ops)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -102,19 +86,15 @@ class Qwen2MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(h, i, bias=False)
-        self.up_proj = Linear(h, i, bias=False)
-        self.down_proj = Linear(i, h, bias=False)
+        self.gate_proj = KernelLinear(h, i, bias=False)
+        self.up_proj = KernelLinear(h, i, bias=False)
+        self.down_proj = KernelLinear(i, h, bias=False)
         if config.hidden_act != "silu":
             raise ValueError(f"Qwen2-VL text MLP uses silu, got hidden_act={config.hidden_act!r}")
+        self.ops = current_ops()
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return self.down_proj(F.silu(gate) * up)
-        if silu_mul_(gate, up):  # bf16 on CPU: one pass, bit-identical to the line below
-            return self.down_proj(gate)
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # no temporaries at inference
+        return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Qwen2VLDecoderLayer(nn.Module):

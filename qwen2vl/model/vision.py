@@ -9,23 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import choose
-from ..kernels import cpu_ops as cpu_kernels
 from ..configuration import Qwen2VLVisionConfig
-from ..kernels.cpu import has_native_bf16_matmul
+from ..kernels import choose
+from ..kernels.backend import KernelOps, quick_gelu, rotate_half
+from ..kernels.backend import current as current_ops
+from ..kernels.build import has_native_bf16_matmul
 from ..kernels.prepacked import PrepackedLinear
 from .attention import vision_attention, vision_segments
 from .pretrained import Qwen2VLPreTrainedModel
 from .rope_index import vision_cu_seqlens, vision_position_ids
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and x.requires_grad:
-        return x * torch.sigmoid(1.702 * x)
-    # Same arithmetic, one temporary updated in place: half the memory passes of the expression above.
-    t = torch.mul(x, 1.702)
-    torch.sigmoid_(t)
-    return t.mul_(x)
 
 
 _ACT = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu,
@@ -42,11 +34,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x.to(self.proj.weight.dtype))
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def vision_rotary(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +55,14 @@ class VisionAttention(nn.Module):
         self.qkv = PrepackedLinear(dim, 3 * dim, bias=True)
         self.proj = PrepackedLinear(dim, dim, bias=True)
         self.attn_implementation = attn_implementation
+        self.ops = current_ops()
 
     def forward(self, x, cu_seqlens, cos, sin):
         qkv = self.qkv(x)
         use_kernel, fp32 = self.plan(qkv)
         if use_kernel:
-            o = cpu_kernels.vision_attention(qkv, cos, sin, self.num_heads, self.scale,
-                                             vision_segments(cu_seqlens, x.device).bounds)
+            o = self.ops.vision_attention(qkv, cos, sin, self.num_heads, self.scale,
+                                          vision_segments(cu_seqlens, x.device).bounds)
             if o is not None:
                 return self.proj(o)
         o = self.torch_attention(qkv, cu_seqlens, cos, sin, fp32)
@@ -115,7 +103,8 @@ class VisionAttention(nn.Module):
         cos, sin = vision_rotary(torch.randint(0, 64, (rows, 2)), d)
         seg = vision_segments(torch.tensor([0, rows], dtype=torch.int32), qkv.device)
         sdpa = "torch" if has_native_bf16_matmul() else "torch_fp32"  # bf16 SDPA where bf16 is native
-        cands = {"kernel": lambda: cpu_kernels.vision_attention(qkv, cos, sin, h, self.scale, [0, rows]),
+        kernel = KernelOps("trial")
+        cands = {"kernel": lambda: kernel.vision_attention(qkv, cos, sin, h, self.scale, [0, rows]),
                  sdpa: lambda: self.torch_attention(qkv, seg, cos, sin, sdpa == "torch_fp32")}
         today = ("kernel", sdpa)
         return choose.Trial(cands, lambda: self.torch_attention(qkv.float(), seg, cos, sin, False), today=today)
@@ -132,6 +121,7 @@ class VisionMlp(nn.Module):
         self.fc1 = PrepackedLinear(dim, hidden)
         self.fc2 = PrepackedLinear(hidden, dim)
         self.act = _ACT[act]
+        self.ops = current_ops()
 
     def forward(self, x):
         if not self.chunked(x):
@@ -150,8 +140,7 @@ class VisionMlp(nn.Module):
         """out[a:a + CHUNK] = mlp(x[a:a + CHUNK])."""
         if self.act is quick_gelu and x.dtype == torch.bfloat16 and self.fc1.bias is not None:
             h = self.fc1(x[a:a + self.CHUNK], with_bias=False)  # fc1 without bias (faster GEMM), then
-            if not cpu_kernels.bias_quick_gelu_(h, self.fc1.bias):  # bias + activation in one pass
-                h = self.act(h + self.fc1.bias)
+            h = self.ops.bias_quick_gelu(h, self.fc1.bias)        # bias + activation (one pass on the kernel)
         else:
             h = self.act(self.fc1(x[a:a + self.CHUNK]))
         out[a:a + self.CHUNK] = self.fc2(h)

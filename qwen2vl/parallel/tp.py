@@ -16,7 +16,7 @@ generation/ build themselves (`KVCache.from_config` without `num_kv_heads`).
 
 Entry points: `from_pretrained(..., tp_plan="auto", tp_size=N)` under torchrun (→ `load_tensor_parallel`),
 `parallelize(model)` for a model already in memory (every rank holds the same full model; tests / tools), and
-`qwen2vl.parallel.launch` / `start_tensor_parallel` (spawning ranks; rank-0 driver + worker loop in `tp_runner`).
+`qwen2vl.parallel.spawn.launch` / `start_tensor_parallel` (spawning ranks; rank-0 driver + worker loop in `tp_runner`).
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def init_distributed(tp_size: int | None = None, backend: str | None = None) -> 
         if single and tp_size not in (None, 1):
             raise ValueError(
                 f"tp_size={tp_size} needs {tp_size} processes: run under `torchrun --nproc-per-node {tp_size}` "
-                "(RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set) or spawn them with qwen2vl.parallel.launch.")
+                "(RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set) or spawn them with qwen2vl.parallel.spawn.launch.")
         world = 1 if single else int(os.environ["WORLD_SIZE"])
         if tp_size is not None and tp_size != world:
             raise ValueError(f"tp_size={tp_size} but WORLD_SIZE={world}: tensor parallelism uses every rank "

@@ -1,6 +1,7 @@
 """Static-shape decode step (`torch.compile` / CUDA graphs): `StaticDecoder`.
 
-The eager decode step (`generate._decode_step` → `Qwen2VLTextModel`) is dynamic: keys are sliced to
+The eager decode step (`Qwen2VLForConditionalGeneration.decode_step` → `Qwen2VLTextModel`, whose CPU
+decoding runs all layers in one kernel call where `fused_decode` applies) is dynamic: keys are sliced to
 max(lengths)+1, masks and positions are rebuilt from host lists each step. `StaticDecoder` runs the same math
 with every shape fixed and all per-row state on the device, so `torch.compile(mode="reduce-overhead")` can
 capture the whole step as one CUDA graph and the host never waits for the device:
@@ -18,13 +19,13 @@ final norm + LM head; finally `lengths`, `next_pos`, `key_valid` are advanced in
 GQA: for one query token all query heads of a kv group share keys and mask, so q (B,Hq,1,D) is regrouped to
 (B,Hkv,Hq/Hkv,D) and attends to the un-repeated cache (same math as repeating K/V, without the copy).
 
-The model's own modules are called (embedding, RMSNorms, q/k/v/o, MLP and LM-head Linears); only the attention
-math is written here. Under compilation, plain `kernels.cpu.Linear` layers use `F.linear` on CUDA and their CPU
-kernel through an opaque custom op on CPU (a ctypes call would break the graph); eagerly they run exactly as in
-the eager decode path.
+The model's own modules are called (embedding, RMSNorms, q/k/v/o, MLP and LM-head linears, the rotary of the
+op layer); only the cache write and the attention are written here. The op layer's kernels are `torch.library`
+ops with fake implementations, so a compiled CPU graph keeps them without a break; on CUDA they are torch ops.
 
-`get_static_decoder(model, ...)` keeps one decoder per model (buffers reused, so a compiled graph is reused by
-later `generate` calls of the same batch size and length bucket; `release_static_decoder` frees it);
+`get_static_decoder(model, ...)` (`model.static_decoding(...)`) keeps one decoder per model in
+`model.static_decoder` (buffers reused, so a compiled graph is reused by later `generate` calls of the same batch
+size and length bucket; `release_static_decoder` frees it);
 `adopt(cache, attention_mask)` copies a prefilled `KVCache` into it (the prompt's slots only: `generate` then
 sizes its prefill cache to the prompt, so K/V memory is not held twice).
 """
@@ -33,34 +34,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.cpu import Linear as KernelLinear
-from ..kernels.cpu import linear as cpu_linear
-from ..model.cache import KVCache
-from ..model.vision import rotate_half
-from .config import COMPILE_MODES
+from .cache import KVCache
+
+# torch.compile modes a static decoder accepts (generation's `compile=` option names one of them)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 LENGTH_BUCKET = 256  # get_static_decoder rounds Smax up to this, so nearby prompt lengths share one graph
 _COMPILED: dict[str, object] = {}
-
-
-@torch.library.custom_op("qwen2vl::static_decode_cpu_linear", mutates_args=())
-def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`kernels.cpu.linear` as an opaque op: compiled CPU graphs keep the bandwidth-bound GEMV kernel (a plain
-    F.linear becomes torch's slow few-row bf16 matmul) without a graph break at the ctypes call."""
-    return cpu_linear(x, weight, bias)  # always a new tensor (custom ops may not alias inputs)
-
-
-@_cpu_linear.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def _proj(mod, x: torch.Tensor) -> torch.Tensor:
-    if type(mod) is KernelLinear and torch.compiler.is_compiling():
-        if x.device.type == "cpu":
-            return _cpu_linear(x, mod.weight, mod.bias)
-        return F.linear(x, mod.weight, mod.bias)
-    return mod(x)
 
 
 def decode_forward(text, lm_head, inv_freq, tokens, keys, values, lengths, next_pos, key_valid):
@@ -70,7 +50,7 @@ def decode_forward(text, lm_head, inv_freq, tokens, keys, values, lengths, next_
     b = tokens.shape[0]
     x = text.embed_tokens(tokens.clamp(0, text.embed_tokens.num_embeddings - 1))    # (B,1,H)
     freqs = next_pos[:, None].float() * inv_freq                                         # (B,D/2)
-    f = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]                              # (B,1,1,D)
+    f = torch.cat([freqs, freqs], dim=-1)[:, None, :]                                    # (B,1,D)
     cos, sin = f.cos().to(x.dtype), f.sin().to(x.dtype)
     key_valid.scatter_(1, lengths[:, None], True)
     mask = key_valid[:, None, None, :]                                                   # (B,1,1,Smax)
@@ -79,23 +59,18 @@ def decode_forward(text, lm_head, inv_freq, tokens, keys, values, lengths, next_
         attn = layer.self_attn
         d = attn.head_dim
         h = layer.input_layernorm(x)
-        q = _proj(attn.q_proj, h).view(b, 1, -1, d).transpose(1, 2)                     # (B,Hq,1,D)
-        k = _proj(attn.k_proj, h).view(b, 1, -1, d).transpose(1, 2)                     # (B,Hkv,1,D)
-        v = _proj(attn.v_proj, h).view(b, 1, -1, d).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = attn.ops.rope(attn.q_proj(h), attn.k_proj(h), cos, sin, d)                # (B,Hq,1,D), (B,Hkv,1,D)
+        v = attn.v_proj(h).view(b, 1, -1, d).transpose(1, 2)
         hkv = k.shape[1]
         idx = slot.expand(b, hkv, 1, d)
         keys[i].scatter_(2, idx, k)
         values[i].scatter_(2, idx, v)
         qg = q.reshape(b, hkv, -1, d)                  # query head g*rep + r → group g, row r (as repeat_kv)
         o = F.scaled_dot_product_attention(qg, keys[i], values[i], attn_mask=mask, scale=attn.scale)
-        x = x + _proj(attn.o_proj, o.reshape(b, 1, -1))
-        h = layer.post_attention_layernorm(x)
-        mlp = layer.mlp
-        x = x + _proj(mlp.down_proj, F.silu(_proj(mlp.gate_proj, h)) * _proj(mlp.up_proj, h))
+        x = x + attn.o_proj(o.reshape(b, 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
     x = text.norm(x)
-    logits = _proj(lm_head, x[:, -1]).float()
+    logits = lm_head(x[:, -1]).float()
     lengths.add_(1)
     next_pos.add_(1)
     return logits
@@ -129,7 +104,7 @@ class StaticDecoder:
         if compile and mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
         self.model = model
-        self.text = model.model.language_model
+        self.text = model.language_model
         cfg = self.text.config
         if getattr(cfg, "tp_world_size", 1) != 1:
             raise ValueError("StaticDecoder does not support tensor-parallel models; use the engine.")
@@ -165,7 +140,7 @@ class StaticDecoder:
         return self.compile and self.device.type == "cuda" and self.mode == "reduce-overhead"
 
     def matches(self, model, batch_size: int, max_length: int, compile: bool, mode: str) -> bool:
-        weight = model.model.language_model.embed_tokens.weight
+        weight = model.language_model.embed_tokens.weight
         return (self.model is model and self.batch_size == batch_size and self.max_length == max_length
                 and self.compile == bool(compile) and self.mode == mode and weight.device == self.device
                 and weight.dtype == self.dtype)
@@ -226,17 +201,17 @@ def _bucket(n: int) -> int:
 def get_static_decoder(model, batch_size: int, max_length: int, compile: bool = True,
                        mode: str = "reduce-overhead") -> StaticDecoder:
     """The model's StaticDecoder for this shape (Smax = max_length rounded up to LENGTH_BUCKET), reused
-    across calls; one is kept per model (a different shape replaces it and frees the old buffers)."""
+    across calls; one is kept per model (`model.static_decoder`; a different shape replaces it and frees the old
+    buffers)."""
     smax = min(_bucket(max_length), max(max_length, model.config.text_config.max_position_embeddings))
-    current = model.__dict__.get("_qwen2vl_static_decoder")
+    current = model.static_decoder
     if current is not None and current.matches(model, batch_size, smax, compile, mode):
         return current
-    model.__dict__["_qwen2vl_static_decoder"] = None  # free the old buffers before allocating new ones
-    current = StaticDecoder(model, batch_size, smax, compile=compile, mode=mode)
-    model.__dict__["_qwen2vl_static_decoder"] = current
-    return current
+    model.static_decoder = None  # free the old buffers before allocating new ones
+    model.static_decoder = StaticDecoder(model, batch_size, smax, compile=compile, mode=mode)
+    return model.static_decoder
 
 
 def release_static_decoder(model) -> None:
     """Drop the model's StaticDecoder (its K/V buffers) until the next `generate(..., compile=...)`."""
-    model.__dict__.pop("_qwen2vl_static_decoder", None)
+    model.static_decoder = None
