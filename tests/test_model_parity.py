@@ -192,7 +192,7 @@ def test_flash_attention_2_fails_clearly_on_cpu(tmp_path):
 
 
 def test_vision_mlp_row_chunks_match_oracle(monkeypatch):
-    """Inference runs the vision tower's linears, MLP and merger over row chunks (256 rows on real images); with
+    """Inference runs the vision tower's linears, MLP and merger over row chunks (512 rows on real images); with
     100-row chunks a 576-patch grid takes 6 of them, and the tower still equals transformers' (fp32, 1e-4)."""
     from qwen2vl.model import vision
 

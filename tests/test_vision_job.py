@@ -62,16 +62,17 @@ def test_row_chunked_units_keep_the_bits_and_stay_small_fp32(monkeypatch):
 
 @torch.inference_mode()
 def test_job_on_the_kernel_path_slices_attention_and_keeps_the_bits(monkeypatch):
-    """bf16, vision head 80, >= 256 patches: the fused CPU kernel runs in query slices of ~SLICE_FLOPS, the
-    linears / MLP / merger in vision.ROWS-row chunks; the one-shot tower runs the same chunks."""
+    """bf16, vision head 80, >= 256 patches: the fused CPU kernel runs in slices of heads x queries of
+    ~SLICE_FLOPS, the linears / MLP / merger in vision.ROWS-row chunks; the one-shot tower runs the same chunks."""
     if cpu_ops.kernel("vision_attention") is None or not cpu_ops.has_avx512bf16():
         pytest.skip("no AVX512-BF16 vision attention kernel on this CPU")
     visual = real_heads_model().to(torch.bfloat16).model.visual
     grid = [[1, 36, 40], [1, 8, 8]]                      # 1440 + 64 patches: > vision.ROWS rows
     px = pixels(grid, seed=3).to(torch.bfloat16)
     ref = visual(px, torch.tensor(grid))
-    monkeypatch.setattr(vision_job, "SLICE_FLOPS", 4 * 100 * 1440 * 160)  # ~100-query slices of the big picture
-    assert vision_job.slice_rows(1440, 160) == 96
+    monkeypatch.setattr(vision_job, "SLICE_FLOPS", 4 * 100 * 1440 * 80)  # ~100-query slices of one head
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)               # one head a slice
+    assert vision_job.attention_slices(1440, 2, 80) == (1, 96)
     job = VisionEncodeJob(visual, px, torch.tensor(grid))
     attention, largest = [], 0
     while not job.done:
@@ -80,7 +81,8 @@ def test_job_on_the_kernel_path_slices_attention_and_keeps_the_bits(monkeypatch)
         largest = max(largest, job.next_cost)
         job.run(0)
     assert torch.equal(job.result, ref)
-    assert len(attention) == 2 * (15 + 1) and max(attention) == 4 * 96 * 1440 * 160   # 2 blocks x 15 + 1 slices
+    # 2 blocks x 2 heads x (15 slices of the big picture + 1 of the small one)
+    assert len(attention) == 2 * 2 * (15 + 1) and max(attention) == 4 * 96 * 1440 * 80
     feats, spends, _ = run_sliced(visual, px, grid, budget=3 * largest)
     assert torch.equal(feats, ref) and len(spends) >= 10 and max(spends) <= 3 * largest
 

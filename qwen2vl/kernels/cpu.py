@@ -58,7 +58,7 @@ _SIGNATURES = {
     "bias_quick_gelu": [_P, _P, _I, _I, ctypes.c_int],
     "silu_mul": [_P, _P, _I, ctypes.c_int],
     "decode_layers": [_P, _I] + [_P] * 5 + [_I] + [_P] * 3 + [_I] * 6 + [_F] * 2 + [ctypes.c_int],
-    "vision_attention": [_P] * 4 + [_I] * 3 + [_F, ctypes.c_int, ctypes.c_int, _I, _I],
+    "vision_attention": [_P] * 4 + [_I] * 3 + [_F, ctypes.c_int, ctypes.c_int, _I, _I, _I, _I],
     "gemv_q4_avx512bf16": [_P] * 5 + [_I] * 4 + [ctypes.c_int], "gemv_q4_avx2": [_P] * 5 + [_I] * 4 + [ctypes.c_int],
     "dequant_q4_bf16": [_P] * 4 + [_I] * 3 + [ctypes.c_int] * 2,
 }

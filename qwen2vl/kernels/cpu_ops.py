@@ -28,10 +28,11 @@ def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nu
 
 
 def vision_attention_rows(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, scale: float,
-                          segment: tuple[int, int], queries: tuple[int, int], out: torch.Tensor) -> bool:
+                          segment: tuple[int, int], queries: tuple[int, int], out: torch.Tensor,
+                          heads: tuple[int, int] | None = None) -> bool:
     """Rows `queries` = [q0, q1) (absolute, inside `segment` = [a, b)) of `vision_attention` into out (N, H*D),
-    attending to all keys of the segment; each query row has the same bits as in a call over the whole segment.
-    False when the kernel cannot run (nothing written)."""
+    attending to all keys of the segment, for heads [h0, h1) (default all); each (query row, head) has the same
+    bits as in a call over the whole segment. False when the kernel cannot run (nothing written)."""
     d = qkv.shape[1] // (3 * num_heads)
     if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or d % 16 or d > 128:
         return False
@@ -45,11 +46,12 @@ def vision_attention_rows(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and out.is_contiguous()):
         raise ValueError("vision_attention_rows needs contiguous qkv / cos / sin / out")
     cos, sin = cos.float(), sin.float()
-    (a, b), (q0, q1) = segment, queries
+    (a, b), (q0, q1), (h0, h1) = segment, queries, heads or (0, num_heads)
     row_q, row_o = qkv.shape[1] * qkv.element_size(), out.shape[1] * out.element_size()
     rc = library().vision_attention(qkv.data_ptr() + a * row_q, cos.data_ptr() + a * d * 4,
                                     sin.data_ptr() + a * d * 4, out.data_ptr() + a * row_o, b - a, num_heads, d,
-                                    ctypes.c_float(scale), int(is_bf16), torch.get_num_threads(), q0 - a, q1 - a)
+                                    ctypes.c_float(scale), int(is_bf16), torch.get_num_threads(), q0 - a, q1 - a,
+                                    h0, h1)
     return rc == 0
 
 

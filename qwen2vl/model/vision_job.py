@@ -10,11 +10,12 @@ in `vision.ROWS`-row chunks (`vision.by_rows`); each chunk is a unit here:
 * the patch embedding per chunk; per block: qkv per chunk (norm1 over all rows first, as the one-shot forward);
   the attention; proj per chunk + the residual; the MLP's fc1 + activation and its fc2 per chunk, two units;
   then the merger's two linears per chunk of merged rows;
-* the attention on the fused CPU kernel runs in query slices of ~SLICE_FLOPS, each attending to all keys of its
-  picture / frame (the kernel computes every query row alone, so a slice has the bits of the whole call); on the
-  torch path (GPU, small inputs, SDPA chosen) it is one unit, as are the linears on a GPU (no chunks there).
-So on CPU no unit grows with the picture but the attention slices' key count: on the 2B tower (dim 1280, MLP 5120)
-a linear unit is 0.8-3.4 GF and an attention slice of a 1024x768 picture ~2 GF.
+* the attention on the fused CPU kernel runs in slices of ~SLICE_FLOPS, a few heads x a range of queries, each
+  attending to all keys of its picture / frame (the kernel computes every (query row, head) alone, so a slice has
+  the bits of the whole call); on the torch path (GPU, small inputs, SDPA chosen) it is one unit, as are the
+  linears on a GPU (no chunks there).
+So on CPU no unit grows with the picture: on the 2B tower (dim 1280, MLP 5120) a linear unit is 1.5-6.7 GF and an
+attention slice ~3 GF (2 threads: 2 heads x ~740 queries of a 1024x768 picture).
 
 Each unit has (flops, kind), kind LINEAR or ATTENTION (multiply-adds x 2). `run(budget, weights)` runs units
 while their cost, flops x weights[kind], fits in `budget`, and always at least one (unless told otherwise): with
@@ -35,18 +36,22 @@ LINEAR, ATTENTION = "linear", "attention"
 # An attention flop costs more time than a GEMM flop: on a 2-core Zen 4 the fused kernel ran 32 GF/s where the
 # tower's linears ran 43-49 (same load, 2B shapes, 3888 patches): attention units are counted 1.5x.
 FLOP_WEIGHTS = {LINEAR: 1.0, ATTENTION: 1.5}
-SLICE_FLOPS = 2e9  # flops of one attention query slice (~ the 2B tower's linear units; see slice_rows)
+SLICE_FLOPS = 3e9  # flops of one attention slice (~ the 2B tower's linear units; see attention_slices)
 
 
 def _linear(rows: int, linear) -> tuple[int, str]:
     return 2 * rows * linear.in_features * linear.out_features, LINEAR
 
 
-def slice_rows(keys: int, width: int) -> int:
-    """Query rows per attention slice over `keys` keys of width H*D: ~SLICE_FLOPS, a multiple of 16 (the kernel
-    pads queries to groups of 4), at least 16. Each slice also re-packs the keys / values of the segment (a
-    ~S x H*D pass), which is why the slices are not made smaller than their linear neighbours."""
-    return max(16, int(SLICE_FLOPS / (4 * keys * width)) // 16 * 16)
+def attention_slices(keys: int, num_heads: int, head_dim: int, rows: int | None = None) -> tuple[int, int]:
+    """(heads, query rows) per attention slice of a segment of `keys` patches: as many heads as threads (each
+    thread one head), and ~SLICE_FLOPS of work: a multiple of 16 query rows (the kernel pads queries to groups of
+    4), at least 16. A call packs the keys / values of its heads (a pass over the segment), so few heads x many
+    queries repeats that pass far less than all heads x few queries. `rows` forces the query rows (all heads)."""
+    if rows is not None:
+        return num_heads, rows
+    heads = max(1, min(num_heads, torch.get_num_threads()))
+    return heads, max(16, int(SLICE_FLOPS / (4 * keys * head_dim * heads)) // 16 * 16)
 
 
 class VisionEncodeJob:
@@ -144,19 +149,22 @@ class VisionEncodeJob:
         return out
 
     def _kernel_attention(self, attn, qkv, cos, sin, bounds):
-        """The fused kernel's attention in query slices (a generator: yields each slice's (flops, kind)); None if
-        the kernel cannot run (then the caller takes the torch path, as the one-shot forward does)."""
+        """The fused kernel's attention in slices of heads x queries (a generator: yields each slice's (flops,
+        kind)); None if the kernel cannot run (then the caller takes the torch path, as the one-shot forward
+        does)."""
         qkv, cos, sin = qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
-        e = qkv.shape[1] // 3
-        out = torch.empty(qkv.shape[0], e, dtype=qkv.dtype)
+        h, d = attn.num_heads, attn.head_dim
+        out = torch.empty(qkv.shape[0], h * d, dtype=qkv.dtype)
         for a, b in zip(bounds[:-1], bounds[1:]):
-            rows = self.rows or slice_rows(b - a, e)
-            for q0 in range(a, b, rows):
-                q1 = min(b, q0 + rows)
-                yield 4 * (q1 - q0) * (b - a) * e, ATTENTION
-                if not cpu_kernels.vision_attention_rows(qkv, cos, sin, attn.num_heads, attn.scale, (a, b),
-                                                         (q0, q1), out):
-                    return None
+            heads, rows = attention_slices(b - a, h, d, self.rows)
+            for h0 in range(0, h, heads):
+                h1 = min(h, h0 + heads)
+                for q0 in range(a, b, rows):
+                    q1 = min(b, q0 + rows)
+                    yield 4 * (q1 - q0) * (b - a) * d * (h1 - h0), ATTENTION
+                    if not cpu_kernels.vision_attention_rows(qkv, cos, sin, h, attn.scale, (a, b), (q0, q1), out,
+                                                             (h0, h1)):
+                        return None
         return out
 
 
