@@ -15,7 +15,7 @@ in `vision.ROWS`-row chunks (`vision.by_rows`); each chunk is a unit here:
   the bits of the whole call); on the torch path (GPU, small inputs, SDPA chosen) it is one unit, as are the
   linears on a GPU (no chunks there).
 So on CPU no unit grows with the picture: on the 2B tower (dim 1280, MLP 5120) a linear unit is 1.5-6.7 GF and an
-attention slice ~3 GF (2 threads: 2 heads x ~740 queries of a 1024x768 picture).
+attention slice ~3 GF (2 threads: 2 heads x 1168 queries of a 1024x768 picture).
 
 Each unit has (flops, kind), kind LINEAR or ATTENTION (multiply-adds x 2). `run(budget, weights)` runs units
 while their cost, flops x weights[kind], fits in `budget`, and always at least one (unless told otherwise): with
