@@ -36,8 +36,9 @@ _ACT = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu,
 # 4*dim) MLP hidden state stays in cache instead of being mapped fresh (> 32 MB, zero-filled by the kernel on every
 # call), and `VisionEncodeJob` runs these same chunks as its units, so the engine can encode a picture a few
 # milliseconds at a time between decode steps with the bits of this one-shot forward. (Not on a GPU: launches.)
-# 512: on a 2-core Zen 4 (2 threads, busy machine) 256-row chunks cost the qkv linear ~1.7x the CPU time of one
-# whole-sequence call, 512 ~1.4x, 1024 ~1.2x, while the MLP is as fast chunked (1 thread: +11 % / 0 at 256).
+# 512: on a 2-core Zen 4 the 2B qkv linear of a 1024x768 picture costs in 256-row chunks +11 % CPU time over one
+# whole-sequence call, in 512-row chunks +4 % (1 thread; 2 threads on a busy machine: +73 % / +43 %, the threads'
+# joins waiting on descheduled peers); the MLP is no slower chunked.
 ROWS = 512
 
 
