@@ -192,11 +192,11 @@ def test_flash_attention_2_fails_clearly_on_cpu(tmp_path):
 
 
 def test_vision_mlp_row_chunks_match_oracle(monkeypatch):
-    """Inference runs the vision MLP over row chunks (1024 rows on real images); with 100-row chunks a 576-patch
-    grid takes 6 of them, and the tower still equals transformers' (fp32, 1e-4)."""
-    from qwen2vl.model.vision import VisionMlp
+    """Inference runs the vision tower's linears, MLP and merger over row chunks (512 rows on real images); with
+    100-row chunks a 576-patch grid takes 6 of them, and the tower still equals transformers' (fp32, 1e-4)."""
+    from qwen2vl.model import vision
 
-    monkeypatch.setattr(VisionMlp, "CHUNK", 100)
+    monkeypatch.setattr(vision, "ROWS", 100)
     model = tiny_model(mrope_section=(4, 2, 2))
     hf = oracle_from(model)
     grid = torch.tensor([[2, 16, 18]])
@@ -211,9 +211,9 @@ def test_bf16_vision_mlp_fused_activation_matches_torch_ops(monkeypatch):
     """bf16 inference: fc1 without bias + the fused bias/quick_gelu kernel gives the tower of the plain torch ops
     (fc1 with bias, quick_gelu) up to bf16 rounding."""
     from qwen2vl.kernels import cpu, cpu_ops
-    from qwen2vl.model.vision import VisionMlp
+    from qwen2vl.model import vision
 
-    monkeypatch.setattr(VisionMlp, "CHUNK", 100)
+    monkeypatch.setattr(vision, "ROWS", 100)
     model = tiny_model(mrope_section=(4, 2, 2)).to(torch.bfloat16)
     grid = torch.tensor([[2, 16, 18]])
     pv = pixels(grid.tolist()).to(torch.bfloat16)

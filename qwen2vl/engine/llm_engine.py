@@ -25,6 +25,7 @@ from ..model.vision_job import make_choices, text_flops_per_token
 from .kv_pool import KVPool, kv_bytes_per_token, local_kv_heads, parse_memory, pool_rows
 from .lora_adapters import LoraAdapters
 from .model_setup import default_eos_ids
+from .prefill_budget import PrefillBudget
 from .prefix_cache import PrefixCache, PrefixReuse
 from .prompts import InputProcessor, ProcessedPrompt
 from .runner import ModelRunner, make_worker
@@ -46,6 +47,8 @@ class EngineConfig:
     prefix_cache_memory: int | str | None = None  # bytes or '1GiB'; default min(1 GiB, the KV pool's size)
     vision_cache_memory: int | str | None = "256MiB"  # vision-tower outputs cached by picture content; 0 = off
     max_prefill_tokens_per_step: int | None = None  # chunked prefill: at most this many prompt tokens per step
+    max_prefill_ms_per_step: float | str | None = None  # chunked prefill: ~this much prefill time per step, or
+    # "auto": the measured decode step's (see prefill_budget)
 
 
 class LLMEngine:
@@ -72,9 +75,8 @@ class LLMEngine:
             budget = parse_memory(config.prefix_cache_memory)
             self.prefix = PrefixCache(min(1 << 30, self.pool.bytes) if budget is None else budget, per_token)
         self.reuse = PrefixReuse(self.prefix, self.runner, model.config)
-        if config.max_prefill_tokens_per_step is not None and config.max_prefill_tokens_per_step < 1:
-            raise ValueError("max_prefill_tokens_per_step must be >= 1")
-        self.token_flops = text_flops_per_token(tc)  # a prompt token's work: sizes a step's vision slice
+        self.budget = PrefillBudget(config.max_prefill_tokens_per_step, config.max_prefill_ms_per_step,
+                                    text_flops_per_token(tc))  # how much prefill work a step may do
         self.scheduler = Scheduler(self.pool, max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_queue=config.max_queue)
         self.inputs = InputProcessor(processor, model.config)
@@ -97,7 +99,7 @@ class LLMEngine:
         """Encode a processed prompt's pictures/videos into the vision cache now (from a processing thread), so
         the step thread's prefill does not run the vision tower. Only for a local worker (under tensor
         parallelism every rank encodes during the mirrored prefill)."""
-        if self.config.max_prefill_tokens_per_step is not None:
+        if self.budget.chunked:
             # chunked prefill: the step thread encodes a slice per step between decode steps (vision_jobs); here
             # only the kernel choices for its sizes are made, so that timing them never stalls a step
             with torch.inference_mode():
@@ -232,9 +234,11 @@ class LLMEngine:
         self.peak_running = max(self.peak_running, len(sched.running))
         if decode_seqs:
             try:
+                t0 = self.budget.clock()
                 logits = self.runner.decode([s.last_token for s in decode_seqs], len(decode_seqs),
                                             [s.request.adapter for s in decode_seqs])
                 tokens = sample(logits, decode_seqs)
+                self.budget.decode_done(self.budget.clock() - t0)
             except Exception as e:  # a failed decode step poisons every running request
                 for req in {id(s.request): s.request for s in decode_seqs}.values():
                     if req.request_id in sched.requests:
@@ -255,27 +259,28 @@ class LLMEngine:
     def _prefill(self, outputs: list) -> list[Request]:
         """Prefill this step's prompts; returns the requests whose prompt is complete (first token sampled).
 
-        Whole prompts go straight into their decode rows. With `max_prefill_tokens_per_step`, at most that many
-        prompt tokens run per step: a prompt that does not fit is prefilled over several steps in rows reserved at
-        the top of the pool (`self.partial`, one at a time) while the running sequences keep decoding."""
-        chunk = self.config.max_prefill_tokens_per_step
-        budget = chunk if chunk is not None else None
+        Whole prompts go straight into their decode rows. With chunked prefill (`self.budget`: prompt tokens and/or
+        milliseconds per step), a prompt that does not fit is prefilled over several steps in rows reserved at the
+        top of the pool (`self.partial`, one at a time) while the running sequences keep decoding."""
+        pace = self.budget
+        pace.start_step(decoding=bool(self.scheduler.running))
         complete = []
         if self.partial is not None:
-            req = self.partial
-            budget = self._run_chunk(req, budget, outputs, complete)
+            self._run_chunk(self.partial, outputs, complete)
+        budget = pace.text_tokens()
         if self.partial is None and (budget is None or budget > 0):
-            admitted = self.scheduler.admit(chunked=chunk is not None, budget=budget)
+            admitted = self.scheduler.admit(chunked=pace.chunked, budget=budget)
             for i, req in enumerate(admitted):
                 if self.partial is not None:  # one prompt at a time is prefilled over several steps
                     self.scheduler.requeue(admitted[i:])
                     break
                 n_prompt = len(req.prompt_token_ids)
+                budget = pace.text_tokens()
                 if budget is not None and (self._vision_begin(req) or n_prompt - self.reuse.cached_len(req) > budget):
                     req.top_row = self.pool.reserve(req.params.n)
                     self.partial = req
                     self.reuse.restore(req, req.top_row)
-                    budget = self._run_chunk(req, budget, outputs, complete)
+                    self._run_chunk(req, outputs, complete)
                     continue
                 row = self.pool.allocate(req.params.n)
                 for i, s in enumerate(req.seqs):
@@ -283,9 +288,9 @@ class LLMEngine:
                 self.scheduler.running.extend(req.seqs)
                 try:
                     self.reuse.restore(req, row)
-                    if budget is not None:
-                        budget -= n_prompt - req.prefilled
-                    logits = self.runner.prefill(req, row, req.prefilled)
+                    t0, start = pace.clock(), req.prefilled
+                    logits = self.runner.prefill(req, row, start)
+                    pace.text_done(n_prompt - start, pace.clock() - t0)
                     self._prompt_done(req, row, logits, complete)
                 except Exception as e:  # bad inputs for this request only (e.g. vision/token mismatch)
                     outputs.append(self._fail(req, e))
@@ -300,32 +305,34 @@ class LLMEngine:
             req.vision_pending = False
         return req.vision_pending
 
-    def _run_vision(self, req: Request, budget: int, outputs: list) -> int | None:
-        """One step's slice of the partial request's vision work, sized like `budget` prompt tokens (at least one
-        unit of it); returns the budget left for its text, None if the vision work is not finished (or failed)."""
+    def _run_vision(self, req: Request, outputs: list) -> bool:
+        """This step's slice of the partial request's vision work (what `self.budget` allows, or one unit); True
+        when the vision work is finished (its text may follow in the same step)."""
         try:
-            done, spent = self.runner.vision_run(req, budget * self.token_flops)
+            done, spent, timings = self.runner.vision_run(req, *self.budget.vision())
         except Exception as e:
             outputs.append(self._fail(req, e))
-            return None
-        if not done:
-            return None
-        req.vision_pending = False
-        return budget - -(-spent // self.token_flops)
+            return False
+        self.budget.vision_done(spent, timings)
+        req.vision_pending = not done
+        return done
 
-    def _run_chunk(self, req: Request, budget: int, outputs: list, complete: list) -> int:
-        if req.vision_pending:
-            budget = self._run_vision(req, budget, outputs)
-            if budget is None or budget <= 0:
-                return 0
-        n_prompt = len(req.prompt_token_ids)
-        end = min(n_prompt, req.prefilled + max(budget, 1))
+    def _run_chunk(self, req: Request, outputs: list, complete: list) -> None:
+        pace = self.budget
+        if req.vision_pending and not self._run_vision(req, outputs):
+            return
+        budget = pace.text_tokens()
+        if not budget:
+            return
+        n_prompt, start = len(req.prompt_token_ids), req.prefilled
+        end = min(n_prompt, start + budget)
         try:
-            logits = self.runner.prefill(req, req.top_row, req.prefilled, end)
+            t0 = pace.clock()
+            logits = self.runner.prefill(req, req.top_row, start, end)
+            pace.text_done(end - start, pace.clock() - t0)
         except Exception as e:
             outputs.append(self._fail(req, e))
-            return 0
-        budget -= end - req.prefilled
+            return
         req.prefilled = end
         if end == n_prompt:
             self.partial = None
@@ -336,7 +343,6 @@ class LLMEngine:
                 s.row = row + i
             self.scheduler.running.extend(req.seqs)
             self._prompt_done(req, row, logits, complete, copied=True)
-        return budget
 
     def _prompt_done(self, req: Request, row: int, logits, complete: list, copied: bool = False) -> None:
         req.prefilled = len(req.prompt_token_ids)

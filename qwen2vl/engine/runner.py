@@ -94,8 +94,9 @@ class ModelWorker:
         return self.vision_jobs.begin(job_id, token_ids, mm, hashes or {}, start)
 
     @torch.inference_mode()
-    def vision_run(self, job_id: str, budget: float) -> tuple[bool, int]:
-        return self.vision_jobs.run(job_id, budget)
+    def vision_run(self, job_id: str, budget: float, weights: dict | None = None,
+                   at_least_one: bool = True) -> tuple[bool, float, dict]:
+        return self.vision_jobs.run(job_id, budget, weights, at_least_one)
 
     def vision_end(self, job_id: str) -> None:
         self.vision_jobs.end(job_id)
@@ -178,8 +179,9 @@ class TPWorker:
         return self._call("vision_begin", job_id, list(token_ids), {k: v.cpu() for k, v in mm.items()}, hashes,
                           start)
 
-    def vision_run(self, job_id: str, budget: float) -> tuple[bool, int]:
-        return self._call("vision_run", job_id, budget)
+    def vision_run(self, job_id: str, budget: float, weights: dict | None = None,
+                   at_least_one: bool = True) -> tuple[bool, float, dict]:
+        return self._call("vision_run", job_id, budget, weights, at_least_one)  # same units on every rank
 
     def vision_end(self, job_id: str) -> None:
         self._call("vision_end", job_id)
@@ -252,8 +254,9 @@ class ModelRunner:
         return self.worker.vision_begin(request.request_id, request.prompt_token_ids, request.mm.tensors(),
                                         request.mm.hashes(), start)
 
-    def vision_run(self, request, budget: float) -> tuple[bool, int]:
-        return self.worker.vision_run(request.request_id, budget)
+    def vision_run(self, request, budget: float, weights: dict | None = None,
+                   at_least_one: bool = True) -> tuple[bool, float, dict]:
+        return self.worker.vision_run(request.request_id, budget, weights, at_least_one)
 
     def vision_end(self, request) -> None:
         self.worker.vision_end(request.request_id)

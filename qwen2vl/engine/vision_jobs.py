@@ -1,10 +1,11 @@
 """The vision work of requests prefilled in chunks, a bounded slice per engine step (one per worker / rank).
 
-With `max_prefill_tokens_per_step`, a prompt whose pictures / videos are not in the vision cache gets a job here
-before its text is prefilled: `begin(job_id, ...)` picks the items with placeholders in the part still to
-prefill that the cache does not hold, `run(job_id, flops)` advances their `VisionEncodeJob`s by at most that
-much work (or one unit), and the finished features go into the vision cache and stay held for the request
-(`ready`, whatever the cache's budget) until `end(job_id)`: its prefill chunks take them from there.
+With chunked prefill (`max_prefill_tokens_per_step` / `max_prefill_ms_per_step`), a prompt whose pictures / videos
+are not in the vision cache gets a job here before its text is prefilled: `begin(job_id, ...)` picks the items with
+placeholders in the part still to prefill that the cache does not hold, `run(job_id, budget, weights)` advances
+their `VisionEncodeJob`s by at most that much work (flops, or seconds with measured rates: see prefill_budget; at
+least one unit), and the finished features go into the vision cache and stay held for the request (`ready`,
+whatever the cache's budget) until `end(job_id)`: its prefill chunks take them from there.
 """
 from __future__ import annotations
 
@@ -55,15 +56,20 @@ class VisionJobs:
             self.work[job_id] = work
         return bool(work.pending)
 
-    def run(self, job_id: str, budget: float) -> tuple[bool, int]:
-        """Advance a request's jobs by at most `budget` flops (at least one unit); returns (done, flops spent)."""
+    def run(self, job_id: str, budget: float, weights: dict | None = None,
+            at_least_one: bool = True) -> tuple[bool, float, dict]:
+        """Advance a request's jobs by units whose cost (`VisionEncodeJob.run`: flops x weights[kind]) fits in
+        `budget` (at least one unit if `at_least_one`); returns (done, cost spent, {kind: (flops, seconds)} of the
+        units run)."""
         work = self.work[job_id]
-        spent = 0
+        spent, timings = 0.0, {}
         while work.pending:
             kind, keys, job = work.pending[0]
-            if spent and spent + job.next_cost > budget:
-                break
-            spent += job.run(budget - spent)
+            spent += job.run(budget - spent, weights, at_least_one=at_least_one and not spent)
+            for unit_kind, (flops, seconds) in job.timings.items():
+                total = timings.setdefault(unit_kind, [0, 0.0])
+                total[0], total[1] = total[0] + flops, total[1] + seconds
+            job.timings.clear()
             if not job.done:
                 break
             sizes = (job.grid_thw.prod(-1) // self.model.visual.spatial_merge_size ** 2).tolist()
@@ -72,7 +78,7 @@ class VisionJobs:
                 if self.cache.max_bytes > 0:
                     self.cache.put(key, feats)
             work.pending.pop(0)
-        return not work.pending, spent
+        return not work.pending, spent, {k: tuple(v) for k, v in timings.items()}
 
     def ready(self) -> dict[str, torch.Tensor]:
         """Finished features of every request in flight, by content hash."""

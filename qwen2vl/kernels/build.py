@@ -46,7 +46,7 @@ C_FUNCTIONS: dict[str, list] = {
     "gemv_bf16_dp": _GEMV + [_P, _N], "gemv_i8_dp": _GEMV + [_P, _N],
     "decode_attention": [_P] * 5 + [_I] * 13 + [_F, _N],
     "prefill_attention": [_P] * 4 + [_I] * 15 + [_F, _N],
-    "vision_attention": [_P] * 4 + [_I] * 3 + [_F, _N, _N, _I, _I],
+    "vision_attention": [_P] * 4 + [_I] * 3 + [_F, _N, _N, _I, _I, _I, _I],
     "rms_norm": [_P] * 3 + [_I] * 2 + [_F, _N],
     "rope_bf16": [_P] * 4 + [_I] * 3 + [_N],
     "bias_quick_gelu": [_P, _P, _I, _I, _N],

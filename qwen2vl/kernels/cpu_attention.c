@@ -273,11 +273,15 @@ static void head_bf16(const void *qkv, const float *cos, const float *sin, void 
 }
 
 /* qkv (S,3,H,D), cos/sin (S,D) fp32, out (S,H,D). bf16 != 0: 16-bit inputs/outputs and the BF16 path.
- * Only query rows [q0, q1) are computed and written (all S keys are used): the engine runs a large picture's
- * attention in query slices between decode steps, with the same bits as one call over all rows. */
+ * Only query rows [q0, q1) of heads [h0, h1) are computed and written (all S keys are used): the engine runs a
+ * large picture's attention in slices between decode steps, with the same bits as one call over all rows and
+ * heads. A call packs the keys / values of its heads (a pass over S rows), so slices of few heads x many queries
+ * repeat less of that work than slices of all heads x few queries. */
 int vision_attention(const void *qkv, const float *cos, const float *sin, void *out, int64_t S, int64_t H,
-                     int64_t D, float scale, int bf16, int nthreads, int64_t q0, int64_t q1) {
-    if (D % 16 != 0 || D > MAXD || S <= 0 || q0 < 0 || q1 > S || q0 >= q1) return -1;
+                     int64_t D, float scale, int bf16, int nthreads, int64_t q0, int64_t q1, int64_t h0,
+                     int64_t h1) {
+    if (D % 16 != 0 || D > MAXD || S <= 0 || q0 < 0 || q1 > S || q0 >= q1 || h0 < 0 || h1 > H || h0 >= h1)
+        return -1;
     int64_t Np = (S + KB - 1) / KB * KB;
     int rc = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -289,7 +293,7 @@ int vision_attention(const void *qkv, const float *cos, const float *sin, void *
             rc = -3;
         } else {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t h = 0; h < H; h++) {
+            for (int64_t h = h0; h < h1; h++) {
                 if (bf16) {
                     uint32_t *b = (uint32_t *)buf;
                     head_bf16(qkv, cos, sin, out, S, H, h, D, scale, b, b + D * Np / 2, b + D * Np, Np, q0, q1);

@@ -30,10 +30,11 @@ def vision_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nu
 
 
 def vision_attention_rows(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, scale: float,
-                          segment: tuple[int, int], queries: tuple[int, int], out: torch.Tensor) -> bool:
+                          segment: tuple[int, int], queries: tuple[int, int], out: torch.Tensor,
+                          heads: tuple[int, int] | None = None) -> bool:
     """Rows `queries` = [q0, q1) (absolute, inside `segment` = [a, b)) of `vision_attention` into out (N, H*D),
-    attending to all keys of the segment; each query row has the same bits as in a call over the whole segment.
-    False when the kernel cannot run (nothing written)."""
+    attending to all keys of the segment, for heads [h0, h1) (default all); each (query row, head) has the same
+    bits as in a call over the whole segment. False when the kernel cannot run (nothing written)."""
     d = qkv.shape[1] // (3 * num_heads)
     if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or d % 16 or d > 128:
         return False
@@ -46,8 +47,8 @@ def vision_attention_rows(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         return False
     if not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and out.is_contiguous()):
         raise ValueError("vision_attention_rows needs contiguous qkv / cos / sin / out")
-    (a, b), (q0, q1) = segment, queries
-    _ops.vision_attention_.default(out, qkv, cos.float(), sin.float(), num_heads, scale, a, b, q0, q1)
+    (a, b), (q0, q1), (h0, h1) = segment, queries, heads or (0, num_heads)
+    _ops.vision_attention_.default(out, qkv, cos.float(), sin.float(), num_heads, scale, a, b, q0, q1, h0, h1)
     return True
 
 

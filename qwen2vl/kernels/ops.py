@@ -16,7 +16,7 @@ Which op runs for a given call (kernel or PyTorch) is decided by `backend.py` an
     dequant_int4_(out, qweight, scales, zeros, group, use512)   out (N, K) bf16 written
     rms_norm(x, weight, eps)  rope(x, cos, sin, head_dim)  silu_mul_(gate, up)  bias_quick_gelu_(x, bias)
     decode_attention(q, k, v, mask, scale)  prefill_attention(q, k, v, scale)
-    vision_attention_(out, qkv, cos, sin, num_heads, scale, seg_start, seg_end, q0, q1)
+    vision_attention_(out, qkv, cos, sin, num_heads, scale, seg_start, seg_end, q0, q1, h0, h1)
     decode_layers_(x, weights, keys, values, slots, kv_len, mask, cos, sin, num_heads, eps, scale)
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ _SCHEMAS = {
     "decode_attention": "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
     "prefill_attention": "prefill_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor",
     "vision_attention_": "vision_attention_(Tensor(a!) out, Tensor qkv, Tensor cos, Tensor sin, int num_heads, "
-                         "float scale, int seg_start, int seg_end, int q0, int q1) -> ()",
+                         "float scale, int seg_start, int seg_end, int q0, int q1, int h0, int h1) -> ()",
     "decode_layers_": "decode_layers_(Tensor(a!) x, Tensor[] weights, Tensor(b!)[] keys, Tensor(c!)[] values, "
                       "int[] slots, int kv_len, Tensor? mask, Tensor cos, Tensor sin, int num_heads, float eps, "
                       "float scale) -> ()",
@@ -282,7 +282,7 @@ def _(q, k, v, scale):
 
 
 @_impl("vision_attention_")
-def _vision_attention(out, qkv, cos, sin, num_heads, scale, seg_start, seg_end, q0, q1):
+def _vision_attention(out, qkv, cos, sin, num_heads, scale, seg_start, seg_end, q0, q1, h0, h1):
     d = qkv.shape[1] // (3 * num_heads)
     _need(qkv.dtype in (torch.float32, torch.bfloat16) and d % 16 == 0 and d <= 128 and out.dtype is qkv.dtype,
           "vision_attention_", f"qkv (N, 3*H*D) fp32 / bf16 with D % 16 == 0 and <= 128, got {tuple(qkv.shape)}")
@@ -290,11 +290,12 @@ def _vision_attention(out, qkv, cos, sin, num_heads, scale, seg_start, seg_end, 
           "vision_attention_", "contiguous qkv / out and fp32 cos / sin")
     _need(0 <= seg_start <= q0 < q1 <= seg_end <= qkv.shape[0], "vision_attention_",
           f"queries [{q0}, {q1}) must lie in the segment [{seg_start}, {seg_end})")
+    _need(0 <= h0 < h1 <= num_heads, "vision_attention_", f"heads [{h0}, {h1}) must lie in [0, {num_heads})")
     a = seg_start
     row_q, row_o = qkv.shape[1] * qkv.element_size(), out.shape[1] * out.element_size()
     _check(call("vision_attention", qkv.data_ptr() + a * row_q, cos.data_ptr() + a * d * 4, sin.data_ptr() + a * d * 4,
                 out.data_ptr() + a * row_o, seg_end - a, num_heads, d, ctypes.c_float(scale),
-                int(qkv.dtype is torch.bfloat16), torch.get_num_threads(), q0 - a, q1 - a), "vision_attention_")
+                int(qkv.dtype is torch.bfloat16), torch.get_num_threads(), q0 - a, q1 - a, h0, h1), "vision_attention_")
 
 
 # weights of one decoder layer, in the order cpu_layer.c reads them

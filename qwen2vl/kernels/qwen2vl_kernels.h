@@ -34,9 +34,10 @@ QWEN2VL_API int prefill_attention(const uint16_t *q, const uint16_t *k, const ui
                                   int64_t q_sb, int64_t q_sh, int64_t q_ss, int64_t k_sb, int64_t k_sh,
                                   int64_t k_ss, int64_t v_sb, int64_t v_sh, int64_t v_ss, float scale,
                                   int nthreads);
-/* Fused 2-D rotary + attention of one vision segment of S patches, query rows [q0, q1). */
+/* Fused 2-D rotary + attention of one vision segment of S patches, query rows [q0, q1) of heads [h0, h1). */
 QWEN2VL_API int vision_attention(const void *qkv, const float *cos, const float *sin, void *out, int64_t S,
-                                 int64_t H, int64_t D, float scale, int bf16, int nthreads, int64_t q0, int64_t q1);
+                                 int64_t H, int64_t D, float scale, int bf16, int nthreads, int64_t q0, int64_t q1,
+                                 int64_t h0, int64_t h1);
 QWEN2VL_API int rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t N, float eps,
                          int nthreads);
 QWEN2VL_API int rope_bf16(const uint16_t *x, const uint16_t *cs, const uint16_t *sn, uint16_t *out, int64_t rows,

@@ -23,6 +23,40 @@ from .rope_index import vision_cu_seqlens, vision_position_ids
 _ACT = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu,
         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
+# CPU inference runs the tower's row-wise work (the linears, the MLP, the merger) over chunks of ROWS patches
+# (attention mixes rows: it runs whole, in query slices in `VisionEncodeJob`). Why: a large picture's (rows,
+# 4*dim) MLP hidden state stays in cache instead of being mapped fresh (> 32 MB, zero-filled by the kernel on every
+# call), and `VisionEncodeJob` runs these same chunks as its units, so the engine can encode a picture a few
+# milliseconds at a time between decode steps with the bits of this one-shot forward. (Not on a GPU: launches.)
+# 512: on a 2-core Zen 4 the 2B qkv linear of a 1024x768 picture costs in 256-row chunks +11 % CPU time over one
+# whole-sequence call, in 512-row chunks +4 % (1 thread; 2 threads on a busy machine: +73 % / +43 %, the threads'
+# joins waiting on descheduled peers); the MLP is no slower chunked.
+ROWS = 512
+
+
+def row_chunks(x: torch.Tensor, rows: int | None = None) -> range | None:
+    """Starts of the `rows`-row (default ROWS) chunks inference runs x (N, features) in; None: one call (GPU,
+    autograd, few rows)."""
+    rows = rows or ROWS
+    if x.dim() != 2 or x.device.type != "cpu" or x.shape[0] <= rows or torch.is_grad_enabled():
+        return None
+    return range(0, x.shape[0], rows)
+
+
+def by_rows(fn, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """fn(x) for a row-wise fn, computed over `row_chunks(x, rows)` (`VisionEncodeJob` runs the same chunks)."""
+    starts = row_chunks(x, rows)
+    if starts is None:
+        return fn(x)
+    rows = rows or ROWS
+    out = None
+    for a in starts:
+        y = fn(x[a:a + rows])
+        if out is None:
+            out = y.new_empty(x.shape[0], *y.shape[1:])
+        out[a:a + rows] = y
+    return out
+
 
 class PatchEmbed(nn.Module):
     """The checkpoint's Conv3d (E, C, T, p, p) with stride = kernel is exactly a bias-free Linear over the
@@ -33,7 +67,7 @@ class PatchEmbed(nn.Module):
         self.proj = PrepackedLinear(in_features, embed_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.to(self.proj.weight.dtype))
+        return by_rows(self.proj, x.to(self.proj.weight.dtype))
 
 
 def vision_rotary(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,15 +92,15 @@ class VisionAttention(nn.Module):
         self.ops = current_ops()
 
     def forward(self, x, cu_seqlens, cos, sin):
-        qkv = self.qkv(x)
+        qkv = by_rows(self.qkv, x)
         use_kernel, fp32 = self.plan(qkv)
         if use_kernel:
             o = self.ops.vision_attention(qkv, cos, sin, self.num_heads, self.scale,
                                           vision_segments(cu_seqlens, x.device).bounds)
             if o is not None:
-                return self.proj(o)
+                return by_rows(self.proj, o)
         o = self.torch_attention(qkv, cu_seqlens, cos, sin, fp32)
-        return self.proj(o)
+        return by_rows(self.proj, o)
 
     def plan(self, qkv: torch.Tensor) -> tuple[bool, bool | None]:
         """(use the fused CPU kernel, the torch path's fp32 flag) for this qkv (N, 3*H*D). Long segments on CPU
@@ -111,11 +145,6 @@ class VisionAttention(nn.Module):
 
 
 class VisionMlp(nn.Module):
-    # Inference runs the MLP over row chunks: the (rows, 4*dim) hidden state of a whole large image is > 32 MB,
-    # which glibc maps fresh (and the kernel zero-fills) on every call; 1024-row chunks are reused from the heap
-    # and stay in cache between fc1, the activation and fc2. (CPU only: on a GPU they would only add launches.)
-    CHUNK = 1024
-
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
         self.fc1 = PrepackedLinear(dim, hidden)
@@ -124,26 +153,16 @@ class VisionMlp(nn.Module):
         self.ops = current_ops()
 
     def forward(self, x):
-        if not self.chunked(x):
+        if row_chunks(x) is None:
             return self.fc2(self.act(self.fc1(x)))
-        out = x.new_empty(x.shape[0], self.fc2.out_features)
-        for a in range(0, x.shape[0], self.CHUNK):
-            self.rows_into(x, a, out)
-        return out
+        return by_rows(lambda rows: self.fc2(self.hidden(rows)), x)
 
-    def chunked(self, x: torch.Tensor) -> bool:
-        """Whether this input runs in CHUNK-row pieces (`rows_into`; `VisionEncodeJob` runs the same pieces)."""
-        return not (x.shape[0] <= self.CHUNK or (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 2
-                    or x.device.type != "cpu")
-
-    def rows_into(self, x: torch.Tensor, a: int, out: torch.Tensor) -> None:
-        """out[a:a + CHUNK] = mlp(x[a:a + CHUNK])."""
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """act(fc1(x)) of one row chunk (`VisionEncodeJob` runs it and fc2 as two units)."""
         if self.act is quick_gelu and x.dtype == torch.bfloat16 and self.fc1.bias is not None:
-            h = self.fc1(x[a:a + self.CHUNK], with_bias=False)  # fc1 without bias (faster GEMM), then
-            h = self.ops.bias_quick_gelu(h, self.fc1.bias)        # bias + activation (one pass on the kernel)
-        else:
-            h = self.act(self.fc1(x[a:a + self.CHUNK]))
-        out[a:a + self.CHUNK] = self.fc2(h)
+            h = self.fc1(x, with_bias=False)           # fc1 without bias (faster GEMM), then
+            return self.ops.bias_quick_gelu(h, self.fc1.bias)  # bias + activation (one pass on the kernel)
+        return self.act(self.fc1(x))
 
 
 class Qwen2VLVisionBlock(nn.Module):
@@ -171,7 +190,12 @@ class PatchMerger(nn.Module):
                                  PrepackedLinear(self.hidden, dim))
 
     def forward(self, x):
-        return self.mlp(self.ln_q(x).view(-1, self.hidden))
+        return by_rows(self.mlp, self.ln_q(x).view(-1, self.hidden), self.rows)
+
+    @property
+    def rows(self) -> int:
+        """Merged rows per chunk: those of ROWS patches."""
+        return ROWS * self.ln_q.normalized_shape[0] // self.hidden
 
 
 class Qwen2VisionTransformerPretrainedModel(Qwen2VLPreTrainedModel):
@@ -215,12 +239,15 @@ class Qwen2VisionTransformerPretrainedModel(Qwen2VLPreTrainedModel):
     def embed(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         """Validated patch embeddings x (N, E) and what every block takes: segments, rotary cos/sin (N, D)."""
         self.validate(pixel_values, grid_thw)
-        grid_cpu = grid_thw.cpu()
         x = self.patch_embed(pixel_values)
-        pos = vision_position_ids(grid_cpu, self.spatial_merge_size).to(x.device)
+        return (x, *self.geometry(grid_thw, x.device))
+
+    def geometry(self, grid_thw: torch.Tensor, device):
+        """What every block takes for these grids: segments, rotary cos/sin (N, D); once, not per layer."""
+        grid_cpu = grid_thw.cpu()
+        pos = vision_position_ids(grid_cpu, self.spatial_merge_size).to(device)
         cos, sin = vision_rotary(pos, self.config.embed_dim // self.config.num_heads)
-        cu_seqlens = vision_segments(vision_cu_seqlens(grid_cpu), x.device)  # once, not per layer
-        return x, cu_seqlens, cos, sin
+        return vision_segments(vision_cu_seqlens(grid_cpu), device), cos, sin
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values (N, C*T*p*p), grid_thw (n, 3) → merged features (N/m², hidden_size)."""

@@ -13,6 +13,7 @@ import threading
 from ..engine import AsyncEngine, EngineConfig, LLMEngine
 from ..engine.lora_adapters import parse_lora_modules
 from ..engine.model_setup import load_model, load_processor, start_tp
+from ..engine.prefill_budget import parse_ms
 from .app import ServerSettings, create_app
 from .fetch import FetchPolicy
 from .guards import default_allowed_hosts
@@ -63,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-prefill-tokens-per-step", type=int, default=None,
                    help="chunked prefill: a long prompt runs in chunks of this many tokens between the decode "
                         "steps of running requests (default: whole prompts)")
+    g.add_argument("--max-prefill-ms-per-step", type=_prefill_ms, default=None, metavar="MS|auto",
+                   help="chunked prefill by time: each engine step spends about this many milliseconds on a long "
+                        "prompt's vision encoding and text prefill (sized from measured costs), then decodes the "
+                        "running requests; 'auto' = the measured time of a decode step, which keeps their "
+                        "inter-token latency near 2x. With --max-prefill-tokens-per-step too, that caps the text "
+                        "chunks (default: whole prompts)")
     m = p.add_argument_group("media / limits")
     m.add_argument("--allowed-local-media-path", default=None,
                    help="directory from which file:// media URLs may be read (default: none are)")
@@ -113,6 +120,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _prefill_ms(value: str):
+    try:
+        return parse_ms(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def default_sampling(model) -> dict:
     """Request defaults from the checkpoint's generation config (as vLLM's `--generation-config auto`):
     temperature / top_p / top_k / min_p / repetition_penalty a request leaves unset; do_sample=False → greedy."""
@@ -143,7 +157,8 @@ def build_engine(args, model=None, processor=None, tp_runner=None) -> AsyncEngin
                        max_queue=args.max_queue, enable_prefix_caching=args.enable_prefix_caching,
                        prefix_cache_memory=args.prefix_cache_memory,
                        vision_cache_memory=int(args.vision_cache_mb * 1024**2),
-                       max_prefill_tokens_per_step=args.max_prefill_tokens_per_step)
+                       max_prefill_tokens_per_step=args.max_prefill_tokens_per_step,
+                       max_prefill_ms_per_step=getattr(args, "max_prefill_ms_per_step", None))
     engine = LLMEngine(model, processor, cfg, tp_runner=tp_runner)
     for name, path in parse_lora_modules(getattr(args, "lora_modules", None)):
         try:
