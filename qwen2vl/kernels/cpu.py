@@ -32,12 +32,12 @@ log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
 # Two builds of the library: AVX512 (the bf16 dot-product kernels need AVX512-BF16 too; `has_avx512bf16`) and
 # AVX2 + FMA (cpu_avx2.c: the decoding kernels only, the same entry points). cpu_rope.c / cpu_layer.c / cpu_int4.c
-# go in both.
+# / cpu_intdot.c go in both.
 _FLAVOURS = {
     "avx512": (["cpu_gemv.c", "cpu_attention.c", "cpu_decode.c"], ["-mavx512f", "-mavx512bw", "-mavx512vl"]),
     "avx2": (["cpu_avx2.c"], ["-mavx2", "-mfma", "-mf16c"]),
 }
-_SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c", "cpu_int4.c"]
+_SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c", "cpu_int4.c", "cpu_intdot.c"]
 _HEADERS = ["cpu_common.h"]
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 8
@@ -61,6 +61,8 @@ _SIGNATURES = {
     "vision_attention": [_P] * 4 + [_I] * 3 + [_F, ctypes.c_int, ctypes.c_int, _I, _I],
     "gemv_q4_avx512bf16": [_P] * 5 + [_I] * 4 + [ctypes.c_int], "gemv_q4_avx2": [_P] * 5 + [_I] * 4 + [ctypes.c_int],
     "dequant_q4_bf16": [_P] * 4 + [_I] * 3 + [ctypes.c_int] * 2,
+    "gemv_i8_intdot": [_P] * 4 + [_I] * 3 + [ctypes.c_int] * 2,
+    "gemv_q4_intdot": [_P] * 5 + [_I] * 4 + [ctypes.c_int] * 2,
 }
 
 
