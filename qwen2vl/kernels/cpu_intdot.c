@@ -257,70 +257,72 @@ T2 void q4_row_256(const qacts *a, const uint8_t *w, const float *s, const uint8
 }
 
 /* ------------------------------------------------------------------------------------------ entry points */
+typedef struct {       /* one call: activations, weight (int8 or packed 4-bit), scales, zero points, output */
+    qacts a;
+    const void *w;
+    const float *s;
+    const uint8_t *z;
+    uint16_t *y;
+    int64_t N, K, G;
+} id_job;
+typedef void (*id_fn)(const id_job *, int64_t, int64_t);
+
 /* One weight row at a time for one activation row (one sequential stream, as cpu_int4.c measured best),
  * two for 2-8 rows (each activation load feeds two rows). */
 #define ID_NR(M) ((M) <= 1 ? ID_NR1 : 2)
+#define ID_STEP(M) (hi - n < ID_NR(M) ? (int)(hi - n) : ID_NR(M))
 #define DEFINE_M(M)                                                                                         \
-    TVF static void i8_512_m##M(const qacts *a, const int8_t *w, const float *s, uint16_t *y, int64_t N,   \
-                                int64_t K, int64_t lo, int64_t hi) {                                        \
+    TVF static void i8_512_m##M(const id_job *j, int64_t lo, int64_t hi) {                                  \
         for (int64_t n = lo; n < hi; n += ID_NR(M))                                                         \
-            i8_rows_512(a, w, s, y, N, K, n, hi - n < ID_NR(M) ? (int)(hi - n) : ID_NR(M), M, ID_NR(M));    \
+            i8_rows_512(&j->a, j->w, j->s, j->y, j->N, j->K, n, ID_STEP(M), M, ID_NR(M));                   \
     }                                                                                                       \
-    TVF static void q4_512_m##M(const qacts *a, const uint8_t *w, const float *s, const uint8_t *z,         \
-                                uint16_t *y, int64_t N, int64_t K, int64_t G, int64_t lo, int64_t hi) {     \
+    TVF static void q4_512_m##M(const id_job *j, int64_t lo, int64_t hi) {                                  \
         for (int64_t n = lo; n < hi; n += ID_NR(M))                                                         \
-            q4_rows_512(a, w, s, z, y, N, K, G, n, hi - n < ID_NR(M) ? (int)(hi - n) : ID_NR(M), M, ID_NR(M)); \
+            q4_rows_512(&j->a, j->w, j->s, j->z, j->y, j->N, j->K, j->G, n, ID_STEP(M), M, ID_NR(M));       \
     }                                                                                                       \
-    T2F static void i8_256_m##M(const qacts *a, const int8_t *w, const float *s, uint16_t *y, int64_t N,    \
-                                int64_t K, int64_t lo, int64_t hi) {                                        \
-        for (int64_t n = lo; n < hi; n++) i8_row_256(a, w, s, y, N, K, n, M);                               \
+    T2F static void i8_256_m##M(const id_job *j, int64_t lo, int64_t hi) {                                  \
+        for (int64_t n = lo; n < hi; n++) i8_row_256(&j->a, j->w, j->s, j->y, j->N, j->K, n, M);            \
     }                                                                                                       \
-    T2F static void q4_256_m##M(const qacts *a, const uint8_t *w, const float *s, const uint8_t *z,         \
-                                uint16_t *y, int64_t N, int64_t K, int64_t G, int64_t lo, int64_t hi) {     \
-        for (int64_t n = lo; n < hi; n++) q4_row_256(a, w, s, z, y, N, K, G, n, M);                         \
+    T2F static void q4_256_m##M(const id_job *j, int64_t lo, int64_t hi) {                                  \
+        for (int64_t n = lo; n < hi; n++) q4_row_256(&j->a, j->w, j->s, j->z, j->y, j->N, j->K, j->G, n, M); \
     }
 DEFINE_M(1) DEFINE_M(2) DEFINE_M(3) DEFINE_M(4) DEFINE_M(5) DEFINE_M(6) DEFINE_M(7) DEFINE_M(8)
 
-typedef void (*i8_fn)(const qacts *, const int8_t *, const float *, uint16_t *, int64_t, int64_t, int64_t, int64_t);
-typedef void (*q4_fn)(const qacts *, const uint8_t *, const float *, const uint8_t *, uint16_t *, int64_t, int64_t,
-                      int64_t, int64_t, int64_t);
+static const id_fn I8_FNS[2][8] = {
+    {i8_256_m1, i8_256_m2, i8_256_m3, i8_256_m4, i8_256_m5, i8_256_m6, i8_256_m7, i8_256_m8},
+    {i8_512_m1, i8_512_m2, i8_512_m3, i8_512_m4, i8_512_m5, i8_512_m6, i8_512_m7, i8_512_m8}};
+static const id_fn Q4_FNS[2][8] = {
+    {q4_256_m1, q4_256_m2, q4_256_m3, q4_256_m4, q4_256_m5, q4_256_m6, q4_256_m7, q4_256_m8},
+    {q4_512_m1, q4_512_m2, q4_512_m3, q4_512_m4, q4_512_m5, q4_512_m6, q4_512_m7, q4_512_m8}};
+
+/* Quantize x (M rows) and run fn over the N weight rows on nthreads threads in contiguous shares. */
+static int id_run(id_job *j, const uint16_t *x, int64_t M, int block, int perm, id_fn fn, int64_t align,
+                  int nthreads) {
+    if (qacts_make(&j->a, x, M, j->K, block, perm)) return -3;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t lo, hi;
+        share(j->N, align, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        fn(j, lo, hi);
+    }
+    free(j->a.xq);
+    return 0;
+}
 
 /* x bf16 (M, K), w int8 (N, K), s fp32 (N) -> y bf16 (M, N). */
 int gemv_i8_intdot(const uint16_t *x, const int8_t *w, const float *s, uint16_t *y, int64_t M, int64_t N, int64_t K,
                    int nthreads, int use512) {
-    static const i8_fn f512[8] = {i8_512_m1, i8_512_m2, i8_512_m3, i8_512_m4, i8_512_m5, i8_512_m6, i8_512_m7, i8_512_m8};
-    static const i8_fn f256[8] = {i8_256_m1, i8_256_m2, i8_256_m3, i8_256_m4, i8_256_m5, i8_256_m6, i8_256_m7, i8_256_m8};
     if (M < 1 || M > 8 || K <= 0 || K % QB) return -1;
-    qacts a;
-    if (qacts_make(&a, x, M, K, I8_BLOCK, 0)) return -3;
-    i8_fn fn = (use512 ? f512 : f256)[M - 1];
-    int64_t align = use512 ? ID_NR(M) : 1;
-#pragma omp parallel num_threads(nthreads)
-    {
-        int64_t lo, hi;
-        share(N, align, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        fn(&a, w, s, y, N, K, lo, hi);
-    }
-    free(a.xq);
-    return 0;
+    id_job j = {.w = w, .s = s, .z = NULL, .y = y, .N = N, .K = K, .G = K};
+    use512 = use512 != 0;
+    return id_run(&j, x, M, I8_BLOCK, 0, I8_FNS[use512][M - 1], use512 ? ID_NR(M) : 1, nthreads);
 }
 
 /* x bf16 (M, K), w / s / z the 4-bit layout (group G) -> y bf16 (M, N). */
 int gemv_q4_intdot(const uint16_t *x, const uint8_t *w, const float *s, const uint8_t *z, uint16_t *y, int64_t M,
                    int64_t N, int64_t K, int64_t G, int nthreads, int use512) {
-    static const q4_fn f512[8] = {q4_512_m1, q4_512_m2, q4_512_m3, q4_512_m4, q4_512_m5, q4_512_m6, q4_512_m7, q4_512_m8};
-    static const q4_fn f256[8] = {q4_256_m1, q4_256_m2, q4_256_m3, q4_256_m4, q4_256_m5, q4_256_m6, q4_256_m7, q4_256_m8};
     if (M < 1 || M > 8 || K <= 0 || G <= 0 || K % QB || G % QB || K % G) return -1;
-    qacts a;
-    if (qacts_make(&a, x, M, K, QB, 1)) return -3;
-    q4_fn fn = (use512 ? f512 : f256)[M - 1];
-    int64_t align = use512 ? ID_NR(M) : 1;
-#pragma omp parallel num_threads(nthreads)
-    {
-        int64_t lo, hi;
-        share(N, align, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        fn(&a, w, s, z, y, N, K, G, lo, hi);
-    }
-    free(a.xq);
-    return 0;
+    id_job j = {.w = w, .s = s, .z = z, .y = y, .N = N, .K = K, .G = G};
+    use512 = use512 != 0;
+    return id_run(&j, x, M, QB, 1, Q4_FNS[use512][M - 1], use512 ? ID_NR(M) : 1, nthreads);
 }
