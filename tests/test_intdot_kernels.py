@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen2vl.kernels import choose, cpu_int4
+from qwen2vl.kernels import choose, cpu, cpu_int4
 from qwen2vl.quantization import Int4WeightOnlyLinear
 from qwen2vl.quantization.int8 import Int8WeightOnlyLinear
 from qwen2vl.quantization.int4 import pack_nibbles
@@ -176,3 +176,36 @@ def test_decode_quality_on_the_demo_model(monkeypatch):
         exact, fast = stats[fmt, "kernel"], stats[fmt, "intdot"]
         assert fast["top1"] >= 0.95 and fast["top1"] >= exact["top1"] - 0.02, (fmt, stats)
         assert fast["kl"] <= max(2 * exact["kl"], exact["kl"] + 0.005), (fmt, stats)
+
+
+@pytest.mark.skipif(not cpu.has_avx512bf16(), reason="the fused step's quantized kinds need AVX512-BF16 here")
+@pytest.mark.parametrize("fmt,route,fused", [("int4", "intdot", True), ("int4", "kernel", True),
+                                             ("int8", "intdot", True), ("int8", "kernel", False)])
+def test_fused_decode_step_takes_quantized_layers(monkeypatch, fmt, route, fused):
+    """int4 / int8 decoder layers go through the fused decoding step (one kernel call per step) when every
+    projection's chosen kernel is one cpu_layer.c has, bit-identical to the per-op path; int8's exact kernel is
+    not there (the per-op path runs)."""
+    from test_fused_decode import decode, per_op
+    from tiny import left_pad, tiny_model
+
+    from qwen2vl.kernels import cpu_ops
+    from qwen2vl.quantization import quantize_model
+
+    monkeypatch.setenv(choose.ENV, f"{fmt}_gemv={route}")
+    choose.reset()
+    model = tiny_model(seed=0, mrope_section=(8, 4, 4), layers=2, intermediate=256, tie=False)  # widths 128 / 256
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.model.language_model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name else
+                    torch.randn(p.shape, generator=g) * 0.2)
+    model = quantize_model(model.to(torch.bfloat16), fmt, int4_method="rtn")
+    calls = []
+    original = cpu_ops.decode_layers
+    monkeypatch.setattr(cpu_ops, "decode_layers", lambda *a: calls.append(original(*a)) or calls[-1])
+    ids, mask = left_pad([[15, 17, 33, 8, 61], [44, 13, 70]])
+    got, _ = decode(model, ids, mask, steps=4)
+    assert calls == ([True] * 4 if fused else []), calls
+    ref, _ = per_op(monkeypatch, decode, model, ids, mask, 4)
+    assert torch.equal(got, ref)
+    choose.reset()

@@ -129,7 +129,7 @@ TV void i8_rows_512(const qacts *a, const int8_t *w, const float *s, uint16_t *y
             }
         }
     }
-    for (int r = 0; r < nr; r++)
+    for (int r = 0; r < NR && r < nr; r++)
         for (int m = 0; m < M; m++) {
             __m512 t = NA > 1 ? _mm512_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0];
             id_store(y, N, n0 + r, m, (_mm512_reduce_add_ps(t) - a->c[m]) * s[n0 + r]);
@@ -176,7 +176,7 @@ TV void q4_rows_512(const qacts *a, const uint8_t *w, const float *s, const uint
             }
         }
     }
-    for (int r = 0; r < nr; r++)
+    for (int r = 0; r < NR && r < nr; r++)
         for (int m = 0; m < M; m++) id_store(y, N, n0 + r, m, _mm512_reduce_add_ps(acc[r][m]) - corr[r][m]);
 }
 

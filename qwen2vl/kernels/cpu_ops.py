@@ -177,16 +177,23 @@ def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> bool:
 DECODE_LAYER_WEIGHTS = ("ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "ln2", "wg", "wu", "wd")
 
 
+# quantized projections (cpu_layer.c's P_* kinds): the exact 4-bit kernel, the integer-dot-product 4-bit / int8 ones
+DECODE_KINDS = {"bf16": 0, "int4": 1, "int4_intdot": 2, "int8_intdot": 3}
+_PROJ_AT = (1, 3, 5, 7, 9, 10, 11)  # where q k v o gate up down sit in DECODE_LAYER_WEIGHTS
+
+
 def decode_layers(x: torch.Tensor, weights: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor],
                   slots: list[int], kv_len: int, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                  num_heads: int, eps: float, scale: float) -> bool:
+                  num_heads: int, eps: float, scale: float, quant: tuple | None = None) -> bool:
     """One decoding step through L decoder layers in one kernel call, in place on x; the same kernels in the same
     order as the per-op path, so bit-identical to it. False (nothing written) when the kernel cannot run.
 
     x (B, H) bf16 contiguous, B <= 8; `weights` L x DECODE_LAYER_WEIGHTS: norms (H,), q (Hq*D, H) + bias, k / v
     (Hkv*D, H) + bias, o (H, Hq*D), gate / up (I, H), down (H, I), all contiguous bf16; keys/values per layer
     (B, Hkv, Smax, D) cache tensors, the new token of row b written at slot slots[b]; attention over slots
-    [0, kv_len) where mask (B, kv_len) uint8 (1 = attend; None = all); cos/sin (B, D) bf16 contiguous."""
+    [0, kv_len) where mask (B, kv_len) uint8 (1 = attend; None = all); cos/sin (B, D) bf16 contiguous.
+    quant: quantized projections, (kinds: L x 7 DECODE_KINDS names, scales: L x 7 fp32 tensors, zeros: L x 7 uint8
+    tensors or None (int8), group size); their weights in `weights` are then the packed 4-bit / int8 tensors."""
     lib = library()
     if not has_bf16_gemv() or not keys or len(values) != len(keys):
         return False
@@ -196,11 +203,27 @@ def decode_layers(x: torch.Tensor, weights: list[torch.Tensor], keys: list[torch
     layers, n = len(keys), len(DECODE_LAYER_WEIGHTS)
     if len(weights) != layers * n or weights[n - 1].dim() != 2:
         return False
-    qd, inter = num_heads * d, weights[n - 1].shape[1]
+    packed = quant is not None and quant[0][6].startswith("int4")  # down_proj's weight: two columns per byte
+    qd, inter = num_heads * d, weights[n - 1].shape[1] * (2 if packed else 1)
     shapes = [(h,), (qd, h), (qd,), (hkv * d, h), (hkv * d,), (hkv * d, h), (hkv * d,), (h, qd), (h,), (inter, h),
               (inter, h), (h, inter)] * layers
-    if any(t.shape != shape or t.dtype is not torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous()
-           for t, shape in zip(weights, shapes)):
+    dtypes = [torch.bfloat16] * len(shapes)
+    if quant is not None:
+        kinds, scales, zeros, group = quant
+        if len(kinds) != layers * 7 or group <= 0 or any(d % 128 or d % group for d in (h, qd, inter)):
+            return False
+        for i, kind in enumerate(kinds):
+            at = (i // 7) * n + _PROJ_AT[i % 7]
+            out, k = shapes[at]
+            if kind != "bf16":
+                four = kind.startswith("int4")
+                shapes[at], dtypes[at] = ((out, k // 2), torch.uint8) if four else ((out, k), torch.int8)
+                want = [(scales[i], (out, k // group) if four else (out,), torch.float32)] + \
+                    ([(zeros[i], (out, k // group), torch.uint8)] if four else [])
+                if any(t is None or t.shape != sh or t.dtype is not dt or not t.is_contiguous() for t, sh, dt in want):
+                    return False
+    if any(t.shape != shape or t.dtype is not dt or t.device.type != "cpu" or not t.is_contiguous()
+           for t, shape, dt in zip(weights, shapes, dtypes)):
         return False
     if (x.dtype is not torch.bfloat16 or x.device.type != "cpu" or not x.is_contiguous() or len(slots) != b
             or kc.shape[0] != b or not 0 < kv_len <= smax or max(slots) >= kv_len or cos.shape != (b, d)
@@ -216,9 +239,18 @@ def decode_layers(x: torch.Tensor, weights: list[torch.Tensor], keys: list[torch
     kp = (ctypes.c_void_p * layers)(*[t.data_ptr() for t in keys])
     vp = (ctypes.c_void_p * layers)(*[t.data_ptr() for t in values])
     strides = (ctypes.c_int64 * 6)(*kc.stride()[:3], *values[0].stride()[:3])
+    qargs = (None, None, 0, 0)
+    if quant is not None:
+        from .cpu_int4 import intdot_isa
+
+        kinds, scales, zeros, group = quant
+        qp = [p for pair in zip(scales, zeros) for p in pair]
+        qargs = ((ctypes.c_int32 * len(kinds))(*(DECODE_KINDS[k] for k in kinds)),
+                 (ctypes.c_void_p * len(qp))(*[None if t is None else t.data_ptr() for t in qp]), group,
+                 intdot_isa() or 0)
     rc = lib.decode_layers(x.data_ptr(), layers, ptrs, kp, vp, strides, (ctypes.c_int64 * b)(*slots), kv_len,
                            None if mask is None else mask.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                           b, h, inter, num_heads, hkv, d, eps, scale, torch.get_num_threads())
+                           b, h, inter, num_heads, hkv, d, eps, scale, torch.get_num_threads(), *qargs)
     if rc == -1:  # a kernel's shape precondition (checked before anything is written)
         return False
     if rc != 0:  # -3 out of memory, -2 a kernel failed after x / the cache were written: no way to fall back
