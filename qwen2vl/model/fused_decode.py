@@ -68,7 +68,6 @@ class _LayerPlan:
         return [self.norms[0]._parameters["weight"], q["weight"], q["bias"], k["weight"], k["bias"], v["weight"],
                 v["bias"], o["weight"], self.norms[1]._parameters["weight"], g["weight"], u["weight"], d["weight"]]
 
-
     def _quantized_tensors(self) -> list[torch.Tensor] | None:
         if self.quantized == "unfusable":
             return None
@@ -142,18 +141,20 @@ def fused_decode_step(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     if planned is None:
         return None
     weights, plans = planned
-    quant = None
-    if plans[0].quantized is not None:  # every layer: the same format (checked here) and shapes
+    fmt, quant = plans[0].quantized, None
+    if any(p.quantized != fmt for p in plans):
+        return None
+    if fmt is not None:  # every layer: the same format, shapes and group size
+        q4 = fmt == "int4"
+        group = plans[0].projs[0].group_size if q4 else 128
         if attention_choice("decode_attention", x.shape[0], *attn_shape(weights, layers[0].self_attn)) not in (
-                None, "kernel") or any(p.quantized != plans[0].quantized for p in plans):
+                None, "kernel") or (q4 and any(p.group_size != group for pl in plans for p in pl.projs)):
             return None
         kinds = plans[0].kinds(x.shape[0])  # same shapes in every layer: the same choices
         if kinds is None:
             return None
-        q4 = plans[0].quantized == "int4"
         quant = (kinds * len(plans), [s for p in plans for s in p.scales],
-                 [p.zeros if q4 else None for pl in plans for p in pl.projs], plans[0].projs[0].group_size if q4
-                 else 128)
+                 [p.zeros if q4 else None for pl in plans for p in pl.projs], group)
     elif not _kernels_chosen(weights, x.shape[0], layers[0].self_attn):
         return None
     attn0 = layers[0].self_attn
