@@ -210,7 +210,7 @@ def decode_layers(x: torch.Tensor, weights: list[torch.Tensor], keys: list[torch
     dtypes = [torch.bfloat16] * len(shapes)
     if quant is not None:
         kinds, scales, zeros, group = quant
-        if len(kinds) != layers * 7 or group <= 0 or any(d % 128 or d % group for d in (h, qd, inter)):
+        if len(kinds) != layers * 7 or group <= 0 or any(w % 128 or w % group for w in (h, qd, inter)):
             return False
         for i, kind in enumerate(kinds):
             at = (i // 7) * n + _PROJ_AT[i % 7]
