@@ -69,6 +69,8 @@ MARGIN = 1.15            # another candidate replaces today's rule only when thi
                          # shared machine must not flip a choice that is then kept on disk)
 TOLERANCE = 2.0 ** -6    # max |y - fp32 reference| / max |reference|: bf16 rounding passes, a wrong result fails
 MIN_WEIGHT = 1 << 20     # linears with fewer weight elements are not timed (tiny models: today's rule)
+MIN_INT_WEIGHT = 1 << 18  # int8 / int4 linears: k / v of the 2B (256 x 1536) are timed too, so that all seven
+                          # projections can be on kernels the fused decoding step has (int8: intdot only)
 MIN_WIDTH = 1024         # attention with heads x head_dim below this is not timed
 LM_HEAD_MIN_N = 32768    # a few-row product with at least this many outputs is the LM head
 

@@ -189,7 +189,7 @@ class Int4WeightOnlyLinear(nn.Module):
             return None
         n, k = self.out_features, self.in_features
         route = choose.decide("int4_gemv", (rows, n, k, self.group_size), lambda: self._trial(rows),
-                              timed=n * k >= choose.MIN_WEIGHT)
+                              timed=n * k >= choose.MIN_INT_WEIGHT)
         if route != "torch" and self._torch_pack is not None:
             self._torch_pack = None  # made for the timing only: not a second copy of the weight for nothing
         return route

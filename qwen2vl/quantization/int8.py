@@ -46,7 +46,7 @@ class Int8WeightOnlyLinear(nn.Module):
         if x.device.type != "cpu" or x.dtype != self.scales.dtype or not 0 < rows <= 8 or self.in_features % 16:
             return None
         n, k = self.out_features, self.in_features
-        return choose.decide("int8_gemv", (rows, n, k), lambda: self._trial(rows), timed=n * k >= choose.MIN_WEIGHT)
+        return choose.decide("int8_gemv", (rows, n, k), lambda: self._trial(rows), timed=n * k >= choose.MIN_INT_WEIGHT)
 
     def _trial(self, rows: int) -> choose.Trial:
         x = torch.randn(rows, self.in_features, dtype=self.scales.dtype)
