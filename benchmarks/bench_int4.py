@@ -11,6 +11,7 @@ roofline of its bytes, and the 4-bit GEMV kernel's read speed per shape. Also th
     python benchmarks/bench_int4.py --config small      # a quick smoke run
     python benchmarks/bench_int4.py --checkpoint DIR    # an existing bf16 or int4 checkpoint folder
     python benchmarks/bench_int4.py --sizes-only        # the 2B's int4 / bf16 file sizes from shapes alone
+    python benchmarks/bench_int4.py --gemv 1,4          # exact vs integer-dot-product GEMV, 2B shapes, 1 thread
 
 Timings depend on the machine and its load; the lead's quiet-machine reruns are the figures to quote.
 """
@@ -100,6 +101,64 @@ def gemv_read_speed(shapes=((1536, 1536), (8960, 1536), (1536, 8960)), rows=(1, 
     return out
 
 
+GEMV_SHAPES = ((1536, 1536), (8960, 1536), (1536, 8960), (151936, 1536))  # 2B: q/o, gate/up, down, LM head
+
+
+def _huge(t: torch.Tensor) -> torch.Tensor:
+    """t copied onto transparent huge pages where offered (how the model's weights are held)."""
+    from qwen2vl.own_memory import advise_huge_pages
+
+    out = torch.empty_like(t)
+    advise_huge_pages(out)
+    return out.copy_(t)
+
+
+def gemv_old_vs_new(rows=(1,), shapes=GEMV_SHAPES, rounds: int = 7, target_bytes: float = 3e8) -> list[str]:
+    """The exact GEMV kernels (int8: bf16-widening, int4: cpu_int4.c) against the integer-dot-product ones
+    (cpu_intdot.c) on the 2B's shapes, 1 thread, interleaved with a memory-read probe (torch's sum over 1 GiB of
+    fp32 on huge pages) round by round; each side over enough distinct weights to miss the caches. Lines of best
+    GB/s of weight bytes (codes + scales / zeros) and that over the best probe."""
+    from qwen2vl.kernels import cpu, cpu_int4
+
+    torch.set_num_threads(1)
+    if cpu_int4.intdot_isa() is None:
+        return ["integer-dot-product kernels unavailable here"]
+    probe_buf = _huge(torch.ones(256 * 1024 * 1024))
+    isa = "AVX512-VNNI" if cpu_int4.intdot_isa() else "AVX2"
+    lines = [f"1 thread, {cpu.flavour()} build, intdot variant {isa}; best of {rounds} interleaved rounds"]
+    for n, k in shapes:
+        count = max(1, int(target_bytes // (n * k)))
+        g = torch.Generator().manual_seed(0)
+        w8 = [_huge(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)) for _ in range(count)]
+        s8 = torch.rand(n, generator=g).bfloat16()
+        b8 = count * (n * k + 2 * n)
+        q4 = Int4WeightOnlyLinear.from_linear(torch.nn.Linear(k, n, bias=False).bfloat16())
+        w4 = [(_huge(q4.qweight), q4.scales.clone(), q4.zeros.clone()) for _ in range(2 * count)]
+        b4 = 2 * count * (n * k // 2 + 5 * n * k // 128)
+        for r in rows:
+            x = torch.randn(r, k).bfloat16()
+            sides = {
+                "int8 exact": (b8, lambda: [cpu.linear_int8(x, w, s8) for w in w8]),
+                "int8 intdot": (b8, lambda: [cpu_int4.linear_int8_intdot(x, w, s8) for w in w8]),
+                "int4 exact": (b4, lambda: [cpu_int4.linear_int4(x, q, s, z, 128) for q, s, z in w4]),
+                "int4 intdot": (b4, lambda: [cpu_int4.linear_int4_intdot(x, q, s, z, 128) for q, s, z in w4]),
+            }
+            best = dict.fromkeys(sides, 0.0)
+            probe = 0.0
+            for _ in range(rounds):
+                t = time.perf_counter()
+                probe_buf.sum()
+                probe = max(probe, probe_buf.numel() * 4 / (time.perf_counter() - t) / 1e9)
+                for name, (nbytes, fn) in sides.items():
+                    t = time.perf_counter()
+                    fn()
+                    best[name] = max(best[name], nbytes / (time.perf_counter() - t) / 1e9)
+            cells = ", ".join(f"{name} {gbs:5.1f} GB/s ({gbs / probe:.2f})" for name, gbs in best.items())
+            lines.append(f"{n:6d}x{k:<5d} rows {r}: probe {probe:5.1f} GB/s | {cells}")
+        del w8, w4
+    return lines
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(CONFIG_2B), help="config.json path, or 'small'")
@@ -108,7 +167,12 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sizes-only", action="store_true")
+    ap.add_argument("--gemv", default=None, metavar="ROWS",
+                    help="only the exact vs integer-dot-product GEMV comparison for these row counts (e.g. 1,4)")
     args = ap.parse_args(argv)
+    if args.gemv:
+        print("\n".join(gemv_old_vs_new(tuple(int(r) for r in args.gemv.split(",")))))
+        return
     torch.set_num_threads(args.threads)
     config = small_config() if args.config == "small" else Qwen2VLConfig.from_pretrained(args.config)
     config.dtype = "bfloat16"

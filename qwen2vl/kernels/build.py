@@ -28,13 +28,14 @@ from ..settings import settings
 log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
 # Two builds of the library: AVX512 (the bf16 dot-product kernels need AVX512-BF16 too; `has_avx512bf16`) and
-# AVX2 + FMA (cpu_avx2.c: the decoding kernels only, the same entry points). cpu_rope.c / cpu_layer.c / cpu_int4.c
+# AVX2 + FMA (cpu_avx2.c: the decoding kernels only, the same entry points). cpu_rope.c / cpu_layer.c / cpu_int4.c /
+# cpu_intdot.c
 # go in both.
 FLAVOURS = {
     "avx512": (["cpu_gemv.c", "cpu_attention.c", "cpu_decode.c"], ["-mavx512f", "-mavx512bw", "-mavx512vl"]),
     "avx2": (["cpu_avx2.c"], ["-mavx2", "-mfma", "-mf16c"]),
 }
-SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c", "cpu_int4.c"]
+SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c", "cpu_int4.c", "cpu_intdot.c"]
 HEADERS = ["cpu_common.h", "qwen2vl_kernels.h"]
 HEADER = _DIR / "qwen2vl_kernels.h"
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
@@ -51,9 +52,11 @@ C_FUNCTIONS: dict[str, list] = {
     "rope_bf16": [_P] * 4 + [_I] * 3 + [_N],
     "bias_quick_gelu": [_P, _P, _I, _I, _N],
     "silu_mul": [_P, _P, _I, _N],
-    "decode_layers": [_P, _I] + [_P] * 5 + [_I] + [_P] * 3 + [_I] * 6 + [_F] * 2 + [_N],
+    "decode_layers": [_P, _I] + [_P] * 5 + [_I] + [_P] * 3 + [_I] * 6 + [_F] * 2 + [_N] + [_P, _P, _I, _N],
     "gemv_q4_avx512bf16": [_P] * 5 + [_I] * 4 + [_N], "gemv_q4_avx2": [_P] * 5 + [_I] * 4 + [_N],
     "dequant_q4_bf16": [_P] * 4 + [_I] * 3 + [_N] * 2,
+    "gemv_i8_intdot": [_P] * 4 + [_I] * 3 + [_N] * 2,
+    "gemv_q4_intdot": [_P] * 5 + [_I] * 4 + [_N] * 2,
 }
 
 _lock = threading.Lock()

@@ -18,8 +18,14 @@ heuristics in cpu.py / cpu_ops.py that tests/test_kernels.py pins):
     decode_gemv        kernel | torch                           (1-8 rows)
     lm_head            kernel | torch                           (1-8 rows, a vocabulary-sized output)
     decode_attention   kernel | torch (SDPA)
-    int8_gemv          kernel | torch (torch._weight_int8pack_mm)   (1-8 rows)
-    int4_gemv          kernel | torch (torch._weight_int4pack_mm_for_cpu)   (1-8 rows, group-wise 4-bit)
+    int8_gemv          kernel | torch (torch._weight_int8pack_mm) | intdot   (1-8 rows)
+    int4_gemv          kernel | torch (torch._weight_int4pack_mm_for_cpu) | intdot   (1-8 rows, group-wise 4-bit)
+
+"intdot" (cpu_intdot.c) quantizes the activations to int8 (blocks of 32 / 128 columns) and runs integer dot
+products: off by <= 1/254 of each block's largest |x| per activation, well inside TOLERANCE on the trial's random
+activations (~0.6 % of the largest output measured), so it competes on speed; "kernel" stays the exact path
+(QWEN2VL_BACKEND=kernels or int4_gemv=kernel forces it). Records are keyed by the candidate lists too
+(`machine_key`), so adding a candidate times the ops again.
 
 `decide` returns a candidate's name, or None for today's default rule: where the choice is forced to "kernel", the
 shapes are too small to be worth timing (every test model: bit-identical to before), the budget is spent (timed by
@@ -29,6 +35,7 @@ sets every op and later items override ("torch,decode_gemv=kernel"). "auto" or u
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -54,8 +61,8 @@ OPS: dict[str, tuple[str, ...]] = {
     "decode_gemv": ("kernel", "torch"),
     "lm_head": ("kernel", "torch"),
     "decode_attention": ("kernel", "torch"),
-    "int8_gemv": ("kernel", "torch"),
-    "int4_gemv": ("kernel", "torch"),
+    "int8_gemv": ("kernel", "torch", "intdot"),
+    "int4_gemv": ("kernel", "torch", "intdot"),
 }
 BUDGET_S = 2.0           # timing per process, all decisions together (the rest are timed by a later load)
 DECISION_CAP_S = 0.4     # one decision stops after this once every candidate ran twice
@@ -65,6 +72,8 @@ MARGIN = 1.15            # another candidate replaces today's rule only when thi
                          # shared machine must not flip a choice that is then kept on disk)
 TOLERANCE = 2.0 ** -6    # max |y - fp32 reference| / max |reference|: bf16 rounding passes, a wrong result fails
 MIN_WEIGHT = 1 << 20     # linears with fewer weight elements are not timed (tiny models: today's rule)
+MIN_INT_WEIGHT = 1 << 18  # int8 / int4 linears: k / v of the 2B (256 x 1536) are timed too, so that all seven
+                          # projections can be on kernels the fused decoding step has (int8: intdot only)
 MIN_WIDTH = 1024         # attention with heads x head_dim below this is not timed
 LM_HEAD_MIN_N = 32768    # a few-row product with at least this many outputs is the LM head
 
@@ -267,8 +276,9 @@ def cpu_description() -> dict[str, str]:
 def machine_key() -> str:
     c = cpu_description()
     lib = flavour() if library() is not None else "none"
+    cands = hashlib.sha256(repr(sorted(OPS.items())).encode()).hexdigest()[:8]  # a new candidate: time again
     return f"{c['vendor']} {c['model']} [{c['flags']}] | torch {torch.__version__} | " \
-           f"{torch.get_num_threads()} threads | kernels {lib}"
+           f"{torch.get_num_threads()} threads | kernels {lib} | candidates {cands}"
 
 
 def choices_path() -> Path:

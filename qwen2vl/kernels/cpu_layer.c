@@ -12,14 +12,36 @@
  */
 #include "cpu_common.h"
 
-enum { LN1, WQ, BQ, WK, BK, WV, BV, WO, LN2, WG, WU, WD, NPTR };
 
-static int gemv(const uint16_t *x, const void *w, const void *bias, uint16_t *y, int64_t M, int64_t N, int64_t K,
-                int nt) {
-    return gemv_bf16_dp(x, (const uint16_t *)w, NULL, (float *)y, M, N, K, nt, (const uint16_t *)bias, 1);
+enum { LN1, WQ, BQ, WK, BK, WV, BV, WO, LN2, WG, WU, WD, NPTR };
+/* Quantized projections (quantization/int4.py, int8.py): per layer and projection (q k v o gate up down) a kind,
+ * and in qparams its fp32 scales and uint8 zero points (4-bit) at 2 p, 2 p + 1. The kernel is the one the per-op
+ * path's `choose` picked for that projection, its bf16 output plus the bf16 bias added after it, as there. */
+enum { P_BF16, P_Q4, P_Q4_INTDOT, P_I8_INTDOT };
+#define NPROJ 7
+
+typedef struct { const void *w, *bias; uint16_t *y; int64_t N; int kind; const float *s; const uint8_t *z; } proj;
+
+/* y[m, :] += bias in bf16 (fp32 sum rounded once, as torch's bf16 add) */
+static void add_bias_bf16(uint16_t *y, const uint16_t *bias, int64_t M, int64_t N) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) y[m * N + n] = f32_to_bf16(bf16_to_f32(y[m * N + n]) + bf16_to_f32(bias[n]));
 }
 
-typedef struct { const void *w, *bias; uint16_t *y; int64_t N; } proj;
+static int proj_run(const uint16_t *x, const proj *p, int64_t M, int64_t K, int64_t G, int use512, int nt) {
+    int rc;
+    switch (p->kind) {
+        case P_BF16:
+            return gemv_bf16_dp(x, (const uint16_t *)p->w, NULL, (float *)p->y, M, p->N, K, nt,
+                                (const uint16_t *)p->bias, 1);
+        case P_Q4: rc = gemv_q4_avx512bf16(x, p->w, p->s, p->z, p->y, M, p->N, K, G, nt); break;
+        case P_Q4_INTDOT: rc = gemv_q4_intdot(x, p->w, p->s, p->z, p->y, M, p->N, K, G, nt, use512); break;
+        case P_I8_INTDOT: rc = gemv_i8_intdot(x, p->w, p->s, p->y, M, p->N, K, nt, use512); break;
+        default: return -1;
+    }
+    if (rc == 0 && p->bias) add_bias_bf16(p->y, (const uint16_t *)p->bias, M, p->N);
+    return rc;
+}
 
 /* Several products of the same input h (M, K) in one parallel region: each thread does its share of each in
  * turn without waiting for the other between them, so a thread that is done early reads on instead of idling
@@ -66,13 +88,18 @@ static void add_bf16(uint16_t *x, const uint16_t *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
 }
 
+/* kinds (n_layers, NPROJ) and qparams (n_layers, 2 NPROJ): NULL when every projection is bf16; G: the 4-bit
+ * group size; use512: the integer kernels' AVX512-VNNI variant. */
 int decode_layers(uint16_t *x, int64_t n_layers, const void *const *weights, uint16_t *const *kc,
                   uint16_t *const *vc, const int64_t *strides, const int64_t *slots, int64_t kv_len,
                   const uint8_t *mask, const uint16_t *cos, const uint16_t *sin, int64_t B, int64_t H, int64_t I,
-                  int64_t Hq, int64_t Hkv, int64_t D, float eps, float scale, int nt) {
+                  int64_t Hq, int64_t Hkv, int64_t D, float eps, float scale, int nt,
+                  const int32_t *kinds, const void *const *qparams, int64_t G, int use512) {
     /* every kernel's own precondition, checked before anything is written */
     if (B < 1 || B > 8 || H % 32 || I % 32 || (Hq * D) % 32 || D % 16 || D > MAXD || Hq % Hkv || kv_len < 1)
         return -1;
+    if (kinds && (H % 128 || I % 128 || (Hq * D) % 128 || G <= 0 || G % 128 || H % G || I % G || (Hq * D) % G))
+        return -1;  /* the quantized kernels' shapes */
     const int64_t QD = Hq * D, KD = Hkv * D;
     uint16_t *buf = malloc((size_t)B * (2 * H + 3 * QD + 3 * KD + 2 * I) * sizeof(uint16_t));
     if (!buf) return -3;
@@ -81,9 +108,23 @@ int decode_layers(uint16_t *x, int64_t n_layers, const void *const *weights, uin
     int rc = 0;
     for (int64_t l = 0; l < n_layers && rc == 0; l++) {
         const void *const *W = weights + l * NPTR;
+        proj P[NPROJ];
+        const int widx[NPROJ] = {WQ, WK, WV, WO, WG, WU, WD}, bidx[NPROJ] = {BQ, BK, BV, -1, -1, -1, -1};
+        uint16_t *outs[NPROJ] = {q, k, v, o, g, u, o};
+        const int64_t ns[NPROJ] = {QD, KD, KD, H, I, I, H};
+        int quantized = 0;
+        for (int j = 0; j < NPROJ; j++) {
+            int kind = kinds ? kinds[l * NPROJ + j] : P_BF16;
+            quantized |= kind != P_BF16;
+            P[j] = (proj){W[widx[j]], bidx[j] < 0 ? NULL : W[bidx[j]], outs[j], ns[j], kind,
+                          kinds ? (const float *)qparams[(l * NPROJ + j) * 2] : NULL,
+                          kinds ? (const uint8_t *)qparams[(l * NPROJ + j) * 2 + 1] : NULL};
+        }
         rc |= rms_norm(x, W[LN1], h, B, H, eps, nt);
-        proj qkv[3] = {{W[WQ], W[BQ], q, QD}, {W[WK], W[BK], k, KD}, {W[WV], W[BV], v, KD}};
-        gemv_group(h, qkv, 3, B, H, nt);
+        if (quantized)
+            for (int j = 0; j < 3; j++) rc |= proj_run(h, &P[j], B, H, G, use512, nt);
+        else
+            gemv_group(h, P, 3, B, H, nt);
         rc |= rope_bf16(q, cos, sin, qr, B, Hq, D, nt);
         rc |= rope_bf16(k, cos, sin, kr, B, Hkv, D, nt);
         for (int64_t b = 0; b < B; b++)
@@ -93,11 +134,17 @@ int decode_layers(uint16_t *x, int64_t n_layers, const void *const *weights, uin
             }
         rc |= decode_attention(qr, kc[l], vc[l], mask, att, B, Hq, Hkv, kv_len, D, QD, D, strides[0], strides[1],
                                strides[2], strides[3], strides[4], strides[5], scale, nt);
-        rc |= gemv(att, W[WO], NULL, o, B, H, QD, nt);
+        rc |= proj_run(att, &P[3], B, QD, G, use512, nt);
         add_bf16(x, o, B * H);
         rc |= rms_norm(x, W[LN2], h, B, H, eps, nt);
-        gate_up_silu(h, W[WG], W[WU], g, u, B, I, H, nt);
-        rc |= gemv(g, W[WD], NULL, o, B, H, I, nt);
+        if (quantized) {
+            rc |= proj_run(h, &P[4], B, H, G, use512, nt);
+            rc |= proj_run(h, &P[5], B, H, G, use512, nt);
+            rc |= silu_mul(g, u, B * I, nt);
+        } else {
+            gate_up_silu(h, W[WG], W[WU], g, u, B, I, H, nt);
+        }
+        rc |= proj_run(g, &P[6], B, I, G, use512, nt);
         add_bf16(x, o, B * H);
     }
     free(buf);

@@ -9,7 +9,8 @@ import torch
 
 from .build import has_avx512bf16, kernel, library
 from .cpu import has_bf16_gemv
-from .ops import DECODE_LAYER_WEIGHTS
+from .cpu_int4 import intdot_isa
+from .ops import DECODE_KINDS, DECODE_LAYER_WEIGHTS
 
 _ops = torch.ops.qwen2vl
 
@@ -158,24 +159,33 @@ def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> bool:
 
 def decode_layers(x: torch.Tensor, weights: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor],
                   slots: list[int], kv_len: int, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                  num_heads: int, eps: float, scale: float) -> bool:
+                  num_heads: int, eps: float, scale: float, quant: tuple | None = None) -> bool:
     """One decoding step through L decoder layers in one kernel call, in place on x; the same kernels in the same
     order as the per-op path, so bit-identical to it. False (nothing written) when the kernel cannot run.
 
     x (B, H) bf16 contiguous, B <= 8; `weights` L x DECODE_LAYER_WEIGHTS: norms (H,), q (Hq*D, H) + bias, k / v
     (Hkv*D, H) + bias, o (H, Hq*D), gate / up (I, H), down (H, I), all contiguous bf16; keys/values per layer
     (B, Hkv, Smax, D) cache tensors, the new token of row b written at slot slots[b]; attention over slots
-    [0, kv_len) where mask (B, kv_len) uint8 (1 = attend; None = all); cos/sin (B, D) bf16 contiguous."""
+    [0, kv_len) where mask (B, kv_len) uint8 (1 = attend; None = all); cos/sin (B, D) bf16 contiguous.
+    quant: quantized projections, (kinds: L x 7 DECODE_KINDS names, scales: L x 7 fp32 tensors, zeros: L x 7 uint8
+    tensors or None (int8), group size); their weights in `weights` are then the packed 4-bit / int8 tensors."""
     if not has_bf16_gemv() or not keys or x.dim() != 2 or x.device.type != "cpu" or weights[11].dim() != 2:
         return False
     b, h = x.shape
     hkv, d = keys[0].shape[1], keys[0].shape[3]
-    qd, inter = num_heads * d, weights[11].shape[1]
+    packed = quant is not None and quant[0][6].startswith("int4")  # down_proj's weight: two columns per byte
+    qd, inter = num_heads * d, weights[11].shape[1] * (2 if packed else 1)
     if b > 8 or h % 32 or inter % 32 or qd % 32 or d % 16 or d > 128 or num_heads % hkv:
         return False  # the kernels' own shape conditions (cpu_layer.c)
+    kinds, qparams, group, use512 = [], [], 0, 0
+    if quant is not None:
+        names, scales, zeros, group = quant
+        kinds = [DECODE_KINDS[k] for k in names]
+        qparams = [t for pair in zip(scales, zeros) for t in pair]
+        use512 = intdot_isa() or 0
     try:  # the op checks every tensor before anything is written: a ValueError means "does not apply here"
         _ops.decode_layers_.default(x, weights, keys, values, list(slots), kv_len, mask, cos, sin, num_heads, eps,
-                                    scale)
+                                    scale, kinds, qparams, group, use512)
     except ValueError:
         return False
     return True

@@ -17,7 +17,9 @@ Which op runs for a given call (kernel or PyTorch) is decided by `backend.py` an
     rms_norm(x, weight, eps)  rope(x, cos, sin, head_dim)  silu_mul_(gate, up)  bias_quick_gelu_(x, bias)
     decode_attention(q, k, v, mask, scale)  prefill_attention(q, k, v, scale)
     vision_attention_(out, qkv, cos, sin, num_heads, scale, seg_start, seg_end, q0, q1, h0, h1)
-    decode_layers_(x, weights, keys, values, slots, kv_len, mask, cos, sin, num_heads, eps, scale)
+    gemv_int4_intdot(x, qweight, scales, zeros, group, use512)   gemv_int8_intdot(x, weight, scales, use512)
+    decode_layers_(x, weights, keys, values, slots, kv_len, mask, cos, sin, num_heads, eps, scale, kinds, qparams,
+                   group, use512)
 """
 from __future__ import annotations
 
@@ -65,7 +67,10 @@ _SCHEMAS = {
                          "float scale, int seg_start, int seg_end, int q0, int q1, int h0, int h1) -> ()",
     "decode_layers_": "decode_layers_(Tensor(a!) x, Tensor[] weights, Tensor(b!)[] keys, Tensor(c!)[] values, "
                       "int[] slots, int kv_len, Tensor? mask, Tensor cos, Tensor sin, int num_heads, float eps, "
-                      "float scale) -> ()",
+                      "float scale, int[] kinds, Tensor?[] qparams, int group, int use512) -> ()",
+    "gemv_int4_intdot": "gemv_int4_intdot(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, "
+                        "int use512) -> Tensor",
+    "gemv_int8_intdot": "gemv_int8_intdot(Tensor x, Tensor weight, Tensor scales, int use512) -> Tensor",
 }
 for _schema in _SCHEMAS.values():
     _lib.define(_schema)
@@ -300,22 +305,77 @@ def _vision_attention(out, qkv, cos, sin, num_heads, scale, seg_start, seg_end, 
 
 # weights of one decoder layer, in the order cpu_layer.c reads them
 DECODE_LAYER_WEIGHTS = ("ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "ln2", "wg", "wu", "wd")
+# quantized projections (cpu_layer.c's P_* kinds): the exact 4-bit kernel, the integer-dot-product 4-bit / int8 ones
+DECODE_KINDS = {"bf16": 0, "int4": 1, "int4_intdot": 2, "int8_intdot": 3}
+_PROJ_AT = (1, 3, 5, 7, 9, 10, 11)  # where q k v o gate up down sit in DECODE_LAYER_WEIGHTS
+
+
+@_impl("gemv_int4_intdot")
+def _gemv_int4_intdot(x, qweight, scales, zeros, group_size, use512):
+    m, k = x.shape
+    n = qweight.shape[0]
+    _need(x.dtype is torch.bfloat16 and x.is_contiguous() and 0 < m <= MAX_ROWS and k % 128 == 0
+          and group_size % 128 == 0 and k % group_size == 0 and qweight.shape == (n, k // 2)
+          and qweight.dtype is torch.uint8 and qweight.is_contiguous(), "gemv_int4_intdot",
+          f"x (1..8, K) bf16 with K % 128 == 0 and qweight (N, K/2) uint8, got {tuple(x.shape)} {tuple(qweight.shape)}")
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    _check(call("gemv_q4_intdot", x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                out.data_ptr(), m, n, k, group_size, torch.get_num_threads(), use512), "gemv_int4_intdot")
+    return out
+
+
+@_impl("gemv_int8_intdot")
+def _gemv_int8_intdot(x, weight, scales, use512):
+    m, k = x.shape
+    n = weight.shape[0]
+    _need(x.dtype is torch.bfloat16 and x.is_contiguous() and 0 < m <= MAX_ROWS and weight.shape == (n, k)
+          and weight.dtype is torch.int8 and weight.is_contiguous() and scales.dtype is torch.float32
+          and scales.shape == (n,) and scales.is_contiguous(), "gemv_int8_intdot",
+          f"x (1..8, K) bf16, weight (N, K) int8, scales (N,) fp32, got {tuple(x.shape)} {tuple(weight.shape)}")
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    _check(call("gemv_i8_intdot", x.data_ptr(), weight.data_ptr(), scales.data_ptr(), out.data_ptr(), m, n, k,
+                torch.get_num_threads(), use512), "gemv_int8_intdot")
+    return out
+
+
+for _name in ("gemv_int4_intdot", "gemv_int8_intdot"):
+    @_fake(_name)
+    def _(x, weight, *rest):
+        return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @_impl("decode_layers_")
-def _decode_layers(x, weights, keys, values, slots, kv_len, mask, cos, sin, num_heads, eps, scale):
+def _decode_layers(x, weights, keys, values, slots, kv_len, mask, cos, sin, num_heads, eps, scale, kinds, qparams,
+                   group, use512):
     layers, n = len(keys), len(DECODE_LAYER_WEIGHTS)
     _need(layers > 0 and len(values) == layers and len(weights) == layers * n, "decode_layers_",
           f"{n} weights per layer and one key / value tensor per layer")
     b, h = x.shape
     kc = keys[0]
     hkv, smax, d = kc.shape[1:]
-    qd, inter = num_heads * d, weights[n - 1].shape[1]
+    packed = bool(kinds) and kinds[6] in (DECODE_KINDS["int4"], DECODE_KINDS["int4_intdot"])  # 2 columns a byte
+    qd, inter = num_heads * d, weights[n - 1].shape[1] * (2 if packed else 1)
     shapes = [(h,), (qd, h), (qd,), (hkv * d, h), (hkv * d,), (hkv * d, h), (hkv * d,), (h, qd), (h,), (inter, h),
               (inter, h), (h, inter)] * layers
-    _need(all(t.shape == s and t.dtype is torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu"
-              for t, s in zip(weights, shapes)),
-          "decode_layers_", "every weight contiguous bf16 of its layer's shape")
+    dtypes = [torch.bfloat16] * len(shapes)
+    if kinds:  # quantized projections: L x 7 kinds; qparams 2 per projection (fp32 scales, uint8 zeros or None)
+        _need(len(kinds) == layers * 7 and len(qparams) == 2 * len(kinds) and group > 0
+              and not any(w % 128 or w % group for w in (h, qd, inter)), "decode_layers_",
+              "7 kinds and 2 qparams per layer, widths multiples of 128 and of the group size")
+        for i, kind in enumerate(kinds):
+            if kind == DECODE_KINDS["bf16"]:
+                continue
+            at = (i // 7) * n + _PROJ_AT[i % 7]
+            out, k = shapes[at]
+            four = kind != DECODE_KINDS["int8_intdot"]
+            shapes[at], dtypes[at] = ((out, k // 2), torch.uint8) if four else ((out, k), torch.int8)
+            want = [(qparams[2 * i], (out, k // group) if four else (out,), torch.float32)] + \
+                ([(qparams[2 * i + 1], (out, k // group), torch.uint8)] if four else [])
+            _need(all(t is not None and t.shape == sh and t.dtype is dt and t.is_contiguous() for t, sh, dt in want),
+                  "decode_layers_", f"scales / zeros of projection {i} in the quantized layout")
+    _need(all(t.shape == s and t.dtype is dt and t.is_contiguous() and t.device.type == "cpu"
+              for t, s, dt in zip(weights, shapes, dtypes)),
+          "decode_layers_", "every weight contiguous (bf16, or its quantized format) of its layer's shape")
     _need(x.dtype is torch.bfloat16 and x.is_contiguous() and len(slots) == b == kc.shape[0]
           and 0 < kv_len <= smax and max(slots) < kv_len and cos.shape == sin.shape == (b, d)
           and cos.dtype is sin.dtype is torch.bfloat16 and cos.is_contiguous() and sin.is_contiguous()
@@ -328,9 +388,13 @@ def _decode_layers(x, weights, keys, values, slots, kv_len, mask, cos, sin, num_
     kp = (ctypes.c_void_p * layers)(*[t.data_ptr() for t in keys])
     vp = (ctypes.c_void_p * layers)(*[t.data_ptr() for t in values])
     strides = (ctypes.c_int64 * 6)(*kc.stride()[:3], *values[0].stride()[:3])
+    qargs = (None, None, 0, 0)
+    if kinds:
+        qargs = ((ctypes.c_int32 * len(kinds))(*kinds), (ctypes.c_void_p * len(qparams))(*map(_ptr, qparams)),
+                 group, use512)
     rc = call("decode_layers", x.data_ptr(), layers, ptrs, kp, vp, strides, (ctypes.c_int64 * b)(*slots), kv_len,
               _ptr(mask), cos.data_ptr(), sin.data_ptr(), b, h, inter, num_heads, hkv, d, eps, scale,
-              torch.get_num_threads())
+              torch.get_num_threads(), *qargs)
     # -1: a shape precondition of a kernel (nothing written: the caller checks them first); -3 out of memory;
     # -2 a kernel failed after x / the cache were written.
     _check(rc, "decode_layers_")

@@ -44,16 +44,24 @@ QWEN2VL_API int rope_bf16(const uint16_t *x, const uint16_t *cs, const uint16_t 
                           int64_t heads, int64_t D, int nthreads);
 QWEN2VL_API int bias_quick_gelu(uint16_t *x, const float *bias, int64_t rows, int64_t N, int nthreads);
 QWEN2VL_API int silu_mul(uint16_t *gate, const uint16_t *up, int64_t n, int nthreads);
-/* One decoding step through n_layers decoder layers (cpu_layer.c). */
+/* One decoding step through n_layers decoder layers (cpu_layer.c); kinds / qparams: quantized projections
+ * (NULL: all bf16), G their group size, use512 the integer kernels' variant. */
 QWEN2VL_API int decode_layers(uint16_t *x, int64_t n_layers, const void *const *weights, uint16_t *const *kc,
                               uint16_t *const *vc, const int64_t *strides, const int64_t *slots, int64_t kv_len,
                               const uint8_t *mask, const uint16_t *cos, const uint16_t *sin, int64_t B, int64_t H,
-                              int64_t I, int64_t Hq, int64_t Hkv, int64_t D, float eps, float scale, int nt);
+                              int64_t I, int64_t Hq, int64_t Hkv, int64_t D, float eps, float scale, int nt,
+                              const int32_t *kinds, const void *const *qparams, int64_t G, int use512);
 /* Group-wise 4-bit GEMV (quantization/int4.py's packed layout) and the dequantization of a whole weight. */
 QWEN2VL_API int gemv_q4_avx512bf16(const uint16_t *x, const uint8_t *w, const float *s, const uint8_t *z,
                                    uint16_t *y, int64_t M, int64_t N, int64_t K, int64_t G, int nthreads);
 QWEN2VL_API int gemv_q4_avx2(const uint16_t *x, const uint8_t *w, const float *s, const uint8_t *z, uint16_t *y,
                              int64_t M, int64_t N, int64_t K, int64_t G, int nthreads);
+/* The same products on int8-quantized activations, integer dot products (cpu_intdot.c); use512: the
+ * AVX512-VNNI variant, else AVX2. */
+QWEN2VL_API int gemv_i8_intdot(const uint16_t *x, const int8_t *w, const float *s, uint16_t *y, int64_t M,
+                               int64_t N, int64_t K, int nthreads, int use512);
+QWEN2VL_API int gemv_q4_intdot(const uint16_t *x, const uint8_t *w, const float *s, const uint8_t *z, uint16_t *y,
+                               int64_t M, int64_t N, int64_t K, int64_t G, int nthreads, int use512);
 QWEN2VL_API int dequant_q4_bf16(const uint8_t *w, const float *s, const uint8_t *z, uint16_t *out, int64_t N,
                                 int64_t K, int64_t G, int nthreads, int use512);
 

@@ -15,7 +15,8 @@ columns once so every group is contiguous (`input_perm`, a buffer saved with the
 columns of x at run time (one index_select of the activations, tiny next to the weight read).
 
 Forward: 1-8 activation rows on the CPU run the 4-bit GEMV kernel (`kernels/cpu_int4.py`), where `choose`
-picks it ("int4_gemv": kernel | torch, torch = torch's `_weight_int4pack_mm_for_cpu` on its own packed copy);
+picks it ("int4_gemv": kernel | torch | intdot, torch = torch's `_weight_int4pack_mm_for_cpu` on its own packed
+copy, intdot = int8-quantized activations times the codes in integer dot products, `cpu_int4.linear_int4_intdot`);
 anything else dequantizes the weight into the activation dtype, WEIGHT_TILE elements at a time, and calls
 F.linear (oneDNN on CPU, AMX where present; cuBLAS on GPU), which is correct on every device by construction.
 """
@@ -188,7 +189,7 @@ class Int4WeightOnlyLinear(nn.Module):
             return None
         n, k = self.out_features, self.in_features
         route = choose.decide("int4_gemv", (rows, n, k, self.group_size), lambda: self._trial(rows),
-                              timed=n * k >= choose.MIN_WEIGHT)
+                              timed=n * k >= choose.MIN_INT_WEIGHT)
         if route != "torch" and self._torch_pack is not None:
             self._torch_pack = None  # made for the timing only: not a second copy of the weight for nothing
         return route
@@ -196,12 +197,16 @@ class Int4WeightOnlyLinear(nn.Module):
     def _trial(self, rows: int) -> choose.Trial:
         x = torch.randn(rows, self.in_features, dtype=torch.bfloat16)
         c = min(self.out_features, 1024)
-        cands = {"kernel": lambda: self._kernel(x), "torch": lambda: self._torch_int4(x)}
+        cands = {"kernel": lambda: self._kernel(x), "torch": lambda: self._torch_int4(x),
+                 "intdot": lambda: self._intdot(x)}
         ref = lambda: F.linear(x.float(), self.dequantized_weight(torch.float32)[:c])  # noqa: E731
         return choose.Trial(cands, ref, lambda y: y[:, :c].float(), ("kernel", "torch"))
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor | None:
         return cpu_int4.linear_int4(self._gather(x), self.qweight, self.scales, self.zeros, self.group_size)
+
+    def _intdot(self, x: torch.Tensor) -> torch.Tensor | None:
+        return cpu_int4.linear_int4_intdot(self._gather(x), self.qweight, self.scales, self.zeros, self.group_size)
 
     def _torch_int4(self, x: torch.Tensor) -> torch.Tensor | None:
         """torch's own CPU int4 GEMM (`_weight_int4pack_mm_for_cpu`): W = (q - 8) * s + m per group, so
@@ -249,7 +254,8 @@ class Int4WeightOnlyLinear(nn.Module):
         y = None
         if not (torch.is_grad_enabled() and x.requires_grad):
             route = self.choice(x)
-            y = self._torch_int4(x) if route == "torch" else self._kernel(x)
+            y = self._torch_int4(x) if route == "torch" else self._intdot(x) if route == "intdot" else None
+            y = self._kernel(x) if y is None else y
         if y is None:
             y = self._dequantized_matmul(x)
         return y if self.bias is None else y + self.bias

@@ -3,7 +3,9 @@
 Each Linear weight W (out, in) becomes int8 Q with one scale per output channel: W ≈ Q * s[:, None],
 s = max|W_row| / 127 (symmetric, round-to-nearest). Activations stay in the model dtype. On CPU the matmul
 runs in `torch._weight_int8pack_mm` (int8 weights read once, dequantised in registers), which halves the bytes
-read per decoded token versus bf16. The vision tower stays in full precision: it is compute-bound.
+read per decoded token versus bf16. Few rows (decoding) run the CPU kernel `choose` picks ("int8_gemv": the
+exact bf16-widening kernel, torch's op, or "intdot": activations quantized to int8 per 32 columns, integer dot
+products). The vision tower stays in full precision: it is compute-bound.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 
 from ..kernels import choose
 from ..kernels import cpu as cpu_kernels
+from ..kernels import cpu_int4
 
 class Int8WeightOnlyLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
@@ -43,19 +46,23 @@ class Int8WeightOnlyLinear(nn.Module):
         if x.device.type != "cpu" or x.dtype != self.scales.dtype or not 0 < rows <= 8 or self.in_features % 16:
             return None
         n, k = self.out_features, self.in_features
-        return choose.decide("int8_gemv", (rows, n, k), lambda: self._trial(rows), timed=n * k >= choose.MIN_WEIGHT)
+        return choose.decide("int8_gemv", (rows, n, k), lambda: self._trial(rows), timed=n * k >= choose.MIN_INT_WEIGHT)
 
     def _trial(self, rows: int) -> choose.Trial:
         x = torch.randn(rows, self.in_features, dtype=self.scales.dtype)
         w, s, c = self.weight_int8, self.scales, min(self.out_features, 1024)
         cands = {"kernel": lambda: cpu_kernels.linear_int8(x, w, s),
-                 "torch": lambda: torch._weight_int8pack_mm(x, w, s)}
+                 "torch": lambda: torch._weight_int8pack_mm(x, w, s),
+                 "intdot": lambda: cpu_int4.linear_int8_intdot(x, w, s)}  # int8 activations: inexact
         ref = lambda: F.linear(x[:8].float(), w[:c].float() * s[:c].float()[:, None])  # noqa: E731
         return choose.Trial(cands, ref, lambda y: y[:8, :c].float(), ("kernel", "torch"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = None if self.choice(x) == "torch" else cpu_kernels.linear_int8(x, self.weight_int8, self.scales)
+        route = self.choice(x)
+        y = cpu_int4.linear_int8_intdot(x, self.weight_int8, self.scales) if route == "intdot" else None
+        if y is None and route != "torch":
+            y = cpu_kernels.linear_int8(x, self.weight_int8, self.scales)
         if y is not None:  # few rows (decoding): the bandwidth-bound kernel
             return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, shape[-1])

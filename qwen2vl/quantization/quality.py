@@ -35,3 +35,23 @@ def next_token_agreement(ref_model, quant_model, prompts: list[torch.Tensor]) ->
 
 def eval_ids(tokenizer) -> list[torch.Tensor]:
     return [torch.tensor([tokenizer.encode(t)]) for t in EVAL_TEXTS]
+
+
+@torch.no_grad()
+def decode_agreement(ref_model, quant_model, prompts: list[torch.Tensor]) -> dict[str, float]:
+    """`next_token_agreement` with the quantized model fed one token at a time through its KV cache, so its
+    projections run the few-rows (decoding) kernels `choose` picks, not the prefill path."""
+    kls, agree, n = [], 0, 0
+    for ids in prompts:
+        lr = ref_model(input_ids=ids, use_cache=False).logits[0].float()
+        out, steps = None, []
+        for t in range(ids.shape[1]):
+            out = quant_model(input_ids=ids[:, t:t + 1], use_cache=True,
+                              past_key_values=None if out is None else out.past_key_values)
+            steps.append(out.logits[0, -1].float())
+        lq = torch.stack(steps)
+        lp_r, lp_q = F.log_softmax(lr, -1), F.log_softmax(lq, -1)
+        kls.append((lp_r.exp() * (lp_r - lp_q)).sum(-1))
+        agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+        n += lr.shape[0]
+    return {"kl": float(torch.cat(kls).mean()), "top1": agree / max(n, 1), "positions": n}
