@@ -76,7 +76,7 @@ def test_argument_mismatches_raise_before_c():
     with pytest.raises(ValueError, match="weight must be"):
         torch.ops.qwen2vl.gemv(x, w[:, :32].contiguous(), None, None, True)
     with pytest.raises(ValueError, match="weights per layer"):
-        torch.ops.qwen2vl.decode_layers_(x, [w], [w], [w], [0, 0], 1, None, x, x, 2, 1e-6, 1.0)
+        torch.ops.qwen2vl.decode_layers_(x, [w], [w], [w], [0, 0], 1, None, x, x, 2, 1e-6, 1.0, [], [], 0, 0)
     if build.library() is not None:
         with pytest.raises(TypeError, match="takes 4 arguments, got 5"):              # ctypes passes extras on
             ops.call("silu_mul", None, None, 0, 1, 5)
