@@ -352,3 +352,8 @@ def test_vision_stage_trains_only_the_vision_tower_and_lm_head():
     head = {n for n, p in model.named_parameters() if p is model.lm_head.weight}  # tied to the embeddings
     assert changed and changed <= vision | head and head <= changed
     assert len(changed & vision) > len(vision) // 2  # the tower itself learns, not only the head
+    from qwen2vl.demo.vision_stage import stage_lr
+
+    assert stage_lr(0, 100, 1.0, 10, 0.05) == 0.1 and stage_lr(10, 100, 1.0, 10, 0.05) == 1.0  # warmup, then peak
+    assert abs(stage_lr(99, 100, 1.0, 10, 0.05) - 0.05) < 1e-9 and 0.05 < stage_lr(60, 100, 1.0, 10, 0.05) < 1
+    assert stage_lr(99, 100, 1.0, 10, 1.0) == 1.0  # ratio 1: constant after warmup (the earlier recipe)

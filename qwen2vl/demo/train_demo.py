@@ -24,9 +24,11 @@ Options for further recipes (off for the bundled model): ``--align-centre`` (a t
 does a shape's centre lie in it), ``--align-video`` (video tokens labelled too), ``--pos-weight W`` (the decoder's
 output at each vision token names its row / column third), ``--pixels MIN MAX VIDEO_MAX`` (processor bounds, e.g.
 12544 28224 12544 for 16-36 tokens), ``--min-turns``, ``--bf16`` (autocast, ~1.4x fewer CPU seconds per step on
-AVX512-BF16), ``--threads``, ``--num-workers``, ``--vision-steps N [--vision-lr]`` (first N steps train the vision
-tower + LM head alone on the alignment loss, ``vision_stage``); ``--export CHECKPOINT`` writes a checkpoint folder
-as the demo model.
+AVX512-BF16), ``--threads``, ``--num-workers``, ``--vision-steps N [--vision-lr --vision-batch-size
+--vision-min-lr --vision-shape-weight]`` (first N steps train the vision tower + LM head alone on the alignment loss,
+``vision_stage``; ``--steps 0`` stops there), ``--motion-weight`` (``align``), ``--bucket`` (batches of similar
+vision-token counts), ``--vision-lr-scale``, ``--freeze-vision``, ``--min-lr-ratio``; ``--export CHECKPOINT`` writes
+a checkpoint folder as the demo model. None of them beat the bundled model within ~30 CPU-minutes (README).
 
 Reproducible: fixed seeds for the tokenizer corpus, the weights, the data and the shuffling (bit-exact results
 also need the same torch version and thread count).
@@ -341,7 +343,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--pos-weight", type=float, default=0.0, help="weight of the token-position loss")
     p.add_argument("--motion-weight", type=float, default=0.0,
-                   help="weight of the motion loss (with --align-video): a moving shape's later tokens name its direction")
+                   help="weight of the motion loss (with --align-video): moving shapes name their direction")
     p.add_argument("--align-centre", action="store_true", help="alignment: also each image token's centre flag")
     p.add_argument("--align-video", action="store_true", help="alignment: video tokens too")
     p.add_argument("--pixels", type=int, nargs=3, default=None, metavar=("IMAGE_MIN", "IMAGE_MAX", "VIDEO_MAX"),
