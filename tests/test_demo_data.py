@@ -198,6 +198,39 @@ def test_align_collator_labels_every_vision_token():
     assert torch.equal(full["aux_labels"][:n_image, :2], plain["aux_labels"])
     assert set(full["aux_labels"][:, 2].tolist()) == {word("1"), word("\u0120no")}
     assert set(full["pos_labels"][:, 0].tolist()) == {word("\u0120" + w) for w in ("top", "center", "bottom")}
+    # motion: only the shape's tokens in the later temporal patch of a "move" clip, labelled with its direction
+    motion, grids = full["motion_labels"], full["video_grid_thw"].tolist()
+    assert motion.shape == (n_video,)
+    clips = [r["meta"]["clip"] for r in records if r["meta"]["clip"]]
+    start, moving = 0, 0
+    for clip, (t, gh, gw) in zip(clips, grids):
+        n = t * gh * gw // 4
+        part, start = motion[start:start + n], start + n
+        assert (part[:n // t] == -100).all()  # never in the first temporal patch
+        if clip["event"] == "move":
+            moving += 1
+            assert set(part[part >= 0].tolist()) == {word("\u0120" + clip["direction"])}
+        else:
+            assert (part == -100).all()
+    assert moving
+
+
+def test_bucketed_batches_and_vision_token_counts():
+    from qwen2vl.demo.train_demo import bucketed_batches
+
+    with tempfile.TemporaryDirectory() as d:
+        write_configs(Path(d), (12544, 28224, 12544))
+        processor = Qwen2VLProcessor.from_pretrained(d)
+    ds = DemoDataset(24, seed=6, video_prob=0.3)
+    counts = ds.vision_tokens((12544, 28224), (56 * 56, 12544))  # without rendering
+    ids = SFTCollator(processor)([ds[i] for i in range(len(ds))])["input_ids"]
+    assert sum(counts) == int((ids == processor.image_token_id).sum() + (ids == processor.video_token_id).sum())
+    lengths = list(range(100, 0, -1))
+    batches = bucketed_batches(lengths, 5, seed=0, pool=4)
+    assert batches == bucketed_batches(lengths, 5, seed=0, pool=4) != bucketed_batches(lengths, 5, seed=1, pool=4)
+    assert sorted(i for b in batches for i in b) == list(range(100)) and all(len(b) == 5 for b in batches)
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 30  # ~20 (5 neighbours of 20 random draws from 100), against ~65 for random batches of 5
 
 
 def test_jsonl(tmp_path):
@@ -319,3 +352,8 @@ def test_vision_stage_trains_only_the_vision_tower_and_lm_head():
     head = {n for n, p in model.named_parameters() if p is model.lm_head.weight}  # tied to the embeddings
     assert changed and changed <= vision | head and head <= changed
     assert len(changed & vision) > len(vision) // 2  # the tower itself learns, not only the head
+    from qwen2vl.demo.vision_stage import stage_lr
+
+    assert stage_lr(0, 100, 1.0, 10, 0.05) == 0.1 and stage_lr(10, 100, 1.0, 10, 0.05) == 1.0  # warmup, then peak
+    assert abs(stage_lr(99, 100, 1.0, 10, 0.05) - 0.05) < 1e-9 and 0.05 < stage_lr(60, 100, 1.0, 10, 0.05) < 1
+    assert stage_lr(99, 100, 1.0, 10, 1.0) == 1.0  # ratio 1: constant after warmup (the earlier recipe)

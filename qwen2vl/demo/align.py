@@ -12,6 +12,10 @@ Qwen2-VL model):
 * **position** (option, ``pos_weight`` > 0; the LM head applied to the decoder's last hidden state at each vision
   token): the token's row ("top" / "center" / "bottom") and column ("left" / "center" / "right") third, so that
   the decoder learns early to turn M-RoPE offsets into the words the ``where`` questions use.
+* **motion** (option, ``motion_weight`` > 0, with video labels): in a ``move`` clip, the decoder's output at each
+  token of the later temporal patch that shows the shape names its direction ("left" / "right" / "up" / "down").
+  The causal decoder can learn this (those tokens see the earlier patch, the M-RoPE offsets give the direction), and
+  it is the comparison the "Which way does the circle move?" answers need, taught at every such token.
 """
 from __future__ import annotations
 
@@ -111,11 +115,16 @@ class AlignCollator:
             self._rows(scene, gh // self.merge, gw // self.merge, aux, pos)
         grids = batch.get("video_grid_thw") if self.video else None
         clips = [m["clip"] for m in metas if m.get("clip")]
+        motion: list = []
         for clip, (t, gh, gw) in zip(clips, grids.tolist() if grids is not None else []):
-            for scene in clip_scenes(clip, t):
+            for k, scene in enumerate(clip_scenes(clip, t)):
+                n = len(aux)
                 self._rows(scene, gh // self.merge, gw // self.merge, aux, pos)
+                moving = k > 0 and clip["event"] == "move"
+                motion += [self.word(clip["direction"]) if moving and row[1] != -100 else -100 for row in aux[n:]]
         batch["aux_labels"] = torch.tensor(aux, dtype=torch.long).view(-1, 3 if self.centre else 2)
         batch["pos_labels"] = torch.tensor(pos, dtype=torch.long).view(-1, 2)
+        batch["motion_labels"] = torch.tensor(motion, dtype=torch.long)
         return batch
 
 
@@ -125,9 +134,9 @@ def _nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -(logp.gather(1, labels.clamp(min=0)) * mask).sum() / mask.sum().clamp(min=1)
 
 
-def aligned_trainer(weight: float, pos_weight: float = 0.0, video: bool = False):
-    """A Trainer adding ``weight`` x the vision loss and ``pos_weight`` x the position loss (``video``: the collator
-    labels video tokens too)."""
+def aligned_trainer(weight: float, pos_weight: float = 0.0, video: bool = False, motion_weight: float = 0.0):
+    """A Trainer adding ``weight`` x the vision loss, ``pos_weight`` x the position loss and ``motion_weight`` x the
+    motion loss (``video``: the collator labels video tokens too; the motion loss needs it)."""
     from ..training.trainer import Trainer
 
     class AlignedTrainer(Trainer):
@@ -139,7 +148,8 @@ def aligned_trainer(weight: float, pos_weight: float = 0.0, video: bool = False)
 
         def compute_loss(self, model, batch, num_items_in_batch):
             aux, pos = batch.pop("aux_labels", None), batch.pop("pos_labels", None)
-            if aux is None or aux.numel() == 0 or (weight == 0 and pos_weight == 0) or \
+            motion = batch.pop("motion_labels", None)
+            if aux is None or aux.numel() == 0 or (weight == 0 and pos_weight == 0 and motion_weight == 0) or \
                     (batch.get("pixel_values") is None and not video):
                 return super().compute_loss(model, batch, num_items_in_batch)
             captured = []  # the vision tower runs for images first, then for videos
@@ -164,10 +174,15 @@ def aligned_trainer(weight: float, pos_weight: float = 0.0, video: bool = False)
                     at = torch.cat([at, out.logits[ids == cfg.video_token_id]])
                 position = _nll(at, pos)
                 loss, parts = loss + pos_weight * position, parts + [float(position.detach())]
-            self.loss_parts.append(parts)  # (answers, vision, position) per micro-batch, for the training log
+            if motion_weight and video and motion is not None and bool((motion >= 0).any()):
+                # the decoder's output at the moving shape's tokens of the later temporal patch names the direction
+                moved = _nll(out.logits[batch["input_ids"] == model.config.video_token_id], motion.view(-1, 1))
+                loss, parts = loss + motion_weight * moved, parts + [float(moved.detach())]
+            self.loss_parts.append(parts)  # (answers, vision, ...) per micro-batch, for the training log
             if len(self.loss_parts) % 50 == 0:
-                recent = torch.tensor(self.loss_parts[-50:]).mean(0).tolist()
-                print(f"\nlosses over the last 50 batches (answers, vision, position): "
+                width = min(len(p) for p in self.loss_parts[-50:])  # batches without a moving clip: no motion part
+                recent = torch.tensor([p[:width] for p in self.loss_parts[-50:]]).mean(0).tolist()
+                print(f"\nlosses over the last 50 batches (answers, vision[, position][, motion]): "
                       f"{', '.join(f'{v:.3f}' for v in recent)}", flush=True)
             return loss
 

@@ -24,9 +24,11 @@ Options for further recipes (off for the bundled model): ``--align-centre`` (a t
 does a shape's centre lie in it), ``--align-video`` (video tokens labelled too), ``--pos-weight W`` (the decoder's
 output at each vision token names its row / column third), ``--pixels MIN MAX VIDEO_MAX`` (processor bounds, e.g.
 12544 28224 12544 for 16-36 tokens), ``--min-turns``, ``--bf16`` (autocast, ~1.4x fewer CPU seconds per step on
-AVX512-BF16), ``--threads``, ``--num-workers``, ``--vision-steps N [--vision-lr]`` (first N steps train the vision
-tower + LM head alone on the alignment loss, ``vision_stage``); ``--export CHECKPOINT`` writes a checkpoint folder
-as the demo model.
+AVX512-BF16), ``--threads``, ``--num-workers``, ``--vision-steps N [--vision-lr --vision-batch-size
+--vision-min-lr --vision-shape-weight]`` (first N steps train the vision tower + LM head alone on the alignment loss,
+``vision_stage``; ``--steps 0`` stops there), ``--motion-weight`` (``align``), ``--bucket`` (batches of similar
+vision-token counts), ``--vision-lr-scale``, ``--freeze-vision``, ``--min-lr-ratio``; ``--export CHECKPOINT`` writes
+a checkpoint folder as the demo model. None of them beat the bundled model within ~30 CPU-minutes (README).
 
 Reproducible: fixed seeds for the tokenizer corpus, the weights, the data and the shuffling (bit-exact results
 also need the same torch version and thread count).
@@ -114,6 +116,63 @@ class DemoDataset:
                 messages += data.to_messages(q, a)
         return {"messages": messages, "meta": meta}
 
+    def vision_tokens(self, image_pixels: tuple[int, int], video_pixels: tuple[int, int]) -> list[int]:
+        """Merged vision tokens of each item under these (min, max) pixel bounds (no rendering needed)."""
+        from ..processing.image_processing import smart_resize
+
+        out = []
+        for ex in self.examples:
+            meta = ex["meta"]
+            media = meta["scene"] or meta["clip"]
+            if media is None:
+                out.append(0)
+                continue
+            w, h = media["size"]
+            hh, ww = smart_resize(h, w, 28, *(image_pixels if meta["scene"] else video_pixels))
+            out.append(hh * ww // 28 ** 2 * (1 if meta["scene"] else vid.SAMPLED_FRAMES // 2))
+        return out
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, seed: int, pool: int = 16) -> list[list[int]]:
+    """Shuffled batches of similar lengths (less padding): shuffle, sort each pool of ``pool`` batches by length,
+    cut it into batches, shuffle the batches. Deterministic for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    batches = []
+    for a in range(0, len(order), batch_size * pool):
+        chunk = sorted(order[a:a + batch_size * pool], key=lambda i: lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def recipe_trainer(trainer_cls, lengths: list[int] | None = None, vision_lr_scale: float = 1.0):
+    """``trainer_cls`` whose training loader draws ``bucketed_batches`` when ``lengths`` are given (evaluation
+    loaders are unchanged) and whose vision tower learns at ``vision_lr_scale`` x the rate (a tower trained by the
+    vision stage is not shaken by the gradients of a still-random decoder)."""
+
+    class RecipeTrainer(trainer_cls):
+        def _loader(self, dataset, batch_size, shuffle, seed=0, collate=None):
+            if lengths is None or dataset is not self.train_dataset or not shuffle:
+                return super()._loader(dataset, batch_size, shuffle, seed, collate)
+            return torch.utils.data.DataLoader(dataset, batch_sampler=bucketed_batches(lengths, batch_size, seed),
+                                               collate_fn=collate or self.collator, num_workers=self.args.num_workers)
+
+        def create_optimizer(self):
+            opt = super().create_optimizer()
+            if vision_lr_scale == 1.0:
+                return opt
+            visual = {id(p) for p in self.model.model.visual.parameters()}
+            groups, opt.param_groups = opt.param_groups, []
+            for g in groups:  # split each group into its vision and other parameters (no optimizer state yet)
+                for is_vis in (False, True):
+                    params = [p for p in g["params"] if (id(p) in visual) == is_vis]
+                    if params:
+                        opt.add_param_group({**g, "params": params,
+                                             "lr": g["lr"] * (vision_lr_scale if is_vis else 1.0)})
+            return opt
+
+    return RecipeTrainer
+
 
 def generation_config(ids: dict):
     from ..generation import GenerationConfig
@@ -172,7 +231,10 @@ def build(out: Path, *, steps: int, batch_size: int, lr: float, warmup: int, max
           align_weight: float, save_every: int, checkpoint_dir: str | None, init_from: str | None = None,
           data_seed: int = TRAIN_SEED, pos_weight: float = 0.0, pixels=None, num_workers: int = 0,
           min_turns: int = 1, bf16: bool = False, align_centre: bool = False, align_video: bool = False,
-          vision_steps: int = 0, vision_lr: float = 2e-3, **model_kw) -> dict:
+          vision_steps: int = 0, vision_lr: float = 2e-3, vision_min_lr: float = 1.0, min_lr_ratio: float = 0.1,
+          freeze_vision: bool = False, bucket: bool = False, vision_lr_scale: float = 1.0,
+          vision_batch_size: int | None = None, vision_shape_weight: float = 1.0, motion_weight: float = 0.0,
+          **model_kw) -> dict:
     from ..model import Qwen2VLForConditionalGeneration
     from ..processing.processor import Qwen2VLProcessor
     from ..training.data import SFTCollator
@@ -198,19 +260,30 @@ def build(out: Path, *, steps: int, batch_size: int, lr: float, warmup: int, max
     eval_set = DemoDataset(eval_size, EVAL_SEED, **mix)
     args = TrainingArguments(
         max_steps=steps, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
-        learning_rate=lr, warmup_steps=warmup, lr_scheduler_type="cosine", min_lr_ratio=0.1, weight_decay=0.0,
+        learning_rate=lr, warmup_steps=warmup, lr_scheduler_type="cosine", min_lr_ratio=min_lr_ratio, weight_decay=0.0,
         adam_beta2=0.98, max_grad_norm=1.0, eval_steps=eval_every, logging_steps=25, seed=seed, device="cpu",
-        output_dir=checkpoint_dir, save_steps=save_every if checkpoint_dir else 0, num_workers=num_workers, bf16=bf16)
+        output_dir=checkpoint_dir, save_steps=save_every if checkpoint_dir else 0, num_workers=num_workers, bf16=bf16,
+        freeze_vision_tower=freeze_vision)
     sft = SFTCollator(processor)
     collator = AlignCollator(sft, centre=align_centre, video=align_video)
     if vision_steps:  # stage 0: the vision tower + LM head alone on the alignment loss, pictures only
         from .vision_stage import train_vision
 
-        pictures = DemoDataset(vision_steps * batch_size, VISION_SEED, video_prob=0.0, text_only_prob=0.0)
-        train_vision(model, collator, pictures, steps=vision_steps, batch_size=batch_size, lr=vision_lr, bf16=bf16)
-    trainer = aligned_trainer(align_weight, pos_weight, align_video)(model, processor, args, train_set, eval_set,
-                                                                     collator=collator, eval_collator=sft)
-    result = trainer.train()
+        vb = vision_batch_size or batch_size
+        pictures = DemoDataset(vision_steps * vb, VISION_SEED, video_prob=0.0, text_only_prob=0.0)
+        train_vision(model, collator, pictures, steps=vision_steps, batch_size=vb, lr=vision_lr, bf16=bf16,
+                     min_lr_ratio=vision_min_lr, shape_weight=vision_shape_weight)
+    result = {"tokens_per_s": 0.0, "final_loss": None}
+    if steps:  # steps 0: the vision stage alone (its weights go to --out, a later --init-from continues)
+        lengths = None
+        if bucket:  # batches of similar vision-token counts
+            bounds = pixels or (PREPROCESSOR["min_pixels"], PREPROCESSOR["max_pixels"],
+                                VIDEO_PREPROCESSOR["max_pixels"])
+            lengths = train_set.vision_tokens(bounds[:2], (VIDEO_PREPROCESSOR["min_pixels"], bounds[2]))
+        trainer_cls = recipe_trainer(aligned_trainer(align_weight, pos_weight, align_video, motion_weight), lengths,
+                                     vision_lr_scale)
+        trainer = trainer_cls(model, processor, args, train_set, eval_set, collator=collator, eval_collator=sft)
+        result = trainer.train()
     train_s = time.perf_counter() - t0
     if dtype != "float32":
         model.to(getattr(torch, dtype))
@@ -223,7 +296,9 @@ def build(out: Path, *, steps: int, batch_size: int, lr: float, warmup: int, max
     summary = {"parameters": n_params, "steps": steps, "batch_size": batch_size, "lr": lr, "max_turns": max_turns,
                "align_weight": align_weight, "pos_weight": pos_weight, "min_turns": min_turns, "bf16": bf16,
                "align_centre": align_centre, "align_video": align_video, "vision_steps": vision_steps,
-               "vision_lr": vision_lr,
+               "vision_lr": vision_lr, "vision_min_lr": vision_min_lr, "vision_batch_size": vision_batch_size,
+               "vision_shape_weight": vision_shape_weight, "min_lr_ratio": min_lr_ratio, "motion_weight": motion_weight,
+               "freeze_vision": freeze_vision, "bucket": bucket, "vision_lr_scale": vision_lr_scale,
                "pixels": pixels, "video_prob": video_prob, "torch_threads": torch.get_num_threads(),
                "train_wall_s": round(train_s, 1), "tokens_per_s": round(result["tokens_per_s"], 1),
                "final_train_loss": result["final_loss"], "eval": result.get("eval"),
@@ -267,6 +342,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-seed", type=int, default=TRAIN_SEED, help="training data seed (another one per stage)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--pos-weight", type=float, default=0.0, help="weight of the token-position loss")
+    p.add_argument("--motion-weight", type=float, default=0.0,
+                   help="weight of the motion loss (with --align-video): moving shapes name their direction")
     p.add_argument("--align-centre", action="store_true", help="alignment: also each image token's centre flag")
     p.add_argument("--align-video", action="store_true", help="alignment: video tokens too")
     p.add_argument("--pixels", type=int, nargs=3, default=None, metavar=("IMAGE_MIN", "IMAGE_MAX", "VIDEO_MAX"),
@@ -278,6 +355,17 @@ def main(argv=None) -> int:
     p.add_argument("--vision-steps", type=int, default=0,
                    help="first train the vision tower + LM head alone on the alignment loss for N steps")
     p.add_argument("--vision-lr", type=float, default=2e-3, help="learning rate of the vision-only stage")
+    p.add_argument("--vision-batch-size", type=int, default=None, help="pictures per vision-stage step")
+    p.add_argument("--vision-shape-weight", type=float, default=1.0,
+                   help="vision stage: weight of the shape words in the alignment loss (colours / background: 1)")
+    p.add_argument("--vision-min-lr", type=float, default=1.0,
+                   help="the vision stage's rate decays (cosine) to this fraction of --vision-lr (1: constant)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decay's floor, a fraction of --lr")
+    p.add_argument("--freeze-vision", action="store_true",
+                   help="the full training leaves the ViT blocks as they are (the merger still trains)")
+    p.add_argument("--bucket", action="store_true", help="batch conversations of similar vision-token counts")
+    p.add_argument("--vision-lr-scale", type=float, default=1.0,
+                   help="the vision tower's learning rate in the full training, a fraction of --lr")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--export", default=None, metavar="CHECKPOINT",
                    help="no training: write this checkpoint folder to --out as the demo model")
@@ -298,8 +386,11 @@ def main(argv=None) -> int:
               align_weight=a.align_weight, pos_weight=a.pos_weight, save_every=a.save_every,
               checkpoint_dir=a.checkpoint_dir, init_from=a.init_from, data_seed=a.data_seed, pixels=a.pixels,
               num_workers=a.num_workers, bf16=a.bf16, align_centre=a.align_centre, align_video=a.align_video,
-              vision_steps=a.vision_steps, vision_lr=a.vision_lr, hidden=a.hidden, layers=a.layers,
-              intermediate=a.intermediate, vision_depth=a.vision_depth, vision_dim=a.vision_dim)
+              vision_steps=a.vision_steps, vision_lr=a.vision_lr, vision_min_lr=a.vision_min_lr,
+              min_lr_ratio=a.min_lr_ratio, freeze_vision=a.freeze_vision, bucket=a.bucket,
+              vision_lr_scale=a.vision_lr_scale, vision_batch_size=a.vision_batch_size,
+              vision_shape_weight=a.vision_shape_weight, motion_weight=a.motion_weight, hidden=a.hidden,
+              layers=a.layers, intermediate=a.intermediate, vision_depth=a.vision_depth, vision_dim=a.vision_dim)
     if a.out.resolve() == DEFAULT_OUT.resolve():  # the bundled model comes with its example pictures
         write_examples(Path(__file__).parent / "assets")
     return 0

@@ -11,6 +11,7 @@ is not run.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -22,10 +23,21 @@ def vision_parameters(model) -> list[torch.nn.Parameter]:
     return list(model.model.visual.parameters()) + [model.lm_head.weight]
 
 
+def stage_lr(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float) -> float:
+    """Linear warmup, then constant (``min_lr_ratio`` 1) or a cosine decay to ``min_lr_ratio * lr`` at the end."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - 1 - warmup)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
 def train_vision(model, collator, dataset, *, steps: int, batch_size: int, lr: float, warmup: int = 20,
-                 bf16: bool = False, log_every: int = 50) -> float:
+                 bf16: bool = False, log_every: int = 50, min_lr_ratio: float = 1.0,
+                 shape_weight: float = 1.0) -> float:
     """``steps`` AdamW steps on the vision alignment loss over ``dataset`` (images; item ``s * batch_size + i``
-    for step ``s``, so the stage is reproducible); ``collator`` is an ``AlignCollator``. Returns the last loss."""
+    for step ``s``, so the stage is reproducible); ``collator`` is an ``AlignCollator``. ``min_lr_ratio`` < 1
+    anneals the rate (cosine) so the stage ends at a low rate; ``shape_weight`` > 1 adds that much more of the shape
+    words' loss (the hard part: colours and the background are learnt first). Returns the last loss."""
     if steps <= 0:
         return float("nan")
     if len(dataset) < steps * batch_size:
@@ -36,11 +48,14 @@ def train_vision(model, collator, dataset, *, steps: int, batch_size: int, lr: f
     t0, loss = time.perf_counter(), torch.tensor(float("nan"))
     for s in range(steps):
         batch = collator([dataset[s * batch_size + i] for i in range(batch_size)])
-        for g in opt.param_groups:  # linear warmup, then constant
-            g["lr"] = lr * min(1.0, (s + 1) / max(1, warmup))
+        for g in opt.param_groups:
+            g["lr"] = stage_lr(s, steps, lr, warmup, min_lr_ratio)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             feats = model.model.visual(batch["pixel_values"], batch["image_grid_thw"])
-            loss = _nll(model.lm_head(feats), batch["aux_labels"])
+            logits, labels = model.lm_head(feats), batch["aux_labels"]
+            loss = _nll(logits, labels)
+            if shape_weight != 1.0:
+                loss = loss + (shape_weight - 1.0) * _nll(logits, labels[:, 1:2])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
