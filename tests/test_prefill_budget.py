@@ -55,6 +55,11 @@ def test_auto_follows_the_measured_decode_step():
     assert b.deadline == pytest.approx(clock.now + 0.17)
     b.start_step(decoding=False)                         # nothing decodes: nobody to keep waiting less
     assert b.deadline == pytest.approx(clock.now + IDLE_MS / 1000)
+    b.start_step(decoding=True)
+    b.text_done(MIN_TEXT_TOKENS, 0.05)
+    b.decode_done(0.5)                                   # slowed beside a prefill: not the reference
+    b.start_step(decoding=True)
+    assert b.deadline == pytest.approx(clock.now + 0.17)
 
 
 def test_text_chunks_are_sized_from_the_measured_cost_per_token():
@@ -63,10 +68,12 @@ def test_text_chunks_are_sized_from_the_measured_cost_per_token():
     b.start_step(decoding=True)
     assert b.text_tokens() == MIN_TEXT_TOKENS            # not measured yet: a small first chunk
     clock.now += 0.125
-    b.text_done(MIN_TEXT_TOKENS, 0.125)                  # 7.8125 ms a token
+    b.text_done(16, 0.125)                               # 7.8125 ms a token
     assert b.text_tokens() == 48                         # 375 ms left
-    clock.now += 0.3125
-    assert b.text_tokens() == 0                          # 62.5 ms left: less than the smallest chunk after other work
+    clock.now += 0.25
+    assert b.text_tokens() == 16                         # 125 ms left
+    clock.now += 0.07
+    assert b.text_tokens() == 0                          # less than the smallest chunk left after other work
     b.start_step(decoding=True)
     assert b.text_tokens() == 64                         # 500 ms / 7.8125
     clock.now += 0.4375
@@ -126,7 +133,7 @@ def fake_costs(engine, clock, decode_s: float, fixed_s: float, token_s: float) -
 @pytest.mark.parametrize("ms", ["auto", 300])
 def test_engine_keeps_each_steps_prefill_within_its_milliseconds(model, ms):
     """Fake costs: a decode step 100 ms, a text chunk 20 ms + 5 ms a token. Every step decodes the running
-    streams; its prefill stays within the budget: "auto" = one decode step (16-token chunks, the smallest, which
+    streams; its prefill stays within the budget: "auto" = one decode step (MIN_TEXT_TOKENS-token chunks or more, which
     cost 100 ms) once a decode step was measured (before: IDLE_MS), 300 ms with chunks growing as the cost per
     token is learned (from below: a chunk's cost grows less than its length). The answer is the unchunked one."""
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=240, eos_token_ids=[], max_prefill_ms_per_step=ms,
@@ -137,7 +144,8 @@ def test_engine_keeps_each_steps_prefill_within_its_milliseconds(model, ms):
     chunks = spent[2:]                                   # after the two short prompts' whole prefills
     assert steps == len(chunks) - 1                      # one chunk a step
     if ms == "auto":
-        assert chunks[0] <= IDLE_MS / 1000 and chunks[1:-1] == [0.02 + 0.005 * MIN_TEXT_TOKENS] * (len(chunks) - 2)
+        assert chunks[0] <= IDLE_MS / 1000 and max(chunks[1:]) <= 0.1 + 1e-9   # one undisturbed decode step
+        assert min(chunks[1:-1]) >= 0.02 + 0.005 * MIN_TEXT_TOKENS
     else:
         assert max(chunks) <= 0.3 and chunks[:-1] == sorted(chunks[:-1]) and max(chunks) > 0.2
     finals = {o.request_id: o for o in engine.run_until_done()}

@@ -20,7 +20,10 @@ import time
 from ..model.vision_job import ATTENTION, FLOP_WEIGHTS, LINEAR
 
 EMA = 0.3  # weight of a new measurement in the running averages
-MIN_TEXT_TOKENS = 16  # smallest text chunk worth a step of its own (smaller ones cost nearly as much)
+# smallest text chunk worth a step of its own: 8 rows are the decode GEMV kernels' largest batch, so such a chunk
+# costs about one decode step (one pass over the weights); 16 rows take the GEMM path at ~2 decode steps on the 2B
+# (bench_multiturn --unit-costs), which alone made a step 3x a decode step
+MIN_TEXT_TOKENS = 8
 IDLE_MS = 250.0  # "auto" while nothing decodes yet: only new arrivals wait for the step
 AUTO = "auto"
 
@@ -50,7 +53,8 @@ class PrefillBudget:
         if tokens is not None and tokens < 1:
             raise ValueError("max_prefill_tokens_per_step must be >= 1")
         self.tokens, self.ms, self.token_flops, self.clock = tokens, parse_ms(ms), token_flops, clock
-        self.decode_s: float | None = None  # a decode step of the running batch
+        self.decode_s: float | None = None  # a decode step of the running batch (steps without prefill work)
+        self.busy_decode_s: float | None = None  # the same beside prefill work (used until the first is measured)
         self.token_s: float | None = None  # seconds per prompt token of a text chunk
         self.rates: dict[str, float] = {}  # vision unit kind -> flops per second
         self.tokens_left: int | None = None  # this step's: token limit left, deadline, whether it did prefill work
@@ -65,7 +69,8 @@ class PrefillBudget:
         """This step's time budget (None: no time limit)."""
         if self.ms != AUTO:
             return self.ms
-        return 1000 * self.decode_s if decoding and self.decode_s is not None else IDLE_MS
+        decode_s = self.decode_s if self.decode_s is not None else self.busy_decode_s
+        return 1000 * decode_s if decoding and decode_s is not None else IDLE_MS
 
     def start_step(self, decoding: bool) -> None:
         """A new engine step (`decoding`: some sequences will run a decode step in it)."""
@@ -113,4 +118,10 @@ class PrefillBudget:
                 self.rates[kind] = _ema(self.rates.get(kind), flops / seconds)
 
     def decode_done(self, seconds: float) -> None:
-        self.decode_s = _ema(self.decode_s, seconds)
+        """A decode step took `seconds`. Only steps without prefill work count: "auto" is the running streams'
+        undisturbed step (a decode step beside a prefill runs slower, and following it would let the budget grow
+        with the disturbance it causes)."""
+        if not self.busy:
+            self.decode_s = _ema(self.decode_s, seconds)
+        else:
+            self.busy_decode_s = _ema(self.busy_decode_s, seconds)
