@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,18 @@ class _Stream:
             pass
 
 
+def _yield_to_the_step_thread() -> None:
+    """Initializer of the processing threads (media decoding, preprocessing, templating, kernel choices): they run
+    at a lower OS priority (Linux: niceness is per thread, and the OpenMP workers they start inherit it), so that on
+    a machine with as many cores as the step thread's OpenMP team, a request being prepared does not deschedule a
+    team member and stall every barrier of a decode step (each token crosses ~140 of them). (torch's thread count
+    is process-wide, so it is not lowered here.)"""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux / not permitted: same priority as before
+        pass
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, *, max_queue: int | None = None, processing_threads: int = 2):
         self.engine = engine
@@ -50,7 +63,8 @@ class AsyncEngine:
         self._pending = 0  # submitted, not yet seen by the step thread
         self._accepting = True
         self._dead: BaseException | None = None
-        self._pool = ThreadPoolExecutor(max_workers=processing_threads, thread_name_prefix="qwen2vl-inputs")
+        self._pool = ThreadPoolExecutor(max_workers=processing_threads, thread_name_prefix="qwen2vl-inputs",
+                                        initializer=_yield_to_the_step_thread)
         self._thread = threading.Thread(target=self._loop, name="qwen2vl-engine", daemon=True)
         self._thread.start()
         self.aborted: list[str] = []  # ids of requests aborted while unfinished (observability / tests)
