@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ..kernels.backend import KernelLinear
 from ..configuration import Qwen2VLConfig
+from ..vision_inputs import check_media
 from .attention import check_backend
 from .cache import KVCache
 from .fused_decode import choose_decoding_backends
@@ -95,10 +96,13 @@ class Qwen2VLModel(Qwen2VLPreTrainedModel):
         _check_kwargs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and image_grid_thw is None:
-            raise ValueError("pixel_values were given without image_grid_thw.")
-        if pixel_values_videos is not None and video_grid_thw is None:
-            raise ValueError("pixel_values_videos were given without video_grid_thw.")
+        # Pixels are checked against their grids here, under their own names; precomputed image_embeds /
+        # video_embeds come with grids but no pixels (generate's one vision route), so only given pixels are.
+        merge, width = self.visual.spatial_merge_size, self.visual.patch_embed.proj.in_features
+        if pixel_values is not None:
+            check_media("image", pixel_values, image_grid_thw, merge, width)
+        if pixel_values_videos is not None:
+            check_media("video", pixel_values_videos, video_grid_thw, merge, width)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         b, s = inputs_embeds.shape[:2]
