@@ -124,8 +124,8 @@ class Qwen2VLModel(Qwen2VLPreTrainedModel):
         use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
         cache = past_key_values
         if cache is None and use_cache and not self.training:
-            cache = KVCache.from_config(self.config.text_config, b, max(2 * s, 16), inputs_embeds.dtype,
-                                        inputs_embeds.device, growable=True)
+            cache = self.language_model.new_cache(b, max(2 * s, 16), inputs_embeds.dtype, inputs_embeds.device,
+                                                  growable=True)
         if position_ids is None:
             position_ids, rope_deltas = self._positions(input_ids, attention_mask, image_grid_thw,
                                                         video_grid_thw, cache, rope_deltas, b, s,
@@ -252,6 +252,12 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
         return result if kwargs.get("return_dict", True) is not False else result.to_tuple()
 
     # ------------------------------------------------------------------------------------------ decoding
+    def new_cache(self, batch_size: int, max_length: int, growable: bool = False) -> KVCache:
+        """An empty KV cache for `batch_size` rows of `max_length` tokens in the model's dtype and device, with the
+        decoder's own kv-head count (this rank's share under tensor parallelism)."""
+        weight = self.get_input_embeddings().weight
+        return self.language_model.new_cache(batch_size, max_length, weight.dtype, weight.device, growable)
+
     def decode_step(self, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
                     **flags) -> tuple[torch.Tensor, object]:
         """One decoding step: tokens (B,1) -> next-token logits (B,V) float32 and the decoder's output (hidden
