@@ -185,6 +185,7 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
                 self._init_weights(self.lm_head)
         self.tie_weights()
         self.static_decoder: StaticDecoder | None = None  # the compiled decoding state (`static_decoding`)
+        # deliberate lazy import: generation/ drives the model (its cache, outputs, placeholders) and sits above it
         from ..generation.config import GenerationConfig
 
         self.generation_config = GenerationConfig.from_model_config(config)
@@ -292,7 +293,7 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
                 **kwargs}
 
     def generate(self, *args, **kwargs):
-        from ..generation import generate
+        from ..generation import generate  # deliberate: generation/ sits above model/ (see __init__)
 
         return generate(self, *args, **kwargs)
 
