@@ -10,9 +10,11 @@ import torch
 from . import checkpoint_quant  # registers the hub int4 formats (awq, gptq) in quantization.serialization.LOADERS
 from .checkpoint import load_checkpoint_into, save_checkpoint
 from .configuration import Qwen2VLConfig
+from .generation.config import GenerationConfig
 from .lora import load_adapter
 from .model.attention import check_backend
 from .model_files import DEMO_MODEL_NAME, demo_model_path, resolve_model_dir, resolve_name  # noqa: F401 (public)
+from .parallel.tp import load_tensor_parallel
 from .quantization import quantize_model
 from .quantization.awq import calibration_ids
 from .quantization.serialization import config_for_save, prepare_quantized
@@ -59,9 +61,6 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     """Build `cls` on the meta device and load the checkpoint into it. A base-model checkpoint (Qwen2VLModel
     saved alone) loads into the conditional-generation class with a freshly initialized LM head (logged), as
     the reference does. `adapter`: a PEFT LoRA adapter folder applied on top (see `qwen2vl.lora`)."""
-    # generation/ imports the model classes, which call this function: imported on use
-    from .generation.config import GenerationConfig
-
     unknown = set(kwargs) - {"trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "cache_dir",
                              "local_files_only", "token", "force_download", "subfolder"}
     if unknown:
@@ -89,9 +88,6 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
                   torch_dt if impl == "flash_attention_2" else None)
 
     if tp_plan is not None or tp_size is not None:
-        # parallel/ (its groups load models through the model classes) sits above this module: imported on use
-        from .parallel.tp import load_tensor_parallel
-
         if quantization is not None or qcfg is not None:
             raise ValueError("quantization is not supported together with tensor parallelism (tp_plan).")
         if device_map not in (None, "auto"):

@@ -108,9 +108,9 @@ def test_long_text_refused_before_tokenization(srv):
 def test_admission_counts_requests_from_body_acceptance(srv):
     """Slow preprocessing: requests past --max-queue (3) get 429 + Retry-After while others are still being
     preprocessed (the engine's own queue is empty all along); /health shows the stage."""
-    inputs = srv["engine"].engine.inputs
-    fast = inputs.process
-    inputs.process = lambda *a, **k: (time.sleep(0.6), fast(*a, **k))[1]
+    eng = srv["engine"].engine  # the LLMEngine: its public process_prompt is what AsyncEngine.process runs
+    fast = eng.process_prompt
+    eng.process_prompt = lambda *a, **k: (time.sleep(0.6), fast(*a, **k))[1]
     health = []
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -118,7 +118,7 @@ def test_admission_counts_requests_from_body_acceptance(srv):
             wait_for(lambda: health.append(post_health(srv)) or health[-1]["preprocessing"] > 0, 5)
             resps = [f.result() for f in futs]
     finally:
-        inputs.process = fast
+        del eng.process_prompt
     codes = sorted(r.status_code for r in resps)
     assert codes.count(200) >= 3 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
     limited = next(r for r in resps if r.status_code == 429)
@@ -206,18 +206,17 @@ def test_tiny_temperature_is_greedy(srv):
     (OSError(2, "No such file or directory", "/srv/secret/config.json"), 400, None),
 ])
 def test_internal_errors_are_json_logged_and_pathless(srv, caplog, exc, status, code):
-    inputs = srv["engine"].engine.inputs
-    fast = inputs.process
+    eng = srv["engine"].engine
 
     def fail(*a, **k):
         raise exc
 
-    inputs.process = fail
+    eng.process_prompt = fail
     try:
         with caplog.at_level(logging.INFO, logger="qwen2vl.server"):
             resp = post(srv["url"], {"messages": HI, "max_tokens": 2})
     finally:
-        inputs.process = fast
+        del eng.process_prompt
     err = assert_error(resp, status, code)
     assert "/srv/secret" not in resp.text
     if status >= 500:

@@ -42,14 +42,14 @@ def serve(*extra):
 def server():
     engine, srv = serve()
     seen = []  # the conversations the engine was asked to process, to check what the page sent
-    inputs = engine.engine.inputs
-    process = inputs.process
+    eng = engine.engine  # the LLMEngine: its public process_prompt is what AsyncEngine.process runs
+    process = eng.process_prompt
 
-    def recording(prompt, **kw):
+    def recording(prompt, *args, **kw):
         seen.append(prompt)
-        return process(prompt, **kw)
+        return process(prompt, *args, **kw)
 
-    inputs.process = recording
+    eng.process_prompt = recording
     yield dict(engine=engine, url=srv.url, seen=seen)
     srv.stop()
 

@@ -78,6 +78,15 @@ class AsyncEngine:
         """Every thread this engine started (the step thread and the processing pool's workers)."""
         return [self._thread, *getattr(self._pool, "_threads", ())]
 
+    @property
+    def processor(self):
+        """The processor (or bare tokenizer, or None) the engine prepares prompts with (`LLMEngine.processor`)."""
+        return self.engine.processor
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
     def stats(self) -> dict:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting + self._pending,
                 "prefilling": self.engine.num_prefilling, "max_num_seqs": self.engine.pool.max_num_seqs,

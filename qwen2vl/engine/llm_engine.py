@@ -90,6 +90,12 @@ class LLMEngine:
         self.loras: LoraAdapters | None = None  # served LoRA adapters (add_lora)
 
     # ------------------------------------------------------------------------------------------ requests
+    @property
+    def processor(self):
+        """The processor (or bare tokenizer, or None) prompts are prepared with: its image processor's size caps
+        are what a client should resize uploads to."""
+        return self.inputs.processor
+
     def process_prompt(self, prompt, media_limits=None) -> ProcessedPrompt:
         """Tokenize / render / preprocess media (CPU work that can run off the step thread); `media_limits`: see
         `InputProcessor.process`."""

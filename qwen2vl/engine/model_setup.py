@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..loading import resolve_name
+from ..model_files import resolve_name
 from ..model import Qwen2VLForConditionalGeneration
 from ..parallel import start_tensor_parallel
 from ..processing.processor import Qwen2VLProcessor

@@ -13,8 +13,7 @@ import torch
 
 from .. import guided_decoding as guided
 from . import logprobs
-from ..generation.logits import (NEG_INF, apply_repetition_penalty, min_p_filter, sample_from_scores,
-                                 temperature_warp, top_k_filter, top_p_filter)
+from ..generation.logits import NEG_INF, apply_repetition_penalty, sample_from_scores, warp
 
 
 def _needs_penalties(seq) -> bool:
@@ -43,19 +42,6 @@ def _apply_penalties(scores: torch.Tensor, i: int, seq) -> None:
         if banned:
             row = row.index_fill(-1, torch.tensor(banned, device=dev), NEG_INF)
     scores[i:i + 1] = row
-
-
-def warp(scores: torch.Tensor, params) -> torch.Tensor:
-    """scores (m, V) float32 of rows sharing `params` → filtered scores (m, V)."""
-    if params.temperature != 1.0:
-        scores = temperature_warp(scores, params.temperature)
-    if params.top_k:
-        scores = top_k_filter(scores, params.top_k)
-    if params.top_p < 1.0:
-        scores = top_p_filter(scores, params.top_p)
-    if params.min_p:
-        scores = min_p_filter(scores, params.min_p)
-    return scores
 
 
 def mask(logits: torch.Tensor, seqs) -> torch.Tensor:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.cache import KVCache
 from ..model.outputs import ModelOutput
 from .logits import seen_tokens
 
@@ -129,7 +128,7 @@ def beam_search(model, cfg, ids, mask, vision: dict, max_new: int, pad: int | No
     fill = (pad if pad else eos[0]) if eos else (pad or 0)   # as the reference: a pad id of 0 fills with EOS
     beams = _Beams(ids, k, max_new, fill)
     full_mask = torch.cat([mask, torch.ones(rows, max_new, dtype=mask.dtype, device=device)], 1)
-    cache = KVCache.from_config(text_cfg, rows, max_len, model.get_input_embeddings().weight.dtype, device)
+    cache = model.new_cache(rows, max_len)
     all_scores, all_logits = [], []
     out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
                 **capture.kwargs, **vision)

@@ -260,8 +260,7 @@ def _run(model, cfg, ids, mask, plan, n, max_new, pad, eos, stopper, streamer, g
     static = None  # the StaticDecoder (compile mode) holds the decode-time cache; the prefill needs s slots
     cache, past = cont
     if cache is None:
-        cache = KVCache.from_config(model.config.text_config, b, s if cfg.compile else s + max_new,
-                                    model.get_input_embeddings().weight.dtype, device)
+        cache = model.new_cache(b, s if cfg.compile else s + max_new)
     else:
         cache.reserve(s + max_new)
     out = torch.full((b, s + max_new), pad, dtype=torch.long, device=device)

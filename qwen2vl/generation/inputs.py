@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..vision_inputs import check_media
+
 
 def check_prompt(input_ids, attention_mask, pad_token_id: int | None, eos_ids: list[int]) -> torch.Tensor:
     """Validate the prompt; return the (B,S) long attention mask (inferred from pads when not given, as
@@ -46,28 +48,6 @@ class VisionPlan:
     videos: list[list[int]]
 
 
-def _check_grid(name: str, grid, pixels, pixel_name: str, merge: int, row_width: int) -> list[list[int]]:
-    if pixels is None and grid is None:
-        return []
-    if pixels is None or grid is None:
-        given, missing = (pixel_name, name) if grid is None else (name, pixel_name)
-        raise ValueError(f"{given} was given without {missing}; pass both (the processor returns both).")
-    if not isinstance(grid, torch.Tensor) or grid.dim() != 2 or grid.shape[1] != 3:
-        raise ValueError(f"{name} must be a (num_items, 3) tensor of (t, h, w), got "
-                         f"{tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__}")
-    items = grid.tolist()
-    for t, h, w in items:
-        if t <= 0 or h <= 0 or w <= 0 or h % merge or w % merge:
-            raise ValueError(f"{name} entry {[t, h, w]} is invalid: t, h, w must be > 0 and h, w multiples of "
-                             f"spatial_merge_size={merge}")
-    n_patches = sum(t * h * w for t, h, w in items)
-    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 2 or pixels.shape != (n_patches, row_width):
-        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        raise ValueError(f"{pixel_name} must be ({n_patches}, {row_width}) for {name}={items} "
-                         f"(sum of t*h*w patches, C*T*p*p values), got {shape}")
-    return items
-
-
 def _assign(kind: str, token_name: str, counts: list[int], items: list[list[int]], merge: int) -> list[list[int]]:
     """Split the grid items over samples by placeholder counts; ValueError when they do not add up."""
     sizes = [t * h * w // merge ** 2 for t, h, w in items]
@@ -95,8 +75,8 @@ def plan_vision(model_config, input_ids, attention_mask, pixel_values, image_gri
     vc = model_config.vision_config
     merge = vc.spatial_merge_size
     width = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
-    img = _check_grid("image_grid_thw", image_grid_thw, pixel_values, "pixel_values", merge, width)
-    vid = _check_grid("video_grid_thw", video_grid_thw, pixel_values_videos, "pixel_values_videos", merge, width)
+    img = check_media("image", pixel_values, image_grid_thw, merge, width)
+    vid = check_media("video", pixel_values_videos, video_grid_thw, merge, width)
     real = attention_mask.to(input_ids.device).bool()
     n_img = ((input_ids == model_config.image_token_id) & real).sum(-1).tolist()
     n_vid = ((input_ids == model_config.video_token_id) & real).sum(-1).tolist()

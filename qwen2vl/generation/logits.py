@@ -58,6 +58,21 @@ def min_p_filter(scores: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1
     return scores.masked_fill(drop, NEG_INF)
 
 
+def warp(scores: torch.Tensor, settings) -> torch.Tensor:
+    """The sampling warpers in transformers' order: scores (B,V) float32 → filtered scores (B,V). `settings`: any
+    object with `temperature`, `top_k`, `top_p`, `min_p` (generate's LogitsPipeline, the engine's
+    SamplingParams); a min_p of None or 0 filters nothing and is skipped."""
+    if settings.temperature != 1.0:
+        scores = temperature_warp(scores, settings.temperature)
+    if settings.top_k:
+        scores = top_k_filter(scores, settings.top_k)
+    if settings.top_p < 1.0:
+        scores = top_p_filter(scores, settings.top_p)
+    if settings.min_p:
+        scores = min_p_filter(scores, float(settings.min_p))
+    return scores
+
+
 def ban_bad_words(scores: torch.Tensor, history, single: torch.Tensor, multi: list[list[int]]) -> torch.Tensor:
     """`NoBadWordsLogitsProcessor`: single-token bad words (E,) are always -inf; the last token of a longer bad
     word is -inf where the sequence so far (`history()` → (B,L) ids) ends with the word's other tokens."""
@@ -125,15 +140,7 @@ class LogitsPipeline:
             scores = remove_invalid(scores)
         if not self.do_sample:
             return scores
-        if self.temperature != 1.0:
-            scores = temperature_warp(scores, self.temperature)
-        if self.top_k:
-            scores = top_k_filter(scores, self.top_k)
-        if self.top_p < 1.0:
-            scores = top_p_filter(scores, self.top_p)
-        if self.min_p is not None:
-            scores = min_p_filter(scores, float(self.min_p))
-        return scores
+        return warp(scores, self)
 
     def select(self, scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Processed scores (B,V) → next token ids (B,) long: argmax, or a sample from softmax(scores)."""

@@ -28,15 +28,15 @@ from ..settings import settings
 log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
 # Two builds of the library: AVX512 (the bf16 dot-product kernels need AVX512-BF16 too; `has_avx512bf16`) and
-# AVX2 + FMA (cpu_avx2.c: the decoding kernels only, the same entry points). cpu_rope.c / cpu_layer.c / cpu_int4.c /
-# cpu_intdot.c
-# go in both.
+# AVX2 + FMA (cpu_avx2.c: the decoding GEMV / attention, the same entry points). cpu_rope.c / cpu_layer.c / cpu_int4.c,
+# cpu_intdot.c and cpu_elementwise.c (written once on cpu_vec16.h's 16-lane vectors: one __m512 or two __m256) go in
+# both.
 FLAVOURS = {
     "avx512": (["cpu_gemv.c", "cpu_attention.c", "cpu_decode.c"], ["-mavx512f", "-mavx512bw", "-mavx512vl"]),
     "avx2": (["cpu_avx2.c"], ["-mavx2", "-mfma", "-mf16c"]),
 }
-SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c", "cpu_int4.c", "cpu_intdot.c"]
-HEADERS = ["cpu_common.h", "qwen2vl_kernels.h"]
+SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c", "cpu_int4.c", "cpu_intdot.c", "cpu_elementwise.c"]
+HEADERS = ["cpu_common.h", "cpu_vec16.h", "qwen2vl_kernels.h"]
 HEADER = _DIR / "qwen2vl_kernels.h"
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 _P, _I, _F, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int

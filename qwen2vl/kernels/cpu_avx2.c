@@ -1,49 +1,15 @@
 /* The decoding kernels for x86 CPUs with AVX2 + FMA but no AVX512 (Zen 1-3, Intel client cores): the same entry
- * points and semantics as the AVX512 library's bf16-activation GEMV (cpu_gemv.c *_dp), decode attention, RMSNorm,
- * SiLU*up and quick-GELU (cpu_decode.c), so cpu_layer.c's fused decoding step builds on either library.
+ * points and semantics as the AVX512 library's bf16-activation GEMV (cpu_gemv.c *_dp) and decode attention
+ * (cpu_decode.c), so cpu_layer.c's fused decoding step builds on either library. RMSNorm, SiLU*up and quick-GELU
+ * are one source for both builds (cpu_elementwise.c on cpu_vec16.h).
  *
  * PyTorch's own bf16 matmuls on such CPUs convert through a slow path (measured on a 2-core Zen VM: a bf16 GEMV
  * reads ~20 GB/s of a ~40 GB/s machine; a bf16 8-row product runs at ~20 GFLOP/s, fp32 at ~160): here weights are
  * widened to fp32 in registers (bf16 -> fp32 is a 16-bit shift, int8 an integer convert) and accumulated with FMA.
- * Vectors are 8 floats; where the AVX512 kernels use 16 lanes, these take the same steps on two halves, so the
- * elementwise kernels (exp, SiLU, quick-GELU) give the same bits as theirs. Sums run in another order (8 lanes),
- * so GEMV / norm / attention results differ from the AVX512 ones in the last bits, never between paths here.
+ * Vectors are 8 floats, blocked for 16 AVX2 registers; sums run in another order than the AVX512 kernels' (8
+ * lanes), so GEMV / attention results differ from theirs in the last bits, never between paths here.
  */
-#include "cpu_common.h"
-
-static inline __m256 bf16x8(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-static inline float hmax8(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
-/* exp(x) for x <= 0: cpu_common.h's exp_nonpos step for step (2^n applied as an exact power-of-two multiply). */
-static inline __m256 exp8_nonpos(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));  /* n >= -126: 2^n is a normal float */
-}
+#include "cpu_vec16.h"  /* the 8-lane helpers (bf16x8, hsum8, hmax8, exp8_nonpos) */
 
 /* ------------------------------------------------------------------------------------ GEMV
  * y (M, N) = x (M, K) @ W.T for M <= 8 bf16 activation rows; W bf16 or int8 (times scale[n]); + bf16 bias; y fp32
@@ -286,74 +252,4 @@ int decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, co
         }
     }
     return rc;
-}
-
-/* ------------------------------------------------------------------------------------ elementwise */
-/* bf16 (8) from fp32 (8), round to nearest even (as torch's .to(bfloat16)) */
-static inline void store_bf16x8(uint16_t *p, __m256 y) {
-    __m256i u = _mm256_castps_si256(y);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
-}
-
-/* As cpu_decode.c: in place h = x + bias; x = h * sigmoid(1.702 h) on bf16 (rows, N), fp32 inside. N % 16 == 0. */
-int bias_quick_gelu(uint16_t *x, const float *bias, int64_t rows, int64_t N, int nthreads) {
-    if (N % 16 != 0) return -1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        uint16_t *row = x + r * N;
-        for (int64_t c = 0; c < N; c += 8) {
-            __m256 h = _mm256_add_ps(bf16x8(row + c), _mm256_loadu_ps(bias + c));
-            __m256 z = _mm256_mul_ps(h, _mm256_set1_ps(1.702f));
-            __m256 az = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z);
-            __m256 e = exp8_nonpos(_mm256_sub_ps(_mm256_setzero_ps(), az));   /* exp(-|z|) */
-            __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-            __m256 neg = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ);
-            __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(inv, e), neg);  /* z < 0: e / (1 + e) */
-            store_bf16x8(row + c, _mm256_mul_ps(h, sig));
-        }
-    }
-    return 0;
-}
-
-/* As cpu_decode.c: y = w * bf16(x * rsqrt(mean(x^2) + eps)), fp32 statistics. N % 16 == 0. */
-int rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t N, float eps, int nthreads) {
-    if (N % 16 != 0) return -1;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows >= 64)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * N;
-        uint16_t *yr = out + r * N;
-        __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-        for (int64_t c = 0; c < N; c += 16) {
-            __m256 a = bf16x8(xr + c), b = bf16x8(xr + c + 8);
-            s0 = _mm256_fmadd_ps(a, a, s0);
-            s1 = _mm256_fmadd_ps(b, b, s1);
-        }
-        float inv = 1.0f / sqrtf(hsum8(_mm256_add_ps(s0, s1)) / (float)N + eps);
-        for (int64_t c = 0; c < N; c += 8) {
-            float t[8];
-            _mm256_storeu_ps(t, _mm256_mul_ps(bf16x8(xr + c), _mm256_set1_ps(inv)));
-            for (int i = 0; i < 8; i++) yr[c + i] = f32_to_bf16(bf16_to_f32(w[c + i]) * round_bf16(t[i]));
-        }
-    }
-    return 0;
-}
-
-/* As cpu_decode.c: gate = bf16(bf16(silu(gate)) * up) in place, silu = x / (1 + exp(-x)) in fp32. n % 16 == 0. */
-void silu_mul_span(uint16_t *gate, const uint16_t *up, int64_t n) {
-    for (int64_t c = 0; c < n; c += 8) {
-        __m256 g = bf16x8(gate + c);
-        __m256 e = exp8_nonpos(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), g)));
-        __m256 neg = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
-        __m256 num = _mm256_blendv_ps(g, _mm256_mul_ps(g, e), neg);  /* g < 0: g * e / (1 + e) */
-        float t[8];
-        _mm256_storeu_ps(t, _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
-        if (_mm256_movemask_ps(_mm256_cmp_ps(g, _mm256_set1_ps(-87.0f), _CMP_LT_OQ)))  /* beyond exp's range */
-            for (int i = 0; i < 8; i++) {
-                float x = bf16_to_f32(gate[c + i]);
-                if (x < -87.0f) t[i] = x / (1.0f + expf(-x));
-            }
-        for (int i = 0; i < 8; i++) gate[c + i] = f32_to_bf16(round_bf16(t[i]) * bf16_to_f32(up[c + i]));
-    }
 }

@@ -37,7 +37,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-#ifdef __AVX512F__ /* the AVX2 library (cpu_avx2.c) has its own 8-lane versions */
+#ifdef __AVX512F__ /* the AVX2 build's 8-lane versions are in cpu_vec16.h */
 /* exp(x) for x <= 0 (scores minus the running max): 2^n * p(r), |rel err| < 2e-7. */
 static inline __m512 exp_nonpos(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));

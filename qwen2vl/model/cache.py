@@ -40,9 +40,10 @@ class KVCache:
     @classmethod
     def from_config(cls, text_config, batch_size: int, max_length: int, dtype=torch.float32, device="cpu",
                     growable: bool = False, num_kv_heads: int | None = None) -> "KVCache":
-        # Under tensor parallelism (qwen2vl.parallel.tp) each rank caches only its share of the kv heads.
-        local_kv = text_config.num_key_value_heads // getattr(text_config, "tp_world_size", 1)
-        return cls(text_config.num_hidden_layers, batch_size, num_kv_heads or local_kv, text_config.head_dim,
+        """`num_kv_heads`: kv heads per layer (default all of the config's); a tensor-parallel rank passes its
+        share (the model's `new_cache` / `engine.kv_pool.local_kv_heads` know it; the config does not)."""
+        heads = text_config.num_key_value_heads if num_kv_heads is None else num_kv_heads
+        return cls(text_config.num_hidden_layers, batch_size, heads, text_config.head_dim,
                    max_length, dtype, device, growable)
 
     # ----------------------------------------------------------------------------------------------- queries

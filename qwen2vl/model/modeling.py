@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ..kernels.backend import KernelLinear
 from ..configuration import Qwen2VLConfig
+from ..vision_inputs import check_media
 from .attention import check_backend
 from .cache import KVCache
 from .fused_decode import choose_decoding_backends
@@ -95,10 +96,13 @@ class Qwen2VLModel(Qwen2VLPreTrainedModel):
         _check_kwargs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and image_grid_thw is None:
-            raise ValueError("pixel_values were given without image_grid_thw.")
-        if pixel_values_videos is not None and video_grid_thw is None:
-            raise ValueError("pixel_values_videos were given without video_grid_thw.")
+        # Pixels are checked against their grids here, under their own names; precomputed image_embeds /
+        # video_embeds come with grids but no pixels (generate's one vision route), so only given pixels are.
+        merge, width = self.visual.spatial_merge_size, self.visual.patch_embed.proj.in_features
+        if pixel_values is not None:
+            check_media("image", pixel_values, image_grid_thw, merge, width)
+        if pixel_values_videos is not None:
+            check_media("video", pixel_values_videos, video_grid_thw, merge, width)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         b, s = inputs_embeds.shape[:2]
@@ -120,8 +124,8 @@ class Qwen2VLModel(Qwen2VLPreTrainedModel):
         use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
         cache = past_key_values
         if cache is None and use_cache and not self.training:
-            cache = KVCache.from_config(self.config.text_config, b, max(2 * s, 16), inputs_embeds.dtype,
-                                        inputs_embeds.device, growable=True)
+            cache = self.language_model.new_cache(b, max(2 * s, 16), inputs_embeds.dtype, inputs_embeds.device,
+                                                  growable=True)
         if position_ids is None:
             position_ids, rope_deltas = self._positions(input_ids, attention_mask, image_grid_thw,
                                                         video_grid_thw, cache, rope_deltas, b, s,
@@ -181,6 +185,7 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
                 self._init_weights(self.lm_head)
         self.tie_weights()
         self.static_decoder: StaticDecoder | None = None  # the compiled decoding state (`static_decoding`)
+        # deliberate lazy import: generation/ drives the model (its cache, outputs, placeholders) and sits above it
         from ..generation.config import GenerationConfig
 
         self.generation_config = GenerationConfig.from_model_config(config)
@@ -248,6 +253,12 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
         return result if kwargs.get("return_dict", True) is not False else result.to_tuple()
 
     # ------------------------------------------------------------------------------------------ decoding
+    def new_cache(self, batch_size: int, max_length: int, growable: bool = False) -> KVCache:
+        """An empty KV cache for `batch_size` rows of `max_length` tokens in the model's dtype and device, with the
+        decoder's own kv-head count (this rank's share under tensor parallelism)."""
+        weight = self.get_input_embeddings().weight
+        return self.language_model.new_cache(batch_size, max_length, weight.dtype, weight.device, growable)
+
     def decode_step(self, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
                     **flags) -> tuple[torch.Tensor, object]:
         """One decoding step: tokens (B,1) -> next-token logits (B,V) float32 and the decoder's output (hidden
@@ -282,7 +293,7 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
                 **kwargs}
 
     def generate(self, *args, **kwargs):
-        from ..generation import generate
+        from ..generation import generate  # deliberate: generation/ sits above model/ (see __init__)
 
         return generate(self, *args, **kwargs)
 

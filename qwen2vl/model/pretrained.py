@@ -179,12 +179,13 @@ class Qwen2VLPreTrainedModel(nn.Module):
     # ------------------------------------------------------------------------------------------ IO
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # deliberate lazy import: loading/ builds and fills these classes (checkpoint, quantization, LoRA, TP)
         from ..loading import from_pretrained
 
         return from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, max_shard_size="5GB", **kwargs) -> None:
-        from ..loading import save_pretrained
+        from ..loading import save_pretrained  # deliberate: loading sits above model/ (see from_pretrained)
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size, **kwargs)
 

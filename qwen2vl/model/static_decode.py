@@ -106,7 +106,7 @@ class StaticDecoder:
         self.model = model
         self.text = model.language_model
         cfg = self.text.config
-        if getattr(cfg, "tp_world_size", 1) != 1:
+        if getattr(model, "tp_world_size", 1) != 1:   # set by parallel.tp on the model it shards
             raise ValueError("StaticDecoder does not support tensor-parallel models; use the engine.")
         weight = self.text.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype

@@ -177,6 +177,12 @@ class Qwen2VLTextModel(Qwen2VLPreTrainedModel):
     def get_input_embeddings(self):
         return self.embed_tokens
 
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype, device, growable: bool = False) -> KVCache:
+        """An empty KV cache for this decoder, holding as many kv heads as its attention modules project: all
+        of them, or this rank's share once parallel.tp has sharded the model."""
+        return KVCache.from_config(self.config, batch_size, max_length, dtype, device, growable,
+                                   num_kv_heads=self.layers[0].self_attn.num_kv_heads)
+
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
@@ -191,7 +197,7 @@ class Qwen2VLTextModel(Qwen2VLPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = past_key_values
         if cache is None and use_cache and not self.training:
-            cache = KVCache.from_config(self.config, b, max(s, 1) * 2, inputs_embeds.dtype, device, growable=True)
+            cache = self.new_cache(b, max(s, 1) * 2, inputs_embeds.dtype, device, growable=True)
         if cache is not None and cache.batch_size != b:
             raise ValueError(f"past_key_values holds {cache.batch_size} rows but the input has batch size {b}")
         past = list(cache.lengths) if cache is not None else [0] * b

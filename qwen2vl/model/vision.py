@@ -15,6 +15,7 @@ from ..kernels.backend import KernelOps, quick_gelu, rotate_half
 from ..kernels.backend import current as current_ops
 from ..kernels.build import has_native_bf16_matmul
 from ..kernels.prepacked import PrepackedLinear
+from ..vision_inputs import check_media
 from .attention import vision_attention, vision_segments
 from .pretrained import Qwen2VLPreTrainedModel
 from .rope_index import vision_cu_seqlens, vision_position_ids
@@ -222,19 +223,10 @@ class Qwen2VisionTransformerPretrainedModel(Qwen2VLPreTrainedModel):
         return self.patch_embed
 
     def validate(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
-        if grid_thw is None:
-            raise ValueError("pixel values were given without their grid_thw (image_grid_thw / video_grid_thw).")
-        if grid_thw.dim() != 2 or grid_thw.shape[-1] != 3:
-            raise ValueError(f"grid_thw must be (num_items, 3), got shape {tuple(grid_thw.shape)}")
-        m = self.spatial_merge_size
-        if bool(((grid_thw[:, 1] % m) != 0).any() or ((grid_thw[:, 2] % m) != 0).any()):
-            raise ValueError(f"grid_thw h and w must be multiples of spatial_merge_size={m}, got {grid_thw.tolist()}")
-        in_features = self.patch_embed.proj.in_features
-        if pixel_values.dim() != 2 or pixel_values.shape[1] != in_features:
-            raise ValueError(f"pixel values must be (num_patches, {in_features}), got {tuple(pixel_values.shape)}")
-        expected = int(grid_thw.prod(-1).sum())
-        if pixel_values.shape[0] != expected:
-            raise ValueError(f"pixel values have {pixel_values.shape[0]} patches but grid_thw describes {expected}")
+        """ValueError unless pixel_values (N, C*T*p*p) are exactly the patches grid_thw (n, 3) describes."""
+        if pixel_values is None:
+            raise ValueError("The vision tower needs pixel values (N, C*T*p*p) with their grid_thw.")
+        check_media(None, pixel_values, grid_thw, self.spatial_merge_size, self.patch_embed.proj.in_features)
 
     def embed(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         """Validated patch embeddings x (N, E) and what every block takes: segments, rotary cos/sin (N, D)."""

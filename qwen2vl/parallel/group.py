@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from ..checkpoint import resolve_model_dir
 from ..configuration import Qwen2VLConfig
-from ..loading import resolve_name
+from ..model_files import resolve_name
 from ..model import Qwen2VLForConditionalGeneration
 from .spawn import set_rank_env
 from .tp import check_tp_sizes, free_port

@@ -11,8 +11,8 @@ Plan ("auto", as the reference tp plan), N = tensor-parallel size, rank r:
 Each rank reads only its shards from the safetensors files (`safe_open(...).get_slice(name)[rows]`), so no rank
 ever holds the full text weights. Attention modules get the local `num_heads` / `num_kv_heads` and the model
 `tp_world_size = N`; the engine derives its caches' kv-head count from that (`engine.kv_pool.local_kv_heads`) and
-passes it explicitly. `config.text_config.tp_world_size = N` is still set for the caches that model/ and
-generation/ build themselves (`KVCache.from_config` without `num_kv_heads`).
+passes it explicitly, and the caches model/ and generation/ build come from `model.new_cache`, which counts the
+attention modules' local kv heads. The config is never changed to say so.
 
 Entry points: `from_pretrained(..., tp_plan="auto", tp_size=N)` under torchrun (→ `load_tensor_parallel`),
 `parallelize(model)` for a model already in memory (every rank holds the same full model; tests / tools), and
@@ -208,7 +208,6 @@ def parallelize_modules(model: nn.Module, ctx: TPContext) -> None:
     text.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, h, **kw)
     if getattr(model, "lm_head", None) is not None:
         model.lm_head = VocabParallelLMHead(h, cfg.vocab_size, **kw)
-    cfg.tp_world_size = n      # for KVCache.from_config callers in model/ and generation/ (see the docstring)
     model.tp_rank, model.tp_world_size = r, n
 
 

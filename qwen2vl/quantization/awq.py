@@ -19,8 +19,8 @@ import logging
 import torch
 import torch.nn as nn
 
+from ..processing.tokenizer import AutoTokenizer
 from .int4 import dequantize, quantize_rtn
-from .model import text_model
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ def calibration_ids(model_dir=None, vocab_size: int = 0) -> list[torch.Tensor]:
     tokenizer) fixed pseudo-random ids below vocab_size."""
     if model_dir is not None:
         try:
-            from ..processing.tokenizer import AutoTokenizer
-
             tok = AutoTokenizer.from_pretrained(model_dir)
             return [torch.tensor([tok.encode(t)]) for t in CALIBRATION_TEXTS]
         except Exception as exc:  # no tokenizer files: random ids still expose the weights' outlier channels
@@ -86,7 +84,7 @@ def _collect(model, calibration, sites) -> dict[int, torch.Tensor]:
         store[key] = []
         hooks.append(linears[0].register_forward_hook(keep(key)))
     try:
-        text = text_model(model)  # the decoder alone: calibration ids may hit image / video token ids
+        text = model.language_model  # the decoder alone: calibration ids may hit image / video token ids
         for ids in calibration:
             text(input_ids=ids.to(text.embed_tokens.weight.device), use_cache=False)
     finally:
@@ -126,7 +124,7 @@ def search_scale(x: torch.Tensor, weight: torch.Tensor, group_size: int,
 def apply_awq_scaling(model: nn.Module, group_size: int, calibration: list[torch.Tensor] | None = None) -> None:
     """Scale every decoder site's weights by its searched s and fold 1/s into the producer, in place (the float
     model computes the same function up to the model dtype's rounding)."""
-    text = text_model(model)
+    text = model.language_model
     cfg = text.config if hasattr(text, "config") else model.config.text_config
     if calibration is None:
         calibration = calibration_ids(None, cfg.vocab_size)

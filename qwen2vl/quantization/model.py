@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .awq import apply_awq_scaling
 from .int4 import Int4WeightOnlyLinear
 from .int8 import Int8WeightOnlyLinear
 
@@ -12,7 +13,7 @@ INT4_METHODS = ("awq", "rtn")  # activation-aware scaling (default) or plain rou
 
 
 def text_model(model: nn.Module) -> nn.Module:
-    return model.model.language_model if hasattr(model, "model") else model.language_model
+    return model.language_model  # Qwen2VLModel's decoder, or Qwen2VLForConditionalGeneration's (a property)
 
 
 def decoder_linears(model: nn.Module):
@@ -58,8 +59,6 @@ def quantize_model(model: nn.Module, method: str = "int8", include_lm_head: bool
     head_format = method if include_lm_head is True else include_lm_head
     with torch.no_grad():
         if method == "int4" and int4_method == "awq":
-            from .awq import apply_awq_scaling
-
             apply_awq_scaling(model, group_size, calibration)
         converters = {"int8": Int8WeightOnlyLinear.from_linear,
                       "int4": lambda lin: Int4WeightOnlyLinear.from_linear(lin, group_size)}

@@ -23,6 +23,9 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+
+from ..checkpoint import checkpoint_files, checkpoint_to_model_key, model_kind
 
 from .int4 import Int4WeightOnlyLinear
 from .int8 import Int8WeightOnlyLinear
@@ -33,10 +36,6 @@ OWN_INT4 = "qwen2vl_int4"
 
 def _checkpoint_keys(model: nn.Module, model_dir) -> set[str]:
     """Model-side names of the tensors in the checkpoint (headers only)."""
-    from safetensors import safe_open
-
-    from ..checkpoint import checkpoint_files, checkpoint_to_model_key, model_kind
-
     kind, keys = model_kind(model), set()
     for f in checkpoint_files(model_dir):
         with safe_open(str(f), framework="pt", device="cpu") as sf:

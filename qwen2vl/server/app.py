@@ -125,7 +125,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         check_auth(request)
         base = settings.served_model_name
         cards = [{"id": name, "object": "model", "created": created, "owned_by": "qwen2vl", "root": name,
-                  "parent": parent, "max_model_len": engine.engine.max_model_len}
+                  "parent": parent, "max_model_len": engine.max_model_len}
                  for name, parent in [(base, None), *((n, base) for n in settings.lora_names)]]
         return {"object": "list", "data": cards}
 

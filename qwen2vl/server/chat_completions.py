@@ -140,8 +140,8 @@ class ChatHandler:
 
     def _load_media(self, req, conv, items):  # processing thread
         """Media loaded under the token budget, tools rendered: the conversation to process, and its limits."""
-        eng = self.engine.engine
-        limits = load_media(conv, items, self.settings.media, eng.inputs.processor, eng.max_model_len)
+        eng = self.engine
+        limits = load_media(conv, items, self.settings.media, eng.processor, eng.max_model_len)
         return tools.render(req, conv), limits  # tool definitions, calls and results in Qwen's Hermes format
 
     async def _prepare(self, req: P.ChatCompletionRequest, rid: str):

@@ -29,7 +29,7 @@ def _asset(name: str) -> bytes:
 
 def page_config(engine, settings) -> dict:
     """What the page needs to know about this server: caps to resize uploads to, defaults for its settings."""
-    ip = getattr(getattr(engine.engine.inputs, "processor", None), "image_processor", None)
+    ip = getattr(engine.processor, "image_processor", None)
     media = settings.media
     return {"model": settings.served_model_name, "auth_required": settings.api_key is not None,
             "max_image_pixels": media.max_image_pixels, "max_image_bytes": media.max_image_bytes,
@@ -37,7 +37,7 @@ def page_config(engine, settings) -> dict:
             "max_videos_per_request": media.max_videos, "max_request_bytes": settings.max_request_bytes,
             "default_max_pixels": min(int(getattr(ip, "max_pixels", None) or media.max_image_pixels),
                                       media.max_image_pixels),
-            "max_model_len": engine.engine.max_model_len}
+            "max_model_len": engine.max_model_len}
 
 
 def mount_web_ui(app: FastAPI, engine, settings) -> None:
