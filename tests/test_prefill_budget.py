@@ -150,3 +150,27 @@ def test_engine_keeps_each_steps_prefill_within_its_milliseconds(model, ms):
         assert max(chunks) <= 0.3 and chunks[:-1] == sorted(chunks[:-1]) and max(chunks) > 0.2
     finals = {o.request_id: o for o in engine.run_until_done()}
     assert finals[big.request_id].outputs[0].token_ids == naive_greedy(model, prompt, 4)
+
+
+def test_processing_threads_yield_to_the_step_thread():
+    """The processing pool's initializer lowers only its own thread's OS priority (Linux niceness is per thread):
+    preparing a request must not deschedule the step thread's OpenMP team; the step thread keeps its priority."""
+    import os
+    import threading
+
+    from qwen2vl.engine.async_engine import _yield_to_the_step_thread
+
+    if not hasattr(os, "getpriority"):
+        pytest.skip("no per-thread priorities here")
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def worker():
+        _yield_to_the_step_thread()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["nice"] == min(19, main + 10)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main

@@ -48,7 +48,8 @@ def _yield_to_the_step_thread() -> None:
     team member and stall every barrier of a decode step (each token crosses ~140 of them). (torch's thread count
     is process-wide, so it is not lowered here.)"""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
     except (AttributeError, OSError):  # not Linux / not permitted: same priority as before
         pass
 
