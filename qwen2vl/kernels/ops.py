@@ -168,9 +168,6 @@ def _gemv_int4(x, qweight, scales, zeros, group_size):
     return out
 
 
-@_fake("gemv_int4")
-def _(x, qweight, scales, zeros, group_size):
-    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 @_impl("dequant_int4_")
@@ -338,7 +335,7 @@ def _gemv_int8_intdot(x, weight, scales, use512):
     return out
 
 
-for _name in ("gemv_int4_intdot", "gemv_int8_intdot"):
+for _name in ("gemv_int4", "gemv_int4_intdot", "gemv_int8_intdot"):  # (M, K) bf16 -> (M, N) bf16
     @_fake(_name)
     def _(x, weight, *rest):
         return x.new_empty(x.shape[0], weight.shape[0])

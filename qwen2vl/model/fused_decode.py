@@ -57,24 +57,18 @@ class _LayerPlan:
     def tensors(self) -> list[torch.Tensor] | None:
         """The layer's tensors in `kernels.ops.DECODE_LAYER_WEIGHTS` order (checked by the kernel wrapper), or None
         when a projection is not the plain KernelLinear (tensor-parallel layers, a served LoRA adapter that a row
-        of this step uses) nor a fusable quantized one, or a bias differs."""
-        if self.quantized is not None:
-            return self._quantized_tensors()
-        if any(type(p) is not KernelLinear and not getattr(p, "idle_lora", False) for p in self.projs):
-            return None
-        q, k, v, o, g, u, d = self.projs
-        if q.bias is None or k.bias is None or v.bias is None or any(p.bias is not None for p in (o, g, u, d)):
-            return None
-        return [self.norms[0].weight, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight,
-                self.norms[1].weight, g.weight, u.weight, d.weight]
-
-    def _quantized_tensors(self) -> list[torch.Tensor] | None:
+        of this step uses) nor a fusable quantized one, or a bias differs. Quantized layers give their packed
+        4-bit / int8 weights in the projections' places."""
         if self.quantized == "unfusable":
             return None
+        if self.quantized is None and any(type(p) is not KernelLinear and not getattr(p, "idle_lora", False)
+                                          for p in self.projs):
+            return None
         q, k, v, o, g, u, d = self.projs
         if q.bias is None or k.bias is None or v.bias is None or any(p.bias is not None for p in (o, g, u, d)):
             return None
-        w = [p.qweight if self.quantized == "int4" else p.weight_int8 for p in self.projs]
+        w = [p.weight if self.quantized is None else p.qweight if self.quantized == "int4" else p.weight_int8
+             for p in self.projs]
         return [self.norms[0].weight, w[0], q.bias, w[1], k.bias, w[2], v.bias, w[3], self.norms[1].weight, w[4],
                 w[5], w[6]]
 
