@@ -12,7 +12,7 @@ alignment loss, then prints held-out accuracy per kind and the answers' distribu
 < 0.006 rad per position step); ``--grid-aux W`` adds a loss making the decoder's hidden state at each image token
 (after layer ``--grid-layer``, through the final norm and the tied head) name its row and column index as digits,
 and at the ``<|vision_end|>`` token the merged grid's height and width. Measured 2026-12-06 (Zen 4, 2 threads,
-bf16 autocast, batch 32): fixed 224x224 canvas, one shape, from scratch: where 82 % after 200 steps (101 s);
+bf16 autocast, batch 32): fixed 224x224 canvas, one shape, from scratch: where 88 % after 200 steps (152 s);
 any canvas (56-448 px, 4-12 tokens), one shape: a constant "in the center" (55 %, the prior) after 300 steps
 with theta 10 or 10000, also when started from the fixed-canvas model; the shipped model fine-tuned 150-450 steps
 on where / what_at: what_at 80 %, where 18-24 % with or without theta 10, grid-aux at layer 1 or the last layer,
