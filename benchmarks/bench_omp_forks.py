@@ -7,7 +7,9 @@ Prints the regions with a team of 2+ threads (real fork/joins: each waits for ev
 process has descheduled stalls the step) and the serialized ones (`if (...)` false: no fork). A random bf16 model
 with the 2B's layer count and small widths: the count depends on the layers and on which kernels fork at decode
 sizes, not on the widths. Measured 2026-12-06 (fused step, batch 1, 2 threads): 141 per token = 28 layers x 5
-(q/k/v group, attention, o, gate/up + SiLU, down) + the LM head; 113 more serialized (norms, rotary)."""
+(q/k/v group, attention, o, gate/up + SiLU, down) + the LM head, 113 more serialized (norms, rotary), when each
+kernel opened its own region; 2 (the step's one region + the LM head) and 1 serialized since the bf16 step is one
+region (cpu_layer.c; its 5 barriers per layer are not counted here)."""
 from __future__ import annotations
 
 import argparse

@@ -43,6 +43,9 @@ KERNEL_SKIPS = {
     "no AVX512-BF16": _avx512bf16,
     "the vision attention kernel is in the AVX512 build only": lambda: cpu.flavour() == "avx512",
     "needs the CPU kernels' bf16 GEMV": lambda: cpu.flavour() == "avx2" or _avx512bf16(),
+    "needs a CPU that runs both kernel builds": lambda: {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}
+        <= cpu._cpu_flags() and _compiler(),
+    "the fused step's quantized kinds need AVX512-BF16": _avx512bf16,
     "the AVX2 build is the one under test here already":
         lambda: cpu.flavour() == "avx512" and {"avx2", "fma", "f16c"} <= cpu._cpu_flags()
         and os.environ.get("QWEN2VL_KERNEL_ISA", "") != "avx2",

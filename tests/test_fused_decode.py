@@ -80,6 +80,24 @@ def test_fused_step_is_bit_identical_to_per_op_path(model, spy, monkeypatch, row
 
 
 @needs_bf16_kernels
+def test_fused_step_bits_do_not_depend_on_the_thread_count(model, spy):
+    """The bf16 step is one parallel region whose phases split GEMV rows and (row, KV head) pairs among the team
+    (every thread keeps its own residual copy): 1 or 3 threads give the same logits and cache."""
+    ids, mask = left_pad([[15, 17, 33, 8, 61, 12, 9], [44, 13, 70], [7, 7, 21, 90, 51]])
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            runs.append(decode(model, ids, mask, steps=3))
+    finally:
+        torch.set_num_threads(threads)
+    assert spy == [True] * 6
+    for logits, cache in runs[1:]:
+        assert torch.equal(logits, runs[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(cache.keys + cache.values, runs[0][1].keys + runs[0][1].values))
+
+
+@needs_bf16_kernels
 def test_fused_step_rows_of_different_lengths_engine_worker(model, spy, monkeypatch):
     """The engine's decode: rows hold different numbers of tokens (no attention_mask) in a fixed-size cache."""
     def run():

@@ -247,7 +247,10 @@ def test_size_handling():
     p = Qwen2VLImageProcessor(size={"min_pixels": 1000, "max_pixels": 5000})  # legacy hub layout
     assert p.size == {"shortest_edge": 1000, "longest_edge": 5000}
     p.max_pixels = 9000
-    assert p.size["longest_edge"] == 9000
+    p.min_pixels = 2000
+    assert p.size == {"shortest_edge": 2000, "longest_edge": 9000} and (p.min_pixels, p.max_pixels) == (2000, 9000)
+    with pytest.raises(ValueError, match="must not exceed"):
+        p.min_pixels = 10000
     assert Qwen2VLImageProcessor(min_pixels=10, size={"shortest_edge": 5, "longest_edge": 50}).min_pixels == 10
     img = smooth(1000, 1000)
     assert Qwen2VLImageProcessor()(img, size={"longest_edge": 56 * 56})["image_grid_thw"].tolist() == [[1, 4, 4]]

@@ -28,14 +28,14 @@ from ..settings import settings
 log = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
 # Two builds of the library: AVX512 (the bf16 dot-product kernels need AVX512-BF16 too; `has_avx512bf16`) and
-# AVX2 + FMA (cpu_avx2.c: the decoding GEMV / attention, the same entry points). cpu_rope.c / cpu_layer.c / cpu_int4.c,
-# cpu_intdot.c and cpu_elementwise.c (written once on cpu_vec16.h's 16-lane vectors: one __m512 or two __m256) go in
-# both.
+# AVX2 + FMA (cpu_avx2.c: the decoding GEMV, the same entry points). cpu_rope.c / cpu_layer.c / cpu_int4.c,
+# cpu_intdot.c, and cpu_elementwise.c / cpu_decode.c (written once on cpu_vec16.h's 16-lane vectors: one __m512 or
+# two __m256) go in both.
 FLAVOURS = {
-    "avx512": (["cpu_gemv.c", "cpu_attention.c", "cpu_decode.c"], ["-mavx512f", "-mavx512bw", "-mavx512vl"]),
+    "avx512": (["cpu_gemv.c", "cpu_attention.c"], ["-mavx512f", "-mavx512bw", "-mavx512vl"]),
     "avx2": (["cpu_avx2.c"], ["-mavx2", "-mfma", "-mf16c"]),
 }
-SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c", "cpu_int4.c", "cpu_intdot.c", "cpu_elementwise.c"]
+SHARED_SRCS = ["cpu_rope.c", "cpu_layer.c", "cpu_int4.c", "cpu_intdot.c", "cpu_elementwise.c", "cpu_decode.c"]
 HEADERS = ["cpu_common.h", "cpu_vec16.h", "qwen2vl_kernels.h"]
 HEADER = _DIR / "qwen2vl_kernels.h"
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
@@ -145,15 +145,9 @@ def _prune(keep: Path) -> None:
             pass
 
 
-def _build() -> ctypes.CDLL | None:
-    global why_not
-    cc, isa = compiler(), flavour()
-    if isa is None:
-        why_not = "no AVX2 / AVX512 CPU"
-        return None
-    if cc is None:
-        why_not = "no C compiler"
-        return None
+def compile_flavour(isa: str, cc: str) -> Path:
+    """The cached build `isa` of the library (compiled now if absent); RuntimeError with the compiler's message if
+    it does not compile. Either build can be made on a CPU that runs both (tests compare their bits)."""
     srcs, isa_flags = FLAVOURS[isa]
     target = cache_dir() / target_name(isa, cc)
     if not target.exists():
@@ -163,8 +157,7 @@ def _build() -> ctypes.CDLL | None:
             proc = subprocess.run([cc, *_FLAGS, *isa_flags, "-o", str(out), *(str(_DIR / n) for n in srcs + SHARED_SRCS)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
-                why_not = f"the kernels did not compile ({proc.stderr.strip()[:300]})"
-                return None
+                raise RuntimeError(f"the kernels did not compile ({proc.stderr.strip()[:300]})")
             os.replace(out, target)  # atomic: concurrent builders never see a partial file
     else:
         try:
@@ -172,12 +165,34 @@ def _build() -> ctypes.CDLL | None:
         except OSError:
             pass
     _prune(target)
-    lib = ctypes.CDLL(str(target))
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The library at `path`, every exported function typed from C_FUNCTIONS."""
+    lib = ctypes.CDLL(str(path))
     for name, argtypes in C_FUNCTIONS.items():
         fn = getattr(lib, name, None)
         if fn is not None:
             fn.restype, fn.argtypes = ctypes.c_int, argtypes
     return lib
+
+
+def _build() -> ctypes.CDLL | None:
+    global why_not
+    cc, isa = compiler(), flavour()
+    if isa is None:
+        why_not = "no AVX2 / AVX512 CPU"
+        return None
+    if cc is None:
+        why_not = "no C compiler"
+        return None
+    try:
+        target = compile_flavour(isa, cc)
+    except RuntimeError as exc:
+        why_not = str(exc)
+        return None
+    return load(target)
 
 
 def library() -> ctypes.CDLL | None:

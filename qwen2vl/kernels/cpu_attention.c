@@ -9,7 +9,7 @@
  * Queries go in tiles of QT and groups of QB (QB x 64 score accumulators), keys in blocks of KB = 64.
  * The same tiles serve causal text prefill (prefill_attention, end of file) from already-rotated q/k/v.
  */
-#include "cpu_common.h"
+#include "cpu_vec16.h"  /* v16 is __m512 here: its exp polynomials */
 
 #define QB 4
 #define QT 128
@@ -56,7 +56,7 @@ static inline void softmax_update(__m512 s[QB][KB / 16], int nq, int64_t valid, 
         m[i] = nm;
         __m512 nmv = _mm512_set1_ps(nm), sum = _mm512_setzero_ps();
         for (int c = 0; c < KB / 16; c++) {
-            s[i][c] = exp_nonpos(_mm512_sub_ps(s[i][c], nmv));
+            s[i][c] = v16_exp_nonpos(_mm512_sub_ps(s[i][c], nmv));
             sum = _mm512_add_ps(sum, s[i][c]);
         }
         l[i] = l[i] * corr[i] + _mm512_reduce_add_ps(sum);
@@ -203,7 +203,7 @@ static inline void bf16_tiles(const int DV, void *out, int64_t S, int64_t Sk, in
                     }
                     __m512 mv = _mm512_set1_ps(m_t[t] * c2);
                     for (int c = 0; c < KB / 16; c++) {  /* p = exp(scale * (s - m)) = 2^(c2 s - c2 m) */
-                        s[i][c] = exp2_nonpos(_mm512_fmsub_ps(s[i][c], c2v, mv));
+                        s[i][c] = v16_exp2_nonpos(_mm512_fmsub_ps(s[i][c], c2v, mv));
                         l_t[t] = _mm512_add_ps(l_t[t], s[i][c]);
                     }
                     /* probabilities as bf16 pairs over keys (RNE, as torch): pp[i][jp] = (p[2jp], p[2jp+1]) */

@@ -1,15 +1,15 @@
-/* The decoding kernels for x86 CPUs with AVX2 + FMA but no AVX512 (Zen 1-3, Intel client cores): the same entry
- * points and semantics as the AVX512 library's bf16-activation GEMV (cpu_gemv.c *_dp) and decode attention
- * (cpu_decode.c), so cpu_layer.c's fused decoding step builds on either library. RMSNorm, SiLU*up and quick-GELU
- * are one source for both builds (cpu_elementwise.c on cpu_vec16.h).
+/* The decoding GEMV for x86 CPUs with AVX2 + FMA but no AVX512 (Zen 1-3, Intel client cores): the same entry
+ * points and semantics as the AVX512 library's bf16-activation GEMV (cpu_gemv.c *_dp), so cpu_layer.c's fused
+ * decoding step builds on either library. Decoding attention, RMSNorm, SiLU*up and quick-GELU are one source for
+ * both builds (cpu_decode.c, cpu_elementwise.c on cpu_vec16.h).
  *
  * PyTorch's own bf16 matmuls on such CPUs convert through a slow path (measured on a 2-core Zen VM: a bf16 GEMV
  * reads ~20 GB/s of a ~40 GB/s machine; a bf16 8-row product runs at ~20 GFLOP/s, fp32 at ~160): here weights are
  * widened to fp32 in registers (bf16 -> fp32 is a 16-bit shift, int8 an integer convert) and accumulated with FMA.
  * Vectors are 8 floats, blocked for 16 AVX2 registers; sums run in another order than the AVX512 kernels' (8
- * lanes), so GEMV / attention results differ from theirs in the last bits, never between paths here.
+ * lanes), so GEMV results differ from theirs in the last bits, never between paths here.
  */
-#include "cpu_vec16.h"  /* the 8-lane helpers (bf16x8, hsum8, hmax8, exp8_nonpos) */
+#include "cpu_vec16.h"  /* the 8-lane helper hsum8 */
 
 /* ------------------------------------------------------------------------------------ GEMV
  * y (M, N) = x (M, K) @ W.T for M <= 8 bf16 activation rows; W bf16 or int8 (times scale[n]); + bf16 bias; y fp32
@@ -175,81 +175,3 @@ static inline void store_out(float *y, int64_t idx, float v, float s, const uint
 
 DEFINE_GEMV(gemv_bf16_dp, uint16_t, bf16x16_halves)
 DEFINE_GEMV(gemv_i8_dp, int8_t, i8x16_halves)
-
-/* ------------------------------------------------------------------------------------ decode attention
- * As cpu_decode.c's: one new token per row, q (B, Hq, D), strided k/v cache views, mask (B, K) bytes or NULL,
- * fp32 scores / softmax / weighted sum, the query heads of one KV head together (keys and values read once). */
-int decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
-                     int64_t B, int64_t Hq, int64_t Hkv, int64_t K, int64_t D, int64_t q_sb, int64_t q_sh,
-                     int64_t k_sb, int64_t k_sh, int64_t k_sk, int64_t v_sb, int64_t v_sh, int64_t v_sk,
-                     float scale, int nthreads) {
-    if (D % 16 != 0 || D > MAXD || Hq % Hkv != 0 || K <= 0) return -1;
-    const int64_t rep = Hq / Hkv, DV = D / 8, Kp = (K + 7) / 8 * 8;
-    int rc = 0;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *sc = aligned_alloc(64, (size_t)(rep * Kp + 2 * rep * MAXD) * sizeof(float));
-        if (!sc) {
-#pragma omp atomic write
-            rc = -3;
-        } else {
-            float *qf = sc + rep * Kp, *acc = qf + rep * MAXD;
-#pragma omp for schedule(static)
-            for (int64_t bg = 0; bg < B * Hkv; bg++) {
-                int64_t b = bg / Hkv, g = bg % Hkv;
-                const uint16_t *kb = k + b * k_sb + g * k_sh, *vb = v + b * v_sb + g * v_sh;
-                const uint8_t *mb = mask ? mask + b * K : NULL;
-                for (int64_t r = 0; r < rep; r++)
-                    for (int64_t c = 0; c < DV; c++)
-                        _mm256_store_ps(qf + r * MAXD + c * 8, bf16x8(q + b * q_sb + (g * rep + r) * q_sh + c * 8));
-                for (int64_t j = 0; j < K; j++) {
-                    if (mb && !mb[j]) {
-                        for (int64_t r = 0; r < rep; r++) sc[r * Kp + j] = -INFINITY;
-                        continue;
-                    }
-                    const uint16_t *kr = kb + j * k_sk;
-                    for (int64_t r0 = 0; r0 < rep; r0 += 8) {  /* up to 8 heads' dot products per key load */
-                        int64_t nr = rep - r0 < 8 ? rep - r0 : 8;
-                        __m256 a[8];
-                        for (int64_t r = 0; r < nr; r++) a[r] = _mm256_setzero_ps();
-                        for (int64_t c = 0; c < DV; c++) {
-                            __m256 kv = bf16x8(kr + c * 8);
-                            for (int64_t r = 0; r < nr; r++)
-                                a[r] = _mm256_fmadd_ps(_mm256_load_ps(qf + (r0 + r) * MAXD + c * 8), kv, a[r]);
-                        }
-                        for (int64_t r = 0; r < nr; r++) sc[(r0 + r) * Kp + j] = hsum8(a[r]) * scale;
-                    }
-                }
-                for (int64_t r = 0; r < rep; r++) {
-                    float *s = sc + r * Kp;
-                    for (int64_t j = K; j < Kp; j++) s[j] = -INFINITY;
-                    __m256 mx = _mm256_set1_ps(-INFINITY);
-                    for (int64_t j = 0; j < Kp; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(s + j));
-                    __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(hmax8(mx));
-                    for (int64_t j = 0; j < Kp; j += 8) {
-                        __m256 sj = _mm256_load_ps(s + j);
-                        __m256 e = exp8_nonpos(_mm256_sub_ps(sj, mv));
-                        e = _mm256_blendv_ps(e, _mm256_setzero_ps(),
-                                             _mm256_cmp_ps(sj, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
-                        _mm256_store_ps(s + j, e);
-                        sum = _mm256_add_ps(sum, e);
-                    }
-                    float inv = 1.0f / hsum8(sum);
-                    float *o = acc + r * MAXD;
-                    for (int64_t c = 0; c < DV; c++) _mm256_store_ps(o + c * 8, _mm256_setzero_ps());
-                    for (int64_t j = 0; j < K; j++) {
-                        if (s[j] == 0.0f) continue;  /* masked keys (and underflow) add nothing */
-                        __m256 p = _mm256_set1_ps(s[j]);
-                        const uint16_t *vr = vb + j * v_sk;
-                        for (int64_t c = 0; c < DV; c++)
-                            _mm256_store_ps(o + c * 8, _mm256_fmadd_ps(p, bf16x8(vr + c * 8), _mm256_load_ps(o + c * 8)));
-                    }
-                    uint16_t *orow = out + (b * Hq + g * rep + r) * D;
-                    for (int64_t d = 0; d < D; d++) orow[d] = f32_to_bf16(o[d] * inv);
-                }
-            }
-            free(sc);
-        }
-    }
-    return rc;
-}

@@ -24,25 +24,26 @@ int bias_quick_gelu(uint16_t *x, const float *bias, int64_t rows, int64_t N, int
 
 /* ------------------------------------------------------------------------------------ decoder RMSNorm
  * bf16 rows: y = w * bf16(x * rsqrt(mean(x^2) + eps)), the reference's order and roundings (fp32 statistics, cast to
- * bf16 before the weight multiply); one call instead of eight torch ops per norm. N % 16 == 0. */
+ * bf16 before the weight multiply); one call instead of eight torch ops per norm. N % 16 == 0.
+ * rms_norm_row: one row on the calling thread (the fused step, cpu_layer.c). */
+void rms_norm_row(const uint16_t *xr, const uint16_t *w, uint16_t *yr, int64_t N, float eps) {
+    v16 ss = v16_set1(0.0f);
+    for (int64_t c = 0; c < N; c += 16) {
+        v16 v = v16_bf16(xr + c);
+        ss = v16_fmadd(v, v, ss);
+    }
+    float inv = 1.0f / sqrtf(v16_sum(ss) / (float)N + eps);
+    for (int64_t c = 0; c < N; c += 16) {
+        float t[16];
+        v16_store(t, v16_mul(v16_bf16(xr + c), v16_set1(inv)));
+        for (int i = 0; i < 16; i++) yr[c + i] = f32_to_bf16(bf16_to_f32(w[c + i]) * round_bf16(t[i]));
+    }
+}
+
 int rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t N, float eps, int nthreads) {
     if (N % 16 != 0) return -1;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows >= 64)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * N;
-        uint16_t *yr = out + r * N;
-        v16 ss = v16_set1(0.0f);
-        for (int64_t c = 0; c < N; c += 16) {
-            v16 v = v16_bf16(xr + c);
-            ss = v16_fmadd(v, v, ss);
-        }
-        float inv = 1.0f / sqrtf(v16_sum(ss) / (float)N + eps);
-        for (int64_t c = 0; c < N; c += 16) {
-            float t[16];
-            v16_store(t, v16_mul(v16_bf16(xr + c), v16_set1(inv)));
-            for (int i = 0; i < 16; i++) yr[c + i] = f32_to_bf16(bf16_to_f32(w[c + i]) * round_bf16(t[i]));
-        }
-    }
+    for (int64_t r = 0; r < rows; r++) rms_norm_row(x + r * N, w, out + r * N, N, eps);
     return 0;
 }
 

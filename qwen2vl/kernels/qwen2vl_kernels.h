@@ -70,5 +70,18 @@ void gemv_bf16_dp_rows(const uint16_t *x, const uint16_t *w, const float *scale,
                        int64_t K, const uint16_t *bias, int out_bf16, int64_t n0, int64_t n1);
 int64_t gemv_bf16_dp_align(int64_t M);
 void silu_mul_span(uint16_t *gate, const uint16_t *up, int64_t n);
+void rms_norm_row(const uint16_t *xr, const uint16_t *w, uint16_t *yr, int64_t N, float eps);
+void rope_head(const uint16_t *xi, const uint16_t *c, const uint16_t *s, uint16_t *o, int64_t D);
+/* decode_attention's operands, for its core on one (row b, KV head g) = (bg / Hkv, bg % Hkv): the g-th group of
+ * Hq / Hkv query heads of row b into out, using sc (decode_attention_scratch floats, 64-byte aligned). */
+typedef struct {
+    const uint16_t *q, *k, *v;
+    const uint8_t *mask;
+    uint16_t *out;
+    int64_t B, Hq, Hkv, K, D, q_sb, q_sh, k_sb, k_sh, k_sk, v_sb, v_sh, v_sk;
+    float scale;
+} decode_attn;
+int64_t decode_attention_scratch(const decode_attn *a);
+void decode_attention_group(const decode_attn *a, int64_t bg, float *sc);
 
 #endif

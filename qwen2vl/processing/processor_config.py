@@ -84,6 +84,23 @@ def resolve_config_file(name_or_path: str | os.PathLike, filename: str, *, requi
                          "If you are offline set HF_HUB_OFFLINE=1 and use a cached or local copy.") from e
 
 
+class SizeBound:
+    """`min_pixels` / `max_pixels` (transformers' names) as views of `size["shortest_edge"]` / `size["longest_edge"]`:
+    reading gives the bound, assigning re-resolves `size` through `resolve_size` (which validates it)."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name  # the resolve_size keyword: "min_pixels" / "max_pixels"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else obj.size[self.key]
+
+    def __set__(self, obj: Any, value: int) -> None:
+        obj.size = resolve_size(obj.size, **{self.name: value})
+
+
 class ProcessorConfigMixin:
     """Option storage, per-call overrides and (de)serialisation shared by the image and video processors."""
 
@@ -109,21 +126,8 @@ class ProcessorConfigMixin:
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
         self.size = resolve_size(size, min_pixels, max_pixels, fallback=self.default_size)
 
-    @property
-    def min_pixels(self) -> int:
-        return self.size["shortest_edge"]
-
-    @min_pixels.setter
-    def min_pixels(self, value: int) -> None:
-        self.size = resolve_size(self.size, min_pixels=value)
-
-    @property
-    def max_pixels(self) -> int:
-        return self.size["longest_edge"]
-
-    @max_pixels.setter
-    def max_pixels(self, value: int) -> None:
-        self.size = resolve_size(self.size, max_pixels=value)
+    min_pixels = SizeBound("shortest_edge")
+    max_pixels = SizeBound("longest_edge")
 
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Merge per-call keyword arguments (None = use the instance value) into one resolved option dict."""
