@@ -265,3 +265,14 @@ class _Unloadable:
 if __name__ == "__main__":
     mode, model_dir, out = sys.argv[1:4]
     {"torchrun": _torchrun_main, "serve": _serve_main, "launch": _launch_main}[mode](model_dir, out)
+
+
+def test_parallel_linears_refuse_features_that_do_not_split():
+    from qwen2vl.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    with pytest.raises(ValueError, match="ColumnParallelLinear: 6 output features do not split over 4 ranks"):
+        ColumnParallelLinear(8, 6, False, 0, 4)
+    with pytest.raises(ValueError, match="RowParallelLinear: 6 input features do not split over 4 ranks"):
+        RowParallelLinear(6, 8, False, 0, 4)
+    assert ColumnParallelLinear(8, 12, False, 1, 4).out_features == 3
+    assert RowParallelLinear(12, 8, False, 1, 4).in_features == 3

@@ -67,16 +67,21 @@ class _TPMixin:
     def _set_tp(self, tp_rank: int, tp_size: int, group) -> None:
         self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, group
 
+    @classmethod
+    def _shard(cls, full: int, tp_size: int, what: str) -> int:
+        """This rank's share of ``full`` features; they must split evenly."""
+        if full % tp_size:
+            raise ValueError(f"{cls.__name__}: {full} {what} features do not split over {tp_size} ranks")
+        return full // tp_size
+
 
 class ColumnParallelLinear(nn.Linear, _TPMixin):
     """`full_out_features` split over ranks; this rank computes its slice (no communication)."""
 
     def __init__(self, in_features: int, full_out_features: int, bias: bool, tp_rank: int, tp_size: int,
                  group=None, device=None, dtype=None):
-        if full_out_features % tp_size:
-            raise ValueError(f"ColumnParallelLinear: {full_out_features} output features do not split over "
-                             f"{tp_size} ranks")
-        super().__init__(in_features, full_out_features // tp_size, bias=bias, device=device, dtype=dtype)
+        super().__init__(in_features, self._shard(full_out_features, tp_size, "output"), bias=bias, device=device,
+                         dtype=dtype)
         self._set_tp(tp_rank, tp_size, group)
         self.full_out_features = full_out_features
 
@@ -89,10 +94,8 @@ class RowParallelLinear(nn.Linear, _TPMixin):
 
     def __init__(self, full_in_features: int, out_features: int, bias: bool, tp_rank: int, tp_size: int,
                  group=None, device=None, dtype=None):
-        if full_in_features % tp_size:
-            raise ValueError(f"RowParallelLinear: {full_in_features} input features do not split over "
-                             f"{tp_size} ranks")
-        super().__init__(full_in_features // tp_size, out_features, bias=bias, device=device, dtype=dtype)
+        super().__init__(self._shard(full_in_features, tp_size, "input"), out_features, bias=bias, device=device,
+                         dtype=dtype)
         self._set_tp(tp_rank, tp_size, group)
         self.full_in_features = full_in_features
 
