@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwen2vl import AutoProcessor, Qwen2VLForConditionalGeneration
-from qwen2vl.demo import data, scenes
+from qwen2vl.demo import data
 from qwen2vl.train import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
