@@ -81,7 +81,8 @@ def filled_example(rng: random.Random, max_shapes: int = 2, draw: bool = True) -
 
 
 def filled_correct(pred: str, gold: str) -> bool:
-    """Same yes / no and shapes as the gold sentence (``data.same_meaning``) and the same filled / outlined word."""
+    """The gold answer's yes / no and nothing more (``data.same_meaning``): naming a shape or colour, or a filled /
+    outlined word the gold answer lacks, makes an answer wrong."""
     words = lambda s: [w for w in re.findall(r"[a-z]+", s.lower()) if w in OUTLINE_WORDS]  # noqa: E731
     return data.same_meaning(pred, gold) and words(pred) == words(gold)
 
