@@ -143,12 +143,11 @@ class Trainer:
         return model(**batch, num_items_in_batch=num_items_in_batch).loss
 
     # ------------------------------------------------------------------------------------------ train
-    def train(self) -> dict:
+    def prepare(self, total: int):
+        """Make the model trainable for ``total`` optimizer steps: LoRA wrapping, freezing, gradient checkpointing,
+        train mode, ``self.optimizer`` and ``self.lr_scheduler``. ``train()`` calls it; a loop of its own (a
+        benchmark timing two set-ups on the same batches) calls it once, then ``training_step`` per step."""
         a = self.args
-        if self.train_dataset is None or len(self.train_dataset) == 0:
-            raise ValueError("train() needs a non-empty train_dataset")
-        random.seed(a.seed)
-        torch.manual_seed(a.seed)
         model = self.model.to(self.device)
         if a.lora_r > 0:
             if not is_peft_model(model):
@@ -160,38 +159,55 @@ class Trainer:
         if a.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
+        warmup = a.warmup_steps or int(round(a.warmup_ratio * total))
+        self.optimizer = self.create_optimizer()
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, warmup, a.lr_scheduler_type, a.min_lr_ratio))
+        return model
+
+    def training_step(self, group: list[dict]) -> tuple[float, float | None, int]:
+        """One optimizer step over the micro-batches of one accumulation ``group`` (collated batches):
+        (summed loss, gradient norm before clipping or None, attended tokens)."""
+        a, model = self.args, self.model
+        n_items = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
+        loss_sum, tokens = 0.0, 0
+        for batch in group:
+            batch = self._to_device(batch)
+            with self._autocast():
+                loss = self.compute_loss(model, batch, max(1, n_items))
+            loss.backward()
+            loss_sum += float(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = None
+        if a.max_grad_norm and a.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], a.max_grad_norm))
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return loss_sum, grad_norm, tokens
+
+    def train(self) -> dict:
+        a = self.args
+        if self.train_dataset is None or len(self.train_dataset) == 0:
+            raise ValueError("train() needs a non-empty train_dataset")
+        random.seed(a.seed)
+        torch.manual_seed(a.seed)
         loader = self._loader(self.train_dataset, a.per_device_train_batch_size, True, a.seed)
         per_epoch = max(1, len(loader) // a.gradient_accumulation_steps)
         total = a.max_steps if a.max_steps > 0 else max(1, math.ceil(per_epoch * a.num_train_epochs))
-        warmup = a.warmup_steps or int(round(a.warmup_ratio * total))
-        opt = self.create_optimizer()
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, total, warmup, a.lr_scheduler_type, a.min_lr_ratio))
+        model = self.prepare(total)
+        sched = self.lr_scheduler
         bar = _progress(total, a.progress)
         t0 = time.perf_counter()
         tokens = 0
         window = {"loss": 0.0, "n": 0, "tokens": 0, "t": t0}
         micro = _micro_batches(loader)
         while self.global_step < total:
-            group = [next(micro) for _ in range(a.gradient_accumulation_steps)]
-            n_items = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
-            loss_sum = 0.0
-            for batch in group:
-                batch = self._to_device(batch)
-                with self._autocast():
-                    loss = self.compute_loss(model, batch, max(1, n_items))
-                loss.backward()
-                loss_sum += float(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
-                window["tokens"] += int(batch["attention_mask"].sum())
-            grad_norm = None
-            if a.max_grad_norm and a.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], a.max_grad_norm))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            self.global_step += 1
+            loss_sum, grad_norm, n_tok = self.training_step([next(micro) for _ in range(a.gradient_accumulation_steps)])
+            tokens += n_tok
+            window["tokens"] += n_tok
             window["loss"] += loss_sum
             window["n"] += 1
             now = time.perf_counter()
