@@ -14,6 +14,13 @@ from .attention import check_backend
 logger = logging.getLogger(__name__)
 
 
+def embedding_dtype_device(emb: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The activation dtype and device of an input embedding: nn.Embedding's weight, or a quantized embedding's
+    own `dtype` / `device` (quantization/embedding.py: its table holds integer codes)."""
+    weight = getattr(emb, "weight", None)
+    return (weight.dtype, weight.device) if isinstance(weight, torch.Tensor) else (emb.dtype, emb.device)
+
+
 class Qwen2VLPreTrainedModel(nn.Module):
     config_class = None              # set per class (imported lazily by `config_type`)
     base_model_prefix = "model"
