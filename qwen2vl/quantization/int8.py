@@ -89,8 +89,10 @@ class Int8WeightOnlyLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def _dequant_rows(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
-        """W[n0:n1] in `dtype` (fp32 products, rounded once)."""
-        return (self.weight_int8[n0:n1].float() * self.scales[n0:n1].float()[:, None]).to(dtype)
+        """W[n0:n1] in `dtype`, each product rounded once: in `dtype` itself where the scales have it (an int8 code
+        and a bf16 / fp16 scale multiply exactly before that rounding; one pass less), else in fp32."""
+        q, s = self.weight_int8[n0:n1], self.scales[n0:n1, None]
+        return q.to(dtype) * s if s.dtype is dtype else (q.float() * s.float()).to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"

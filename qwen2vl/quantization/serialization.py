@@ -53,7 +53,7 @@ def _prepare_own_int4(model: nn.Module, qcfg: dict, model_dir, dtype: torch.dtyp
     if bits != 4 or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"quantization_config {OWN_INT4}: bits={bits!r}, group_size={group_size!r} not supported "
                          "(bits 4 with a positive group_size)")
-    keys = _checkpoint_keys(model, model_dir)
+    keys = _checkpoint_keys(model, model_dir) if model_dir is not None else set()  # None: shapes only
     names = {id(m): n for n, m in model.named_modules()}
 
     def meta_layer(parent: nn.Module, attr: str, lin: nn.Linear) -> Int4WeightOnlyLinear:
@@ -104,7 +104,7 @@ def prepare_quantized(model: nn.Module, qcfg: dict, model_dir, dtype: torch.dtyp
         raise ValueError(f"unsupported quantized checkpoint: quant_method={method!r}, "
                          f"version={qcfg.get('version')!r}, bits={qcfg.get('bits')!r}; loadable: "
                          f"{', '.join(sorted(LOADERS))}")
-    loader(model, qcfg, Path(model_dir), dtype)
+    loader(model, qcfg, None if model_dir is None else Path(model_dir), dtype)
     model.quantization = "int4" if qcfg.get("bits") == 4 else str(method)
     model.quantization_config = dict(qcfg)
 
