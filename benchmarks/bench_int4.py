@@ -227,8 +227,8 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sizes-only", action="store_true")
-    ap.add_argument("--embedding", default="false", choices=("false", "int8", "int4"),
-                    help="quantize_model's embedding= for the checkpoint measured")
+    ap.add_argument("--embedding", default="auto", choices=("auto", "false", "int8", "int4"),
+                    help="quantize_model's embedding= for the checkpoint measured (auto: its default)")
     ap.add_argument("--vision", default="false", choices=("false", "int8", "int4"),
                     help="quantize_model's vision= for the checkpoint measured")
     ap.add_argument("--quality", action="store_true",
@@ -247,7 +247,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     config = small_config() if args.config == "small" else Qwen2VLConfig.from_pretrained(args.config)
     config.dtype = "bfloat16"
-    options = {k: False if v == "false" else v for k, v in (("embedding", args.embedding), ("vision", args.vision))}
+    options = {k: {"false": False, "auto": None}.get(v, v) for k, v in (("embedding", args.embedding),
+                                                                           ("vision", args.vision))}
     text = sum(lin.weight.numel() * 2 for *_, lin in _decoder_shapes(config))
     print(f"checkpoint from shapes (goal <= 0.35x; the decoder projections are {text / (2 * _numel(config)):.0%} "
           f"of the bf16 file):")

@@ -119,6 +119,9 @@ class Qwen2VLPreTrainedModel(nn.Module):
         old = self.get_input_embeddings()
         if new_num_tokens is None and pad_to_multiple_of is None:
             return old
+        if not isinstance(getattr(old, "weight", None), torch.Tensor):
+            raise ValueError(f"cannot resize a quantized token embedding ({type(old).__name__}); resize the "
+                             "full-precision model, then quantize it")
         n = old.num_embeddings if new_num_tokens is None else int(new_num_tokens)
         if pad_to_multiple_of is not None:
             if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
