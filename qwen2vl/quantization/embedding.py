@@ -23,7 +23,7 @@ FORMATS = (False, "int8", "int4")
 _ROWS = 1 << 14  # rows quantized at a time (the float temporaries of a 151k-row table stay ~100 MB)
 
 
-def _check(option: str, fmt) -> None:
+def check_format(option: str, fmt) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"{option}={fmt!r} is not one of {FORMATS}")
 
@@ -70,7 +70,7 @@ class QuantizedEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, fmt: str, group_size: int = 128) -> "QuantizedEmbedding":
-        _check("embedding", fmt)
+        check_format("embedding", fmt)
         if not fmt:
             raise ValueError("QuantizedEmbedding needs a format: 'int8' or 'int4'")
         return cls(quantized_linear(fmt, emb.weight, None, group_size), emb.padding_idx)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .awq import apply_awq_scaling
-from .embedding import QuantizedEmbedding, _check, quantized_linear, vision_layer, vision_linears
+from .embedding import QuantizedEmbedding, check_format, quantized_linear, vision_layer, vision_linears
 from .int4 import Int4WeightOnlyLinear
 from .int8 import Int8WeightOnlyLinear
 
@@ -33,8 +33,8 @@ def quantize_model(model: nn.Module, method: str = "int8", include_lm_head: bool
                    group_size: int = 128, int4_method: str = "awq", calibration: torch.Tensor | None = None,
                    embedding: bool | str | None = None, vision: bool | str = False) -> nn.Module:
     """Replace the decoder's Linear layers (q/k/v/o, gate/up/down), and the LM head when `include_lm_head`, by
-    weight-only quantized ones, in place. A tied LM head gets its own quantized copy; the input embedding and the
-    vision tower stay untouched.
+    weight-only quantized ones, in place. A tied LM head gets its own quantized copy, unless `embedding` quantizes
+    the table it shares; the vision tower stays untouched unless `vision`.
 
     `include_lm_head`: False (full precision), True (the same format as the decoder), "int8" or "int4". Default:
     the decoder's format for int8; "int8" for int4 — the head is ~20 % of a 2B model's decode bytes, 4 bits there
@@ -71,8 +71,8 @@ def quantize_model(model: nn.Module, method: str = "int8", include_lm_head: bool
     head_format = method if include_lm_head is True else include_lm_head
     if embedding is None:
         embedding = "int8" if method == "int4" and is_tied and head_format == "int8" else False
-    _check("embedding", embedding)
-    _check("vision", vision)
+    check_format("embedding", embedding)
+    check_format("vision", vision)
     if method != "int4" and (embedding or vision):
         raise ValueError("embedding= and vision= quantization go with quantization='int4' (int8 quantizes the "
                          "decoder and LM head only)")
