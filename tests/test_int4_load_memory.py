@@ -1,6 +1,6 @@
 """Loading a saved int4 checkpoint streams it: every quantized tensor goes into its module as stored, and no float
 tensor the size of a quantized weight is ever made (a spy on every aten op run during `from_pretrained`). This is
-what keeps the 2B's peak resident memory at ~1.06x its int4 files (benchmarks/bench_int4.py --rss)."""
+what keeps the 2B's peak resident memory at ~1.08x its int4 files (benchmarks/bench_int4.py --rss)."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
