@@ -10,7 +10,11 @@ roofline of its bytes, and the 4-bit GEMV kernel's read speed per shape. Also th
     python benchmarks/bench_int4.py                     # real Qwen2-VL-2B shape, random weights, 2 threads
     python benchmarks/bench_int4.py --config small      # a quick smoke run
     python benchmarks/bench_int4.py --checkpoint DIR    # an existing bf16 or int4 checkpoint folder
-    python benchmarks/bench_int4.py --sizes-only        # the 2B's int4 / bf16 file sizes from shapes alone
+    python benchmarks/bench_int4.py --sizes-only        # the 2B's int4 / bf16 file sizes from shapes alone, per
+                                                        # embedding / vision option
+    python benchmarks/bench_int4.py --rss --checkpoint /tmp/q2b [--embedding int8 --vision int8]
+                                                        # peak RSS loading the int4 2B / its file size
+    python benchmarks/bench_int4.py --quality           # KL / top-1 vs bf16 per option on the demo model
     python benchmarks/bench_int4.py --gemv 1,4          # exact vs integer-dot-product GEMV, 2B shapes, 1 thread
 
 Timings depend on the machine and its load; the lead's quiet-machine reruns are the figures to quote.
@@ -18,6 +22,8 @@ Timings depend on the machine and its load; the lead's quiet-machine reruns are 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -35,20 +41,22 @@ from qwen2vl.model import Qwen2VLForConditionalGeneration  # noqa: E402
 from qwen2vl.quantization import Int4WeightOnlyLinear, quantize_model  # noqa: E402
 
 
-def int4_checkpoint(src: str | Path, dst: str | Path, method: str = "rtn", group_size: int = 128) -> Path:
+def int4_checkpoint(src: str | Path, dst: str | Path, method: str = "rtn", group_size: int = 128,
+                    **options) -> Path:
     """Load the bf16 checkpoint `src`, quantize its decoder to int4 (`method` "rtn": speed is the same as "awq",
-    whose search only pays on trained weights) and save it to `dst`."""
+    whose search only pays on trained weights; `options`: quantize_model's embedding= / vision=) and save it to
+    `dst`."""
     model = Qwen2VLForConditionalGeneration.from_pretrained(src, dtype="bfloat16", progress=False)
-    quantize_model(model, "int4", group_size=group_size, int4_method=method)
+    quantize_model(model, "int4", group_size=group_size, int4_method=method, **options)
     model.save_pretrained(dst)
     return Path(dst)
 
 
-def load_int4(path: str | Path) -> Qwen2VLForConditionalGeneration:
-    """An int4 checkpoint folder as saved, or a bf16 one quantized at load (round to nearest)."""
+def load_int4(path: str | Path, **options) -> Qwen2VLForConditionalGeneration:
+    """An int4 checkpoint folder as saved, or a bf16 one quantized at load (round to nearest, `options`)."""
     model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype="bfloat16", progress=False)
     if getattr(model, "quantization", None) != "int4":
-        quantize_model(model, "int4", int4_method="rtn")
+        quantize_model(model, "int4", int4_method="rtn", **options)
     return model
 
 
@@ -59,10 +67,12 @@ def decode_tps_b1(model, new_tokens: int = 32, repeats: int = 5, prompt_len: int
     return statistics.median(clocked_tps(model, inp, new_tokens, False) for _ in range(repeats))
 
 
-def file_sizes_from_shapes(config: Qwen2VLConfig, group_size: int = 128) -> tuple[int, int]:
-    """(bf16 bytes, int4 bytes) of the checkpoint tensors, computed on the meta device (no memory needed)."""
+def file_sizes_from_shapes(config: Qwen2VLConfig, group_size: int = 128, lm_head: str | bool = "int8",
+                          embedding: str | bool = False, vision: str | bool = False) -> tuple[int, int]:
+    """(bf16 bytes, int4 bytes) of the checkpoint tensors, computed on the meta device (no memory needed): the
+    layers the int4 loader builds for these `quantize_model` options (a tied head is the embedding's table)."""
     from qwen2vl.checkpoint import _named_tensors
-    from qwen2vl.quantization.model import decoder_linears
+    from qwen2vl.quantization.serialization import OWN_INT4, prepare_quantized
 
     def nbytes(model) -> int:
         seen, total = set(), 0
@@ -72,13 +82,63 @@ def file_sizes_from_shapes(config: Qwen2VLConfig, group_size: int = 128) -> tupl
                 total += t.numel() * t.element_size()
         return total
 
+    tied = bool(config.tie_word_embeddings)
+    qcfg = {"quant_method": OWN_INT4, "bits": 4, "group_size": group_size, "embedding": embedding,
+            "vision": vision, "lm_head": embedding if tied and embedding else lm_head}
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
         bf16 = nbytes(model)
-        for parent, name, lin in list(decoder_linears(model)):
-            setattr(parent, name, Int4WeightOnlyLinear(lin.in_features, lin.out_features, group_size,
-                                                       lin.bias is not None, torch.bfloat16, "meta"))
+        prepare_quantized(model, qcfg, None, torch.bfloat16)
     return bf16, nbytes(model)
+
+
+SIZE_OPTIONS = (  # (embedding, vision) rows of the --sizes-only table
+    (False, False), ("int8", False), ("int4", False), (False, "int8"), (False, "int4"), ("int8", "int8"),
+    ("int4", "int8"), ("int8", "int4"), ("int4", "int4"))
+
+
+def size_table(config: Qwen2VLConfig) -> list[str]:
+    """One line per (embedding, vision) option: the int4 file against the bf16 one (goal <= 0.35x)."""
+    lines = []
+    for emb, vis in SIZE_OPTIONS:
+        bf16, int4 = file_sizes_from_shapes(config, embedding=emb, vision=vis)
+        lines.append(f"  embedding={emb!s:5} vision={vis!s:5}: int4 file {int4 / 2**30:.3f} GiB = {int4 / bf16:.3f}x "
+                     f"the bf16 {bf16 / 2**30:.3f} GiB")
+    return lines
+
+
+QUALITY_OPTIONS = ((False, False), ("int8", False), ("int4", False), (False, "int8"), (False, "int4"),
+                   ("int8", "int8"), ("int4", "int8"), ("int8", "int4"))
+
+
+def option_quality(model_name: str = "qwen2vl-demo") -> list[str]:
+    """Next-token KL / top-1 agreement with the bf16 model of int4 (the default AWQ-style scaling on the model's
+    calibration texts) with each (embedding, vision) option, on a trained model (the bundled demo: realistic weight
+    scales): the text prompt set of `quality.EVAL_TEXTS` and the demo's 9 questions about its 3 example pictures."""
+    import copy
+
+    from PIL import Image
+
+    from qwen2vl.demo.examples import EXAMPLES
+    from qwen2vl.loading import demo_model_path, resolve_name
+    from qwen2vl.processing import AutoProcessor
+    from qwen2vl.quantization.awq import calibration_ids
+    from qwen2vl.quantization.quality import eval_ids, image_prompts, next_token_agreement
+
+    ref = Qwen2VLForConditionalGeneration.from_pretrained(model_name, dtype="bfloat16", progress=False)
+    processor = AutoProcessor.from_pretrained(model_name)
+    assets = demo_model_path().parent / "assets"
+    pictures = [(Image.open(assets / n).convert("RGB"), q, a) for n, ex in EXAMPLES.items() for q, a in ex["qa"]]
+    text, images = eval_ids(processor.tokenizer), image_prompts(processor, pictures)
+    cal = calibration_ids(resolve_name(model_name), ref.config.get_text_config().vocab_size)
+    lines = []
+    for emb, vis in QUALITY_OPTIONS:
+        q = quantize_model(copy.deepcopy(ref), "int4", calibration=cal, embedding=emb, vision=vis)
+        t, i = next_token_agreement(ref, q, text), next_token_agreement(ref, q, images)
+        lines.append(f"  embedding={emb!s:5} vision={vis!s:5}: text top-1 {t['top1']:.1%} KL {t['kl']:.4f} "
+                     f"({t['positions']} positions) | with pictures top-1 {i['top1']:.1%} KL {i['kl']:.4f} "
+                     f"({i['positions']})")
+    return lines
 
 
 def gemv_read_speed(shapes=((1536, 1536), (8960, 1536), (1536, 8960)), rows=(1, 2, 4, 8), layers: int = 8):
@@ -167,42 +227,66 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sizes-only", action="store_true")
+    ap.add_argument("--embedding", default="auto", choices=("auto", "false", "int8", "int4"),
+                    help="quantize_model's embedding= for the checkpoint measured (auto: its default)")
+    ap.add_argument("--vision", default="false", choices=("false", "int8", "int4"),
+                    help="quantize_model's vision= for the checkpoint measured")
+    ap.add_argument("--quality", action="store_true",
+                    help="only the KL / top-1 against bf16 of each embedding / vision option on the demo model")
+    ap.add_argument("--rss", action="store_true",
+                    help="only the peak RSS of loading the int4 checkpoint (made from --checkpoint or random weights)")
     ap.add_argument("--gemv", default=None, metavar="ROWS",
                     help="only the exact vs integer-dot-product GEMV comparison for these row counts (e.g. 1,4)")
     args = ap.parse_args(argv)
+    if args.quality:
+        print("int4 quality against bf16 per option (demo model):\n" + "\n".join(option_quality()))
+        return
     if args.gemv:
         print("\n".join(gemv_old_vs_new(tuple(int(r) for r in args.gemv.split(",")))))
         return
     torch.set_num_threads(args.threads)
     config = small_config() if args.config == "small" else Qwen2VLConfig.from_pretrained(args.config)
     config.dtype = "bfloat16"
-    bf16, int4 = file_sizes_from_shapes(config)
+    options = {k: {"false": False, "auto": None}.get(v, v) for k, v in (("embedding", args.embedding),
+                                                                           ("vision", args.vision))}
     text = sum(lin.weight.numel() * 2 for *_, lin in _decoder_shapes(config))
-    print(f"checkpoint from shapes: bf16 {bf16 / 2**30:.3f} GiB, int4 {int4 / 2**30:.3f} GiB = {int4 / bf16:.3f}x "
-          f"(goal <= 0.35x; the vision tower and the embedding stay bf16: the decoder projections are "
-          f"{text / bf16:.0%} of the bf16 file)")
+    print(f"checkpoint from shapes (goal <= 0.35x; the decoder projections are {text / (2 * _numel(config)):.0%} "
+          f"of the bf16 file):")
+    print("\n".join(size_table(config)))
     if args.sizes_only:
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("QWEN2VL_BENCH_TMP")) as tmp:
         src = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "bf16"
         if not args.checkpoint:
             torch.manual_seed(0)
             Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).eval().save_pretrained(src)
-        model = load_int4(src)
         q_dir = src
         if "qwen2vl_int4" not in (src / "config.json").read_text():  # a bf16 folder: save the int4 one to load
-            q_dir = Path(tmp) / "int4"
-            model.save_pretrained(q_dir)
+            q_dir = int4_checkpoint(src, Path(tmp) / "int4", **options)
+        if args.rss:
+            return print_rss(q_dir)
+        model = load_int4(q_dir)
         nbytes = decode_bytes_per_token(model)
         tps, roof, ratio, runs = decode_vs_roofline(model, text_inputs(1), args.new_tokens, args.repeats, nbytes)
         print(f"decode b1 int4: {tps:.2f} tok/s, roofline {roof:.2f} tok/s ({nbytes / 1e9:.3f} GB/token) -> "
               f"{ratio:.2f}x  [per run @ GB/s before/after: {runs}]")
         del model
-        peak, size = peak_rss_load(q_dir)
-        print(f"peak RSS loading the int4 checkpoint: {peak / 2**30:.2f} GiB for {size / 2**30:.2f} GiB of files "
-              f"= {peak / size:.2f}x (goal <= 1.2x)")
+        print_rss(q_dir)
     for (n, k, r), gbs in gemv_read_speed().items():
         print(f"int4 GEMV {n}x{k} rows {r}: {gbs:.1f} GB/s of int4 weights")
+
+
+def print_rss(q_dir: Path) -> None:
+    peak, size = peak_rss_load(q_dir)
+    qc = json.loads((q_dir / "config.json").read_text())["quantization_config"]
+    opts = ", ".join(f"{k}={qc.get(k, False)}" for k in ("lm_head", "embedding", "vision"))
+    print(f"peak RSS loading the int4 checkpoint ({opts}): {peak / 2**30:.2f} GiB for {size / 2**30:.2f} GiB of "
+          f"files = {peak / size:.2f}x (goal <= 1.2x)")
+
+
+def _numel(config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in Qwen2VLForConditionalGeneration(config).parameters())
 
 
 def _decoder_shapes(config):

@@ -196,6 +196,8 @@ def load_checkpoint_into(model: nn.Module, model_dir: str | os.PathLike, dtype=N
                     continue
                 seen.add(mkey)
                 plan.append((f, key, mkey))
+    for n in list(seen):  # a module registered twice (a tied LM head that is a quantized embedding's table):
+        seen.update(aliases[id(expected[n][2])])  # its other names get the tensor read under the first
     missing = sorted(set(expected) - seen)
     if bad_shapes or (strict and (set(missing) - set(optional) or unexpected)):
         parts = []

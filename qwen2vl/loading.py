@@ -55,6 +55,24 @@ def resolve_device(device_map) -> torch.device:
     return device
 
 
+QUANTIZATION_OPTIONS = ("embedding", "vision", "include_lm_head", "group_size", "int4_method")
+
+
+def quantization_request(quantization) -> tuple[str, dict]:
+    """`quantization=` as (method, quantize_model options): "int8" / "int4", or a dict such as
+    {"method": "int4", "embedding": "int8", "vision": "int4"} (keys: "method" and QUANTIZATION_OPTIONS)."""
+    if isinstance(quantization, str):
+        return quantization, {}
+    if not isinstance(quantization, dict) or "method" not in quantization:
+        raise ValueError(f"quantization must be 'int8', 'int4' or a dict with a 'method' key, got {quantization!r}")
+    options = dict(quantization)
+    method = options.pop("method")
+    unknown = sorted(set(options) - set(QUANTIZATION_OPTIONS))
+    if unknown:
+        raise ValueError(f"quantization options {unknown} are unknown; known: {', '.join(QUANTIZATION_OPTIONS)}")
+    return method, options
+
+
 def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=None, torch_dtype=None,
                     device_map=None, attn_implementation=None, revision=None, quantization=None, tp_plan=None,
                     tp_size=None, progress=True, adapter=None, output_loading_info=False, **kwargs):
@@ -124,8 +142,9 @@ def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, dtype=No
     if adapter is not None:  # merged before any quantization, so int8 weights include it
         model = load_adapter(model, adapter)
     if quantization is not None:
-        cal = calibration_ids(model_dir, config.get_text_config().vocab_size) if quantization == "int4" else None
-        quantize_model(model, quantization, calibration=cal)
+        method, options = quantization_request(quantization)
+        cal = calibration_ids(model_dir, config.get_text_config().vocab_size) if method == "int4" else None
+        quantize_model(model, method, calibration=cal, **options)
     model.name_or_path = str(pretrained_model_name_or_path)
     if output_loading_info:
         return model, {"missing_keys": set(info.missing_keys), "unexpected_keys": set(info.unexpected_keys),

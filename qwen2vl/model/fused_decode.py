@@ -19,6 +19,7 @@ from ..kernels.cpu import linear_choice
 from ..quantization import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from .attention import attention_choice
 from .cache import KVCache
+from .pretrained import embedding_dtype_device
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -187,6 +188,6 @@ def choose_decoding_backends(model, rows: int = 1) -> None:
                 mod.choice(torch.zeros(rows, mod.in_features, dtype=torch.bfloat16))
             elif w.dtype is torch.bfloat16:
                 linear_choice(rows, w, mod.bias)
-        attn, emb = text.layers[0].self_attn, text.embed_tokens.weight
-        if emb.dtype is torch.bfloat16 and emb.device.type == "cpu":
+        attn, (dtype, device) = text.layers[0].self_attn, embedding_dtype_device(text.embed_tokens)
+        if dtype is torch.bfloat16 and device.type == "cpu":
             attention_choice("decode_attention", rows, attn.num_heads, attn.num_kv_heads, attn.head_dim)

@@ -11,7 +11,7 @@ from ..vision_inputs import check_media
 from .attention import check_backend
 from .cache import KVCache
 from .fused_decode import choose_decoding_backends
-from .pretrained import Qwen2VLPreTrainedModel
+from .pretrained import Qwen2VLPreTrainedModel, embedding_dtype_device
 from .outputs import Qwen2VLCausalLMOutputWithPast, Qwen2VLModelOutputWithPast, VisionFeatures
 from .rope_index import get_rope_index
 from .static_decode import StaticDecoder, get_static_decoder, release_static_decoder
@@ -192,7 +192,12 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
 
     def tie_weights(self, *args, **kwargs) -> None:
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+            emb = self.model.language_model.embed_tokens
+            table = getattr(emb, "table", None)  # a quantized embedding (quantization/embedding.py): the head
+            if table is not None:                # is its table module itself
+                self.lm_head = table
+            else:
+                self.lm_head.weight = emb.weight
 
     @property
     def visual(self):
@@ -256,8 +261,8 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
     def new_cache(self, batch_size: int, max_length: int, growable: bool = False) -> KVCache:
         """An empty KV cache for `batch_size` rows of `max_length` tokens in the model's dtype and device, with the
         decoder's own kv-head count (this rank's share under tensor parallelism)."""
-        weight = self.get_input_embeddings().weight
-        return self.language_model.new_cache(batch_size, max_length, weight.dtype, weight.device, growable)
+        dtype, device = embedding_dtype_device(self.get_input_embeddings())
+        return self.language_model.new_cache(batch_size, max_length, dtype, device, growable)
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
                     **flags) -> tuple[torch.Tensor, object]:

@@ -14,6 +14,13 @@ from .attention import check_backend
 logger = logging.getLogger(__name__)
 
 
+def embedding_dtype_device(emb: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The activation dtype and device of an input embedding: nn.Embedding's weight, or a quantized embedding's
+    own `dtype` / `device` (quantization/embedding.py: its table holds integer codes)."""
+    weight = getattr(emb, "weight", None)
+    return (weight.dtype, weight.device) if isinstance(weight, torch.Tensor) else (emb.dtype, emb.device)
+
+
 class Qwen2VLPreTrainedModel(nn.Module):
     config_class = None              # set per class (imported lazily by `config_type`)
     base_model_prefix = "model"
@@ -112,6 +119,9 @@ class Qwen2VLPreTrainedModel(nn.Module):
         old = self.get_input_embeddings()
         if new_num_tokens is None and pad_to_multiple_of is None:
             return old
+        if not isinstance(getattr(old, "weight", None), torch.Tensor):
+            raise ValueError(f"cannot resize a quantized token embedding ({type(old).__name__}); resize the "
+                             "full-precision model, then quantize it")
         n = old.num_embeddings if new_num_tokens is None else int(new_num_tokens)
         if pad_to_multiple_of is not None:
             if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
+from .pretrained import embedding_dtype_device
 
 # torch.compile modes a static decoder accepts (generation's `compile=` option names one of them)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -108,8 +109,7 @@ class StaticDecoder:
         cfg = self.text.config
         if getattr(model, "tp_world_size", 1) != 1:   # set by parallel.tp on the model it shards
             raise ValueError("StaticDecoder does not support tensor-parallel models; use the engine.")
-        weight = self.text.embed_tokens.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.dtype, self.device = embedding_dtype_device(self.text.embed_tokens)
         self.batch_size, self.max_length = batch_size, max_length
         self.compile, self.mode = bool(compile), mode
         attn = self.text.layers[0].self_attn
@@ -140,10 +140,10 @@ class StaticDecoder:
         return self.compile and self.device.type == "cuda" and self.mode == "reduce-overhead"
 
     def matches(self, model, batch_size: int, max_length: int, compile: bool, mode: str) -> bool:
-        weight = model.language_model.embed_tokens.weight
+        dtype, device = embedding_dtype_device(model.language_model.embed_tokens)
         return (self.model is model and self.batch_size == batch_size and self.max_length == max_length
-                and self.compile == bool(compile) and self.mode == mode and weight.device == self.device
-                and weight.dtype == self.dtype)
+                and self.compile == bool(compile) and self.mode == mode and device == self.device
+                and dtype == self.dtype)
 
     def adopt(self, cache: KVCache, attention_mask: torch.Tensor | None = None) -> None:
         """Load a prefilled cache: its filled K/V slots, lengths and M-RoPE state. `attention_mask (B, P)`

@@ -17,7 +17,7 @@ columns of x at run time (one index_select of the activations, tiny next to the 
 Forward: 1-8 activation rows on the CPU run the 4-bit GEMV kernel (`kernels/cpu_int4.py`), where `choose`
 picks it ("int4_gemv": kernel | torch | intdot, torch = torch's `_weight_int4pack_mm_for_cpu` on its own packed
 copy, intdot = int8-quantized activations times the codes in integer dot products, `cpu_int4.linear_int4_intdot`);
-anything else dequantizes the weight into the activation dtype, WEIGHT_TILE elements at a time, and calls
+anything else dequantizes the weight into the activation dtype a tile at a time (tiles.py) and calls
 F.linear (oneDNN on CPU, AMX where present; cuBLAS on GPU), which is correct on every device by construction.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from ..kernels import choose
 from ..kernels import cpu_int4
+from .tiles import dequantized_matmul
 
 BLOCK = 128              # input columns per packed block (64 bytes)
-WEIGHT_TILE = 1 << 23    # weight elements dequantized at a time on the many-rows path (16 MB of bf16)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -225,18 +225,8 @@ class Int4WeightOnlyLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T with W dequantized into x's dtype in tiles of output rows (never a whole float copy of a big
-        weight); the matmul is the device's own (oneDNN / AMX on CPU, cuBLAS on GPU)."""
-        x = self._gather(x)
-        n = self.out_features
-        tile = max(1, WEIGHT_TILE // max(self.in_features, 1))
-        if n <= tile:
-            return F.linear(x, self._dequant_rows(0, n, x.dtype))
-        y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-        for n0 in range(0, n, tile):
-            n1 = min(n, n0 + tile)
-            y[..., n0:n1] = F.linear(x, self._dequant_rows(n0, n1, x.dtype))
-        return y
+        """x @ W.T with W dequantized into x's dtype in tiles of output rows (tiles.py)."""
+        return dequantized_matmul(self._gather(x), self.out_features, self.in_features, self._dequant_rows)
 
     def _dequant_rows(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
         """W[n0:n1] in `dtype`; bf16 on the CPU comes in this thread's reused tile buffer (consume it at once)."""
@@ -248,7 +238,8 @@ class Int4WeightOnlyLinear(nn.Module):
         q = unpack_nibbles(self.qweight[n0:n1], self.in_features)
         return dequantize(q, self.scales[n0:n1], self.zeros[n0:n1], self.group_size, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """`with_bias=False`: without the bias (the vision MLP adds it fused with its activation)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         y = None
@@ -258,7 +249,7 @@ class Int4WeightOnlyLinear(nn.Module):
             y = self._kernel(x) if y is None else y
         if y is None:
             y = self._dequantized_matmul(x)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None or not with_bias else y + self.bias
 
     def extra_repr(self) -> str:
         order = ", act-order" if self.input_perm is not None else ""

@@ -20,12 +20,20 @@ EVAL_TEXTS = (  # distinct from the calibration texts (awq.CALIBRATION_TEXTS)
 
 
 @torch.no_grad()
-def next_token_agreement(ref_model, quant_model, prompts: list[torch.Tensor]) -> dict[str, float]:
-    """{"kl": mean KL(ref || quant) in nats, "top1": fraction of positions whose argmax agrees, "positions"}."""
+def next_token_agreement(ref_model, quant_model, prompts: list[torch.Tensor | dict]) -> dict[str, float]:
+    """{"kl": mean KL(ref || quant) in nats, "top1": fraction of positions whose argmax agrees, "positions"}.
+    A prompt is input_ids (1, T), or the model's keyword arguments for one sequence with pictures (a processor's
+    output, `image_prompts`): then only positions whose input is not a vision placeholder count."""
     kls, agree, n = [], 0, 0
-    for ids in prompts:
-        lr = ref_model(input_ids=ids, use_cache=False).logits[0].float()
-        lq = quant_model(input_ids=ids, use_cache=False).logits[0].float()
+    for p in prompts:
+        kw = dict(p) if isinstance(p, dict) else {"input_ids": p}
+        ids = kw["input_ids"]
+        keep = torch.ones(ids.shape[1], dtype=torch.bool)
+        for name in ("image_token_id", "video_token_id"):
+            if isinstance(p, dict) and getattr(ref_model.config, name, None) is not None:
+                keep &= ids[0] != getattr(ref_model.config, name)
+        lr = ref_model(**kw, use_cache=False).logits[0].float()[keep]
+        lq = quant_model(**kw, use_cache=False).logits[0].float()[keep]
         lp_r, lp_q = F.log_softmax(lr, -1), F.log_softmax(lq, -1)
         kls.append((lp_r.exp() * (lp_r - lp_q)).sum(-1))
         agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
@@ -35,6 +43,18 @@ def next_token_agreement(ref_model, quant_model, prompts: list[torch.Tensor]) ->
 
 def eval_ids(tokenizer) -> list[torch.Tensor]:
     return [torch.tensor([tokenizer.encode(t)]) for t in EVAL_TEXTS]
+
+
+def image_prompts(processor, pictures_and_qa) -> list[dict]:
+    """Model inputs for `next_token_agreement` from (PIL picture, question, answer) triples: one user turn with the
+    picture and question and the answer as the assistant's turn (teacher forcing through the answer too)."""
+    out = []
+    for picture, question, answer in pictures_and_qa:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        text = processor.apply_chat_template(messages, tokenize=False)
+        out.append(dict(processor(text=[text], images=[picture], return_tensors="pt")))
+    return out
 
 
 @torch.no_grad()

@@ -9,9 +9,13 @@ Our own int4 format ("quant_method": "qwen2vl_int4"), per quantized projection `
     <name>.input_perm  int64 (in,)                        only for act-order layers (GPTQ desc_act)
     <name>.bias        model dtype (out,)                 only where the projection has a bias
 config.json: {"quant_method": "qwen2vl_int4", "bits": 4, "group_size": 128, "zero_point": true, "sym": false,
-"method": "awq" | "rtn", "lm_head": "int8", "modules_to_not_convert": ["visual"]}; "lm_head" is false (a
-full-precision head: `lm_head.weight`), "int8" (`lm_head.weight_int8` int8 (out, in) + `lm_head.scales` (out,), one
-scale per output row) or "int4"/true (the int4 tensors above).
+"method": "awq" | "rtn", "lm_head": "int8", "embedding": false, "vision": false, "modules_to_not_convert":
+["visual"]}; "lm_head" is false (a full-precision head: `lm_head.weight`), "int8" (`lm_head.weight_int8` int8
+(out, in) + `lm_head.scales` (out,), one scale per output row) or "int4"/true (the int4 tensors above).
+"embedding" "int8" / "int4" (embedding.py): `model.embed_tokens.table.*` holds the table in those layouts (vocab,
+hidden); a tied LM head is that table (no `lm_head.*` tensors; "lm_head" names the same format). "vision" "int8" /
+"int4": the vision tower's linears `visual.blocks.*.{attn.qkv,attn.proj,mlp.fc1,mlp.fc2}`, `visual.merger.mlp.{0,2}`
+in those layouts ("modules_to_not_convert" then empty). Absent keys mean false (checkpoints saved before them).
 
 `LOADERS` maps a quant_method to the function preparing a meta-device model for its checkpoint; the hub formats
 (AWQ / GPTQ) register theirs there. Anything else gets a ValueError naming quant_method / version / bits.
@@ -29,7 +33,8 @@ from ..checkpoint import checkpoint_files, checkpoint_to_model_key, model_kind
 
 from .int4 import Int4WeightOnlyLinear
 from .int8 import Int8WeightOnlyLinear
-from .model import LM_HEAD_FORMATS, decoder_linears
+from .embedding import FORMATS, QuantizedEmbedding, empty_quantized_linear, vision_layer, vision_linears
+from .model import LM_HEAD_FORMATS, decoder_linears, text_model
 
 OWN_INT4 = "qwen2vl_int4"
 
@@ -48,7 +53,7 @@ def _prepare_own_int4(model: nn.Module, qcfg: dict, model_dir, dtype: torch.dtyp
     if bits != 4 or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"quantization_config {OWN_INT4}: bits={bits!r}, group_size={group_size!r} not supported "
                          "(bits 4 with a positive group_size)")
-    keys = _checkpoint_keys(model, model_dir)
+    keys = _checkpoint_keys(model, model_dir) if model_dir is not None else set()  # None: shapes only
     names = {id(m): n for n, m in model.named_modules()}
 
     def meta_layer(parent: nn.Module, attr: str, lin: nn.Linear) -> Int4WeightOnlyLinear:
@@ -61,6 +66,24 @@ def _prepare_own_int4(model: nn.Module, qcfg: dict, model_dir, dtype: torch.dtyp
     head, lm_head = qcfg.get("lm_head"), getattr(model, "lm_head", None)
     if head is not None and head not in LM_HEAD_FORMATS:
         raise ValueError(f"quantization_config {OWN_INT4}: lm_head={head!r} not supported (false, 'int8', 'int4')")
+    embedding, vision = qcfg.get("embedding", False), qcfg.get("vision", False)
+    for option, fmt in (("embedding", embedding), ("vision", vision)):
+        if fmt not in FORMATS:
+            raise ValueError(f"quantization_config {OWN_INT4}: {option}={fmt!r} not supported (false, 'int8', 'int4')")
+    for parent, attr, lin in (list(vision_linears(model)) if vision else ()):
+        setattr(parent, attr, vision_layer(vision, empty_quantized_linear(
+            vision, lin.in_features, lin.out_features, lin.bias is not None, group_size, dtype)))
+    if embedding:
+        text = text_model(model)
+        emb = text.embed_tokens
+        text.embed_tokens = QuantizedEmbedding(empty_quantized_linear(
+            embedding, emb.embedding_dim, emb.num_embeddings, False, group_size, dtype), emb.padding_idx)
+        if isinstance(lm_head, nn.Linear) and lm_head.weight is emb.weight:  # tied: the head is the table
+            if head != embedding:
+                raise ValueError(f"quantization_config {OWN_INT4}: a tied LM head is the embedding table, but "
+                                 f"lm_head={head!r} and embedding={embedding!r} differ")
+            model.lm_head = text.embed_tokens.table
+            return
     if head == "int8" and isinstance(lm_head, nn.Linear):
         model.lm_head = Int8WeightOnlyLinear(lm_head.in_features, lm_head.out_features, lm_head.bias is not None,
                                              dtype, "meta")
@@ -81,7 +104,7 @@ def prepare_quantized(model: nn.Module, qcfg: dict, model_dir, dtype: torch.dtyp
         raise ValueError(f"unsupported quantized checkpoint: quant_method={method!r}, "
                          f"version={qcfg.get('version')!r}, bits={qcfg.get('bits')!r}; loadable: "
                          f"{', '.join(sorted(LOADERS))}")
-    loader(model, qcfg, Path(model_dir), dtype)
+    loader(model, qcfg, None if model_dir is None else Path(model_dir), dtype)
     model.quantization = "int4" if qcfg.get("bits") == 4 else str(method)
     model.quantization_config = dict(qcfg)
 
