@@ -13,6 +13,7 @@ alignment loss, then prints held-out accuracy per kind and the answers' distribu
 (after layer ``--grid-layer``, through the final norm and the tied head) name its row and column index as digits,
 and at the ``<|vision_end|>`` token the merged grid's height and width. Measured 2026-12-06 (Zen 4, 2 threads,
 bf16 autocast, batch 32): fixed 224x224 canvas, one shape, from scratch: where 88 % after 200 steps (152 s);
+the same canvas with the demo's 1-6 shapes: 25 % (mostly "bottom right");
 any canvas (56-448 px, 4-12 tokens), one shape: a constant "in the center" (55 %, the prior) after 300 steps
 with theta 10 or 10000, also when started from the fixed-canvas model; the shipped model fine-tuned 150-450 steps
 on where / what_at: what_at 80 %, where 18-24 % with or without theta 10, grid-aux at layer 1 or the last layer,
