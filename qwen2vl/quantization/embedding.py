@@ -17,10 +17,9 @@ import torch
 import torch.nn as nn
 
 from .int4 import Int4WeightOnlyLinear, dequantize, quantize_rtn, unpack_nibbles
-from .int8 import Int8WeightOnlyLinear
+from .int8 import QUANTIZE_ROWS, Int8WeightOnlyLinear
 
 FORMATS = (False, "int8", "int4")
-_ROWS = 1 << 14  # rows quantized at a time (the float temporaries of a 151k-row table stay ~100 MB)
 
 
 def check_format(option: str, fmt) -> None:
@@ -30,19 +29,11 @@ def check_format(option: str, fmt) -> None:
 
 def quantized_linear(fmt: str, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> nn.Module:
     """An int8 (per output row) or int4 (group-wise, asymmetric, round to nearest) layer for weight (out, in),
-    quantized `_ROWS` output rows at a time."""
-    w = weight.detach()
+    quantized `QUANTIZE_ROWS` output rows at a time."""
     if fmt == "int8":
-        layer = Int8WeightOnlyLinear(w.shape[1], w.shape[0], bias is not None, w.dtype, w.device)
-        for a in range(0, w.shape[0], _ROWS):  # the same arithmetic as Int8WeightOnlyLinear.from_linear
-            w32 = w[a:a + _ROWS].float()
-            scales = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-            layer.weight_int8[a:a + _ROWS] = torch.round(w32 / scales[:, None]).clamp(-127, 127).to(torch.int8)
-            layer.scales[a:a + _ROWS] = scales.to(w.dtype)
-        if bias is not None:
-            layer.bias.data.copy_(bias.detach())
-        return layer
-    parts = [quantize_rtn(w[a:a + _ROWS], group_size) for a in range(0, w.shape[0], _ROWS)]
+        return Int8WeightOnlyLinear.from_weight(weight, bias)
+    w = weight.detach()
+    parts = [quantize_rtn(w[a:a + QUANTIZE_ROWS], group_size) for a in range(0, w.shape[0], QUANTIZE_ROWS)]
     q, s, z = (torch.cat(p) for p in zip(*parts))
     return Int4WeightOnlyLinear.from_unpacked(q, s, z, group_size, bias=bias, dtype=w.dtype)
 
@@ -124,7 +115,7 @@ def vision_linears(model: nn.Module):
                 yield parent, attr, child
 
 
-def vision_layer(fmt: str, layer: nn.Module) -> nn.Module:
+def vision_layer(layer: nn.Module) -> nn.Module:
     """Mark a quantized vision linear for its many-rows inputs (int8: dequantized tiles, not the int8 GEMM)."""
     if isinstance(layer, Int8WeightOnlyLinear):
         layer.dequantize_many_rows = True

@@ -18,6 +18,8 @@ from ..kernels import cpu as cpu_kernels
 from ..kernels import cpu_int4
 from .tiles import DEQUANTIZE_MIN_ROWS, dequantized_matmul
 
+QUANTIZE_ROWS = 1 << 14  # output rows quantized at a time (bounds the fp32 temporaries)
+
 
 class Int8WeightOnlyLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
@@ -33,14 +35,21 @@ class Int8WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
-        w = linear.weight.detach()
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device)
-        w32 = w.float()
-        scales = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        q.weight_int8.copy_(torch.round(w32 / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        q.scales.copy_(scales.to(w.dtype))
-        if linear.bias is not None:
-            q.bias.data.copy_(linear.bias.detach())
+        return cls.from_weight(linear.weight, linear.bias)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8WeightOnlyLinear":
+        """One scale per output row (absmax / 127), `QUANTIZE_ROWS` rows at a time: the scales are per row, so the
+        result is the same, and the fp32 temporaries of a 151k-row LM head / embedding stay ~100 MB."""
+        w = weight.detach()
+        q = cls(w.shape[1], w.shape[0], bias is not None, w.dtype, w.device)
+        for a in range(0, w.shape[0], QUANTIZE_ROWS):
+            w32 = w[a:a + QUANTIZE_ROWS].float()
+            scales = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+            q.weight_int8[a:a + QUANTIZE_ROWS] = torch.round(w32 / scales[:, None]).clamp(-127, 127).to(torch.int8)
+            q.scales[a:a + QUANTIZE_ROWS] = scales.to(w.dtype)
+        if bias is not None:
+            q.bias.data.copy_(bias.detach())
         return q
 
     def dequantized_weight(self) -> torch.Tensor:

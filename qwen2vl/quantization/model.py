@@ -95,8 +95,7 @@ def quantize_model(model: nn.Module, method: str = "int8", include_lm_head: bool
         elif head_format and isinstance(head, nn.Linear):
             model.lm_head = converters[head_format](head)
         for parent, name, child in (list(vision_linears(model)) if vision else ()):
-            setattr(parent, name, vision_layer(vision, quantized_linear(vision, child.weight, child.bias,
-                                                                        group_size)))
+            setattr(parent, name, vision_layer(quantized_linear(vision, child.weight, child.bias, group_size)))
     model.quantization = method
     model.quantization_config = None if method == "int8" else {
         "quant_method": "qwen2vl_int4", "bits": 4, "group_size": group_size, "zero_point": True, "sym": False,

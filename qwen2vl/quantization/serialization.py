@@ -71,7 +71,7 @@ def _prepare_own_int4(model: nn.Module, qcfg: dict, model_dir, dtype: torch.dtyp
         if fmt not in FORMATS:
             raise ValueError(f"quantization_config {OWN_INT4}: {option}={fmt!r} not supported (false, 'int8', 'int4')")
     for parent, attr, lin in (list(vision_linears(model)) if vision else ()):
-        setattr(parent, attr, vision_layer(vision, empty_quantized_linear(
+        setattr(parent, attr, vision_layer(empty_quantized_linear(
             vision, lin.in_features, lin.out_features, lin.bias is not None, group_size, dtype)))
     if embedding:
         text = text_model(model)
