@@ -8,7 +8,8 @@ Qwen2-VL model):
   shape words of the shape under the token's centre ("red", "circle") or "nothing" (and no shape target) on
   background; the token under each shape's centre is labelled with that shape even when it is small. Options:
   ``centre`` adds whether a shape's centre lies in the token ("1" / "no": one token per shape, for counting and
-  listing); ``video`` labels video tokens too, from the scene halfway through their temporal patch.
+  listing); ``region`` adds the region words of the shape under the token ("top" / "left"...: the words of its
+  ``where`` answer); ``video`` labels video tokens too, from the scene halfway through their temporal patch.
 * **position** (option, ``pos_weight`` > 0; the LM head applied to the decoder's last hidden state at each vision
   token): the token's row ("top" / "center" / "bottom") and column ("left" / "center" / "right") third, so that
   the decoder learns early to turn M-RoPE offsets into the words the ``where`` questions use.
@@ -22,29 +23,50 @@ from __future__ import annotations
 import torch
 
 from ..processing.video_processing import sample_frame_indices
-from .scenes import contains
+from .scenes import REGION_PHRASES, contains, region
 from .video import frame_scene
 
 ROWS, COLS = ("top", "center", "bottom"), ("left", "center", "right")
+# a region's meaning words, twice when the phrase has one ("at the top" -> top, top): the label pair per token
+REGION_WORDS = {r: tuple((w for w in phrase.split() if w in ("top", "bottom", "left", "right", "center")))
+                for r, phrase in REGION_PHRASES.items()}
+REGION_WORDS = {r: ws * 2 if len(ws) == 1 else ws for r, ws in REGION_WORDS.items()}
 
 
 def _cell(s: dict, w: float, h: float, gh: int, gw: int) -> tuple[int, int]:
     return min(gh - 1, max(0, int(s["center"][1] / h * gh))), min(gw - 1, max(0, int(s["center"][0] / w * gw)))
 
 
-def token_targets(scene: dict, grid_hw: tuple[int, int]) -> list[tuple[str, str | None]]:
-    """(colour, shape) or ("nothing", None) per merged token, for a scene seen as ``grid_hw`` merged tokens."""
+def token_shapes(scene: dict, grid_hw: tuple[int, int]) -> list[dict | None]:
+    """The shape under each merged token's centre (row-major), or None on background; the token under a shape's
+    centre always gets that shape, even when the shape is small."""
     gh, gw = grid_hw
     w, h = scene["size"]
-    out: list[tuple[str, str | None]] = []
+    out: list[dict | None] = []
     for i in range(gh):
         for j in range(gw):
             x, y = (j + 0.5) * w / gw, (i + 0.5) * h / gh
             hit = [s for s in scene["shapes"] if contains(s, x, y)]
-            out.append((hit[-1]["color"], hit[-1]["shape"]) if hit else ("nothing", None))
+            out.append(hit[-1] if hit else None)
     for s in scene["shapes"]:
         i, j = _cell(s, w, h, gh, gw)
-        out[i * gw + j] = (s["color"], s["shape"])
+        out[i * gw + j] = s
+    return out
+
+
+def token_targets(scene: dict, grid_hw: tuple[int, int]) -> list[tuple[str, str | None]]:
+    """(colour, shape) or ("nothing", None) per merged token, for a scene seen as ``grid_hw`` merged tokens."""
+    return [(s["color"], s["shape"]) if s else ("nothing", None) for s in token_shapes(scene, grid_hw)]
+
+
+def region_targets(scene: dict, grid_hw: tuple[int, int]) -> list[tuple[str, str] | None]:
+    """Per merged token: the words a ``where`` answer uses for the region of the shape under it ("top", "left";
+    "top", "top" for "at the top"; "center", "center"), None on background or when the shape's centre sits on a
+    third-line."""
+    out = []
+    for s in token_shapes(scene, grid_hw):
+        r = region(s, scene["size"]) if s else None
+        out.append(None if r is None else REGION_WORDS[r])
     return out
 
 
@@ -81,12 +103,16 @@ def clip_scenes(clip: dict, temporal_patches: int, patch: int = 2) -> list[dict]
 class AlignCollator:
     """SFT batches plus ``aux_labels`` (n, 2): word ids (colour or "nothing", shape or -100) per image token, in the
     vision tower's order, and ``pos_labels`` (n, 2): row and column words, same order. ``centre``: a third aux column,
-    the centre flag; ``video``: video tokens too (after the image tokens). The bundled model was trained with
+    the centre flag; ``region``: two more, the ``region_targets`` words (the tower learns where a shape is: it sees
+    the whole picture, while a causal decoder's image token cannot know the grid's height); ``video``: video tokens
+    too (after the image tokens). The bundled model was trained with
     neither (and no position loss); they are options of the recipe (``train_demo --align-centre --align-video
     --pos-weight``)."""
 
-    def __init__(self, sft_collator, merge_size: int = 2, centre: bool = False, video: bool = False):
-        self.sft, self.merge, self.centre, self.video = sft_collator, merge_size, centre, video
+    def __init__(self, sft_collator, merge_size: int = 2, centre: bool = False, video: bool = False,
+                 region: bool = False):
+        self.sft, self.merge, self.centre, self.video, self.region = sft_collator, merge_size, centre, video, region
+        self.columns = 2 + centre + 2 * region
         tok = sft_collator.tokenizer
 
         def word(w):  # byte-level BPE: "Ġred" = " red"; the demo tokenizer keeps these words whole
@@ -100,8 +126,10 @@ class AlignCollator:
 
     def _rows(self, scene: dict, gh: int, gw: int, aux: list, pos: list) -> None:
         targets, flags = token_targets(scene, (gh, gw)), centre_flags(scene, (gh, gw))
-        for (color, shape), flag, (r, c) in zip(targets, flags, region_words((gh, gw))):
-            aux.append([self.word(color), self.word(shape) if shape else -100] + [self.flag[flag]] * self.centre)
+        places = region_targets(scene, (gh, gw)) if self.region else [None] * len(targets)
+        for (color, shape), flag, (r, c), place in zip(targets, flags, region_words((gh, gw)), places):
+            aux.append([self.word(color), self.word(shape) if shape else -100] + [self.flag[flag]] * self.centre
+                       + ([self.word(w) for w in place] if place else [-100, -100]) * self.region)
             pos.append([self.word(r), self.word(c)])
 
     def __call__(self, records):
@@ -122,7 +150,7 @@ class AlignCollator:
                 self._rows(scene, gh // self.merge, gw // self.merge, aux, pos)
                 moving = k > 0 and clip["event"] == "move"
                 motion += [self.word(clip["direction"]) if moving and row[1] != -100 else -100 for row in aux[n:]]
-        batch["aux_labels"] = torch.tensor(aux, dtype=torch.long).view(-1, 3 if self.centre else 2)
+        batch["aux_labels"] = torch.tensor(aux, dtype=torch.long).view(-1, self.columns)
         batch["pos_labels"] = torch.tensor(pos, dtype=torch.long).view(-1, 2)
         batch["motion_labels"] = torch.tensor(motion, dtype=torch.long)
         return batch

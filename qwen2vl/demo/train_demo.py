@@ -234,7 +234,7 @@ def build(out: Path, *, steps: int, batch_size: int, lr: float, warmup: int, max
           vision_steps: int = 0, vision_lr: float = 2e-3, vision_min_lr: float = 1.0, min_lr_ratio: float = 0.1,
           freeze_vision: bool = False, bucket: bool = False, vision_lr_scale: float = 1.0,
           vision_batch_size: int | None = None, vision_shape_weight: float = 1.0, motion_weight: float = 0.0,
-          **model_kw) -> dict:
+          align_region: bool = False, **model_kw) -> dict:
     from ..model import Qwen2VLForConditionalGeneration
     from ..processing.processor import Qwen2VLProcessor
     from ..training.data import SFTCollator
@@ -265,7 +265,7 @@ def build(out: Path, *, steps: int, batch_size: int, lr: float, warmup: int, max
         output_dir=checkpoint_dir, save_steps=save_every if checkpoint_dir else 0, num_workers=num_workers, bf16=bf16,
         freeze_vision_tower=freeze_vision)
     sft = SFTCollator(processor)
-    collator = AlignCollator(sft, centre=align_centre, video=align_video)
+    collator = AlignCollator(sft, centre=align_centre, video=align_video, region=align_region)
     if vision_steps:  # stage 0: the vision tower + LM head alone on the alignment loss, pictures only
         from .vision_stage import train_vision
 
@@ -295,7 +295,8 @@ def build(out: Path, *, steps: int, batch_size: int, lr: float, warmup: int, max
     acc = accuracy_by_kind(test, answer_questions(model, processor, test))
     summary = {"parameters": n_params, "steps": steps, "batch_size": batch_size, "lr": lr, "max_turns": max_turns,
                "align_weight": align_weight, "pos_weight": pos_weight, "min_turns": min_turns, "bf16": bf16,
-               "align_centre": align_centre, "align_video": align_video, "vision_steps": vision_steps,
+               "align_centre": align_centre, "align_video": align_video, "align_region": align_region,
+               "vision_steps": vision_steps,
                "vision_lr": vision_lr, "vision_min_lr": vision_min_lr, "vision_batch_size": vision_batch_size,
                "vision_shape_weight": vision_shape_weight, "min_lr_ratio": min_lr_ratio, "motion_weight": motion_weight,
                "freeze_vision": freeze_vision, "bucket": bucket, "vision_lr_scale": vision_lr_scale,
@@ -346,6 +347,8 @@ def main(argv=None) -> int:
                    help="weight of the motion loss (with --align-video): moving shapes name their direction")
     p.add_argument("--align-centre", action="store_true", help="alignment: also each image token's centre flag")
     p.add_argument("--align-video", action="store_true", help="alignment: video tokens too")
+    p.add_argument("--align-region", action="store_true",
+                   help="alignment: also the region words of the shape under each vision token")
     p.add_argument("--pixels", type=int, nargs=3, default=None, metavar=("IMAGE_MIN", "IMAGE_MAX", "VIDEO_MAX"),
                    help="processor pixel bounds (default: the bundled model's)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers rendering the pictures")
@@ -389,7 +392,8 @@ def main(argv=None) -> int:
               vision_steps=a.vision_steps, vision_lr=a.vision_lr, vision_min_lr=a.vision_min_lr,
               min_lr_ratio=a.min_lr_ratio, freeze_vision=a.freeze_vision, bucket=a.bucket,
               vision_lr_scale=a.vision_lr_scale, vision_batch_size=a.vision_batch_size,
-              vision_shape_weight=a.vision_shape_weight, motion_weight=a.motion_weight, hidden=a.hidden,
+              vision_shape_weight=a.vision_shape_weight, motion_weight=a.motion_weight,
+              align_region=a.align_region, hidden=a.hidden,
               layers=a.layers, intermediate=a.intermediate, vision_depth=a.vision_depth, vision_dim=a.vision_dim)
     if a.out.resolve() == DEFAULT_OUT.resolve():  # the bundled model comes with its example pictures
         write_examples(Path(__file__).parent / "assets")
