@@ -29,7 +29,9 @@ canvas, where only: 85 % after 400 steps (``--region --vision-steps 1200 --shape
 region labels: the constant "center", 55-58 %). Training the tied LM head in that tower-only stage (as the stage
 did before) left embeddings the decoder learnt ~10x slower from (answer loss 1.95 vs 0.19 after 150 steps), so the
 stage now trains the tower alone. With 1-6 shapes the decoder must also find the named shape first, and that
-lookup stays slow: where / what_at 16 / 24 % after 300 steps. (Tried and dropped: "mimetic" identity
+lookup stays slow: where / what_at 16 / 24 % after 300 steps (measured from a tower stage that still trained the
+LM head, so a lower bound; not rerun). In the full recipe (train_demo ``--align-region``, 29 min) where reached
+29 % on the training generator, 50 % on the second renderer. (Tried and dropped: "mimetic" identity
 initialisation of the decoder's query / key maps on the low-frequency rotary dims: colour / exists / count_color
 26 / 17 / 41 % vs 77 / 51 / 46 % without, 300 steps.)
 """
