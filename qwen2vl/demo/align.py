@@ -10,13 +10,14 @@ Qwen2-VL model):
   ``centre`` adds whether a shape's centre lies in the token ("1" / "no": one token per shape, for counting and
   listing); ``region`` adds the region words of the shape under the token ("top" / "left"...: the words of its
   ``where`` answer); ``video`` labels video tokens too, from the scene halfway through their temporal patch.
-* **position** (option, ``pos_weight`` > 0; the LM head applied to the decoder's last hidden state at each vision
-  token): the token's row ("top" / "center" / "bottom") and column ("left" / "center" / "right") third, so that
-  the decoder learns early to turn M-RoPE offsets into the words the ``where`` questions use.
-* **motion** (option, ``motion_weight`` > 0, with video labels): in a ``move`` clip, the decoder's output at each
-  token of the later temporal patch that shows the shape names its direction ("left" / "right" / "up" / "down").
-  The causal decoder can learn this (those tokens see the earlier patch, the M-RoPE offsets give the direction), and
-  it is the comparison the "Which way does the circle move?" answers need, taught at every such token.
+* **position** (option, ``pos_weight`` > 0; not in the bundled recipe, as an image token cannot know the rows below
+  it; the LM head applied to the decoder's last hidden state at each vision token): the token's row ("top" /
+  "center" / "bottom") and column ("left" / "center" / "right") third.
+* **motion** (``motion_weight`` > 0, with video labels; in the bundled recipe): in a ``move`` clip, the decoder's
+  output at each token of the later temporal patch that shows the shape names its direction ("left" / "right" /
+  "up" / "down"). The causal decoder can learn this (those tokens see the earlier patch, the M-RoPE offsets give
+  the direction), and it is the comparison the "Which way does the circle move?" answers need, taught at every such
+  token.
 """
 from __future__ import annotations
 
@@ -105,9 +106,8 @@ class AlignCollator:
     vision tower's order, and ``pos_labels`` (n, 2): row and column words, same order. ``centre``: a third aux column,
     the centre flag; ``region``: two more, the ``region_targets`` words (the tower learns where a shape is: it sees
     the whole picture, while a causal decoder's image token cannot know the grid's height); ``video``: video tokens
-    too (after the image tokens). The bundled model was trained with
-    neither (and no position loss); they are options of the recipe (``train_demo --align-centre --align-video
-    --pos-weight``)."""
+    too (after the image tokens). The bundled model uses centre, region and video (``train_demo --align-centre
+    --align-region --align-video``), not the position loss (``--pos-weight``)."""
 
     def __init__(self, sft_collator, merge_size: int = 2, centre: bool = False, video: bool = False,
                  region: bool = False):

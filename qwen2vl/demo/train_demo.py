@@ -6,29 +6,29 @@ on ``qwen2vl.demo.data``: pictures of 1-6 shapes on canvases of 56-448 px a side
 processor keeps their aspect and gives them 4-12 visual tokens: naive dynamic resolution), several phrasings per
 question kind, and short clips through the video processor (4 sampled frames -> 2 temporal patches).
 
-Recipe: conversations of 1-3 questions about one picture or clip, AdamW cosine, plus an alignment loss (the tied LM
-head applied to each image token should name the colour and shape under it, ``align``). The bundled model is three
-stages (1100 steps x 32 at 1e-3, then 300 at 4e-4 and 300 at 3e-4, each on fresh data from another seed), torch on
-1 thread:
+Recipe (the bundled model; 29.2 minutes of wall time on 2 cores): the vision tower alone first (``vision_stage``,
+1200 steps x 32 pictures) on the alignment loss (the tied LM head applied to each image token names the colour,
+shape, centre flag and region words of the shape under it, ``align``), then everything on conversations of 2-4
+questions about one picture or clip (3200 steps x 16, AdamW cosine at 1e-3) with the alignment loss on image and
+video tokens and the motion loss on moving clips:
 
-    python -m qwen2vl.demo.train_demo --out /tmp/stage1 --steps 1100 --checkpoint-dir /tmp/demo-ck
-    python -m qwen2vl.demo.train_demo --out /tmp/stage2 --init-from /tmp/demo-ck --steps 300 --lr 4e-4 --warmup 20 \
-        --data-seed 3 --checkpoint-dir /tmp/demo-ck2
-    python -m qwen2vl.demo.train_demo --init-from /tmp/demo-ck2 --steps 300 --lr 3e-4 --warmup 20 --data-seed 4
+    python -m qwen2vl.demo.train_demo --threads 2 --bf16 --vision-steps 1200 --vision-lr 2e-3 \
+        --vision-batch-size 32 --steps 3200 --batch-size 16 --lr 1e-3 --warmup 40 --min-turns 2 --max-turns 4 \
+        --align-centre --align-region --align-video --motion-weight 1 --eval-every 0
 
-(``--checkpoint-dir`` keeps ``checkpoint-<step>`` folders and the final float32 weights, which the next stage
-starts from; without ``--out`` the result goes to qwen2vl/demo/model with the example pictures.)
+(``--checkpoint-dir`` keeps ``checkpoint-<step>`` folders and the final float32 weights, which ``--init-from``
+starts a further stage from; without ``--out`` the result goes to qwen2vl/demo/model with the example pictures.)
     python -m qwen2vl.demo.train_demo --out /tmp/demo --steps 200 --eval-every 100    # a quick trial
 
-Options for further recipes (off for the bundled model): ``--align-centre`` (a third alignment word per image token:
-does a shape's centre lie in it), ``--align-video`` (video tokens labelled too), ``--pos-weight W`` (the decoder's
-output at each vision token names its row / column third), ``--pixels MIN MAX VIDEO_MAX`` (processor bounds, e.g.
-12544 28224 12544 for 16-36 tokens), ``--min-turns``, ``--bf16`` (autocast, ~1.4x fewer CPU seconds per step on
-AVX512-BF16), ``--threads``, ``--num-workers``, ``--vision-steps N [--vision-lr --vision-batch-size
---vision-min-lr --vision-shape-weight]`` (first N steps train the vision tower + LM head alone on the alignment loss,
-``vision_stage``; ``--steps 0`` stops there), ``--motion-weight`` (``align``), ``--bucket`` (batches of similar
-vision-token counts), ``--vision-lr-scale``, ``--freeze-vision``, ``--min-lr-ratio``; ``--export CHECKPOINT`` writes
-a checkpoint folder as the demo model. None of them beat the bundled model within ~30 CPU-minutes (README).
+Options (those above are the bundled model's): ``--align-centre`` (a third alignment word per image token: does a
+shape's centre lie in it), ``--align-region`` (two more: the region words of the shape under it), ``--align-video``
+(video tokens labelled too), ``--pos-weight W`` (the decoder's output at each vision token names its row / column
+third), ``--pixels MIN MAX VIDEO_MAX`` (processor bounds, e.g. 12544 28224 12544 for 16-36 tokens),
+``--min-turns``, ``--bf16`` (autocast, ~1.4x fewer CPU seconds per step on AVX512-BF16), ``--threads``,
+``--num-workers``, ``--vision-steps N [--vision-lr --vision-batch-size --vision-min-lr --vision-shape-weight]``
+(first N steps train the vision tower alone on the alignment loss, ``vision_stage``; ``--steps 0`` stops there),
+``--motion-weight`` (``align``), ``--bucket`` (batches of similar vision-token counts), ``--vision-lr-scale``,
+``--freeze-vision``, ``--min-lr-ratio``; ``--export CHECKPOINT`` writes a checkpoint folder as the demo model.
 
 Reproducible: fixed seeds for the tokenizer corpus, the weights, the data and the shuffling (bit-exact results
 also need the same torch version and thread count).
