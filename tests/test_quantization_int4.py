@@ -131,16 +131,17 @@ def demo():
 
 
 def test_int4_quality_on_the_demo_model(demo):
-    """Default int4 (group 128, AWQ-style scaling on the built-in calibration texts) keeps >= 95 % of the bf16
-    model's next-token choices and a small KL on a fixed prompt set (measured: top-1 97.7 %, KL 0.013; plain
-    round-to-nearest 97.7 %, 0.015). A wrong zero point or nibble order gives top-1 far below."""
+    """Default int4 (group 128, AWQ-style scaling on the built-in calibration texts) keeps >= 90 % of the bf16
+    model's next-token choices and a small KL on a fixed prompt set (measured on the demo model shipped 2026-12-06:
+    top-1 92.8 %, KL 0.053; plain round-to-nearest 91.0 %, 0.061; the model before it, trained with batches twice as
+    big, gave 97.7 %, 0.013). Swapping two nibbles in the packing gives top-1 7 %, KL 4.4."""
     from qwen2vl.quantization.awq import calibration_ids
     from qwen2vl.loading import resolve_name
 
     model, prompts = demo
     q = quantize_model(copy.deepcopy(model), "int4", calibration=calibration_ids(resolve_name(DEMO)))
     stats = next_token_agreement(model, q, prompts)
-    assert stats["top1"] >= 0.95 and stats["kl"] <= 0.03, stats
+    assert stats["top1"] >= 0.90 and stats["kl"] <= 0.08, stats
 
 
 def test_llm_and_cli_take_int4(capsys):

@@ -158,9 +158,10 @@ def test_options_refused_clearly(tmp_path):
 
 
 def test_quality_of_the_options_on_the_demo_model():
-    """Measured (bench_int4.py --quality): default int4 (int8 table) 97.7 % / KL 0.013 on text; with the vision
-    tower int4 too, 98.1 % / 0.009 on the 9 questions about the example pictures. An int4 table is the costly one
-    (89.8 % with pictures): it stays an explicit choice."""
+    """Measured (bench_int4.py --quality, demo model shipped 2026-12-06): default int4 (int8 table) 98.1 % / KL
+    0.010 on the 9 questions about the example pictures (92.8 % / 0.053 on generic English text the model never
+    saw); with the vision tower int4 too, 98.1 % / 0.012. An int4 table costs the most on text (90.0 %): it stays
+    an explicit choice."""
     from PIL import Image
 
     from qwen2vl.demo.examples import EXAMPLES
