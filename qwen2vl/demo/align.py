@@ -29,9 +29,9 @@ from .video import frame_scene
 
 ROWS, COLS = ("top", "center", "bottom"), ("left", "center", "right")
 # a region's meaning words, twice when the phrase has one ("at the top" -> top, top): the label pair per token
-REGION_WORDS = {r: tuple((w for w in phrase.split() if w in ("top", "bottom", "left", "right", "center")))
-                for r, phrase in REGION_PHRASES.items()}
-REGION_WORDS = {r: ws * 2 if len(ws) == 1 else ws for r, ws in REGION_WORDS.items()}
+REGION_WORDS = {r: (ws * 2)[:2] for r, ws in (
+    (r, tuple(w for w in phrase.split() if w in ("top", "bottom", "left", "right", "center")))
+    for r, phrase in REGION_PHRASES.items())}
 
 
 def _cell(s: dict, w: float, h: float, gh: int, gw: int) -> tuple[int, int]:
@@ -64,11 +64,12 @@ def region_targets(scene: dict, grid_hw: tuple[int, int]) -> list[tuple[str, str
     """Per merged token: the words a ``where`` answer uses for the region of the shape under it ("top", "left";
     "top", "top" for "at the top"; "center", "center"), None on background or when the shape's centre sits on a
     third-line."""
-    out = []
-    for s in token_shapes(scene, grid_hw):
-        r = region(s, scene["size"]) if s else None
-        out.append(None if r is None else REGION_WORDS[r])
-    return out
+    return [_region_pair(s, scene["size"]) for s in token_shapes(scene, grid_hw)]
+
+
+def _region_pair(s: dict | None, size) -> tuple[str, str] | None:
+    r = region(s, size) if s else None
+    return None if r is None else REGION_WORDS[r]
 
 
 def centre_flags(scene: dict, grid_hw: tuple[int, int]) -> list[bool]:
@@ -125,10 +126,11 @@ class AlignCollator:
         self.flag = {True: tok.convert_tokens_to_ids("1"), False: word("no")}
 
     def _rows(self, scene: dict, gh: int, gw: int, aux: list, pos: list) -> None:
-        targets, flags = token_targets(scene, (gh, gw)), centre_flags(scene, (gh, gw))
-        places = region_targets(scene, (gh, gw)) if self.region else [None] * len(targets)
-        for (color, shape), flag, (r, c), place in zip(targets, flags, region_words((gh, gw)), places):
-            aux.append([self.word(color), self.word(shape) if shape else -100] + [self.flag[flag]] * self.centre
+        shapes, flags = token_shapes(scene, (gh, gw)), centre_flags(scene, (gh, gw))  # shapes: once per scene
+        for s, flag, (r, c) in zip(shapes, flags, region_words((gh, gw))):
+            place = _region_pair(s, scene["size"]) if self.region else None
+            aux.append([self.word(s["color"]) if s else self.word("nothing"), self.word(s["shape"]) if s else -100]
+                       + [self.flag[flag]] * self.centre
                        + ([self.word(w) for w in place] if place else [-100, -100]) * self.region)
             pos.append([self.word(r), self.word(c)])
 
